@@ -1,0 +1,170 @@
+"""``snrmoe`` command line: parse, load config, call the library, print.
+
+No science lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .catalog import CatalogError
+from .config import ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _add_common(p: argparse.ArgumentParser, *, cluster: bool = True) -> None:
+    p.add_argument("--config", help="YAML config (default: the shipped config/default.yaml)")
+    if cluster:
+        p.add_argument("--scheduler", help="local (default) | tcp://host:port | slurm | pbs | threads | synchronous")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="snrmoe",
+        description="S/N-conditioned mixture of Ridge experts for stellar logg, out of core on Dask.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write a synthetic PFS-like catalog (zarr)")
+    p.add_argument("--n", type=int, help="number of spectra")
+    p.add_argument("--out", required=True, help="output catalog store (zarr)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--noise-level", type=float)
+    p.add_argument("--mag-min", type=float)
+    p.add_argument("--mag-max", type=float)
+    p.add_argument("--chunk-size", type=int, help="spectra per chunk")
+    p.add_argument("--n-pixels", type=int, help="pixels per spectrum (default 4096)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    _add_common(p)
+
+    p = sub.add_parser("ingest", help="ingest HDF5/NPZ files or a folder of them into a catalog")
+    p.add_argument("src", help="an .h5/.hdf5/.npz file or a folder of them")
+    p.add_argument("--out", required=True, help="catalog store (zarr)")
+    p.add_argument("--append", action="store_true", help="add rows to an existing catalog")
+    p.add_argument("--chunk-size", type=int, help="spectra per chunk")
+    p.add_argument("--no-labels", action="store_true", help="accept files without logg/teff/mh (for predict)")
+    _add_common(p, cluster=False)
+
+    p = sub.add_parser("info", help="validate a catalog and print its summary")
+    p.add_argument("path", help="catalog store (zarr)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_common(p)
+
+    p = sub.add_parser("run", help="run the whole chain from one YAML config (batch job)")
+    p.add_argument("run_config", nargs="?", help="YAML config (default: config/small.yaml)")
+    p.add_argument("--out", help="run directory (overrides run.out)")
+    p.add_argument("--overwrite", action="store_true", help="redo every stage")
+    p.add_argument("--scheduler", help="local (default) | tcp://host:port | slurm | pbs | threads | synchronous")
+    return ap
+
+
+def _print_info(summary: dict) -> None:
+    print(f"spectra      {summary['n_spectra']}")
+    print(f"pixels       {summary['n_pixels']}  ({summary['wavelength_range'][0]:.1f}-"
+          f"{summary['wavelength_range'][1]:.1f} A)")
+    print(f"chunks       {summary['n_chunks']} along spectrum, rows {summary['chunk_rows']}")
+    for name, r in summary["labels"].items():
+        bad = f"  ({r['n_nonfinite']} non-finite)" if r["n_nonfinite"] else ""
+        lo = "n/a" if r["min"] is None else f"{r['min']:.3f}"
+        hi = "n/a" if r["max"] is None else f"{r['max']:.3f}"
+        print(f"label {name:<8}[{lo}, {hi}]{bad}")
+    s = summary["split"]
+    print(f"split        train {s['train']}  val {s['val']}  test {s['test']}  (frozen test {s['frozen_test']})")
+    if "snr_bins" in summary:
+        print("S/N bins     " + "  ".join(f"{k} {v}" for k, v in summary["snr_bins"].items()))
+    q = summary["pixels"]
+    print(f"bad pixels   flux {q['bad_flux_pixels']}  error {q['bad_error_pixels']}  mask {q['masked_pixels']}"
+          f"  (good {q['good_pixels']})")
+    print(f"left out     {q['spectra_too_few_good_pixels']} spectra with too few good pixels")
+
+
+def _print_snr(dist: dict) -> None:
+    fr = "  ".join(f"{k} {100 * v:.1f}%" for k, v in dist["fractions"].items())
+    print(f"true S/N     median {dist['median']:.2f}  max {dist['max']:.2f}  bins {fr}")
+
+
+def _cmd_simulate(args) -> int:
+    from .cluster import dask_session
+    from .pipeline import run_simulate
+
+    cfg = load_config(args.config, {
+        "simulate": {"n": args.n, "seed": args.seed, "noise_level": args.noise_level, "mag_min": args.mag_min,
+                     "mag_max": args.mag_max, "chunk_size": args.chunk_size, "n_pixels": args.n_pixels},
+        "cluster": {"scheduler": args.scheduler},
+    })
+    with dask_session(cfg.cluster) as client:
+        res = run_simulate(cfg.simulate, args.out, cfg.storage, client=client, overwrite=args.overwrite)
+    print(f"wrote        {args.out}: {res['n']} spectra in {res['seconds']:.1f} s "
+          f"({res['spectra_per_second']:.0f} spectra/s)")
+    _print_snr(res["snr"])
+    return 0
+
+
+def _cmd_ingest(args) -> int:
+    from .catalog import REQUIRED_LABELS
+    from .ingest import ingest
+
+    cfg = load_config(args.config, {"storage": {"ingest_chunk_size": args.chunk_size}})
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r[ingest] {done}/{total} spectra", end="", file=sys.stderr, flush=True)
+
+    rep = ingest(args.src, args.out, append=args.append, storage=cfg.storage,
+                 require_labels=() if args.no_labels else REQUIRED_LABELS, progress=progress)
+    print("", file=sys.stderr)
+    print(f"ingested     {rep['rows']} spectra from {len(rep['files'])} file(s) into {args.out}")
+    print(f"ids          {rep['id_range'][0]}..{rep['id_range'][1]}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .cluster import dask_session
+    from .pipeline import catalog_info
+
+    cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
+    with dask_session(cfg.cluster, quiet=args.json) as client:
+        summary = catalog_info(args.path, cfg.catalog, client=client, progress=not args.json)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_info(summary)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .cluster import dask_session
+    from .config import config_dir
+    from .pipeline import run_pipeline
+
+    path = args.run_config or (config_dir() / "small.yaml")
+    cfg = load_config(path, {"run": {"out": args.out}, "cluster": {"scheduler": args.scheduler}})
+    with dask_session(cfg.cluster) as client:
+        record = run_pipeline(cfg, client=client, overwrite=args.overwrite)
+    print(f"run          {cfg.run.out}  (config {path})")
+    sim = record["stages"].get("simulate", {})
+    if "snr" in sim:
+        print(f"simulated    {sim['n']} spectra in {sim['seconds']:.1f} s")
+        _print_snr(sim["snr"])
+    _print_info(record["summary"])
+    print(f"wrote        {Path(cfg.run.out) / 'run.json'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``snrmoe`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    handlers = {"simulate": _cmd_simulate, "ingest": _cmd_ingest, "info": _cmd_info, "run": _cmd_run}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, CatalogError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"snrmoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

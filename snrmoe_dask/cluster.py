@@ -1,0 +1,142 @@
+"""One entry point for the Dask cluster, and computing with progress.
+
+``--scheduler`` values:
+
+* ``local`` (default): an embedded LocalCluster sized to the machine;
+* ``tcp://host:port``: an existing scheduler;
+* ``slurm`` / ``pbs``: dask-jobqueue with a profile from ``cluster/jobqueue.yaml``;
+* ``threads`` / ``synchronous``: no distributed cluster (debugging, tiny runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask
+import yaml
+
+from .config import ClusterConfig
+
+__all__ = ["dask_session", "compute", "jobqueue_cluster", "load_jobqueue_profile", "local_cluster_kwargs"]
+
+
+def local_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
+    """LocalCluster arguments for this machine.
+
+    One worker with one thread per core by default: the X.T @ X kernels are
+    BLAS-bound and release the GIL, so threads share the cube blocks without
+    copying, and the nanny pins BLAS to one thread per task, so concurrency
+    comes from dask tasks, not from BLAS oversubscription.
+    """
+    ncores = os.cpu_count() or 1
+    return {
+        "n_workers": cfg.n_workers or 1,
+        "threads_per_worker": cfg.threads_per_worker or max(1, ncores // (cfg.n_workers or 1)),
+        "processes": cfg.processes,
+        "memory_limit": cfg.memory_limit,
+        "dashboard_address": cfg.dashboard_address,
+        "host": "127.0.0.1",
+        "local_directory": cfg.local_directory,
+    }
+
+
+def _default_jobqueue_file() -> Path:
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_cluster" / "jobqueue.yaml", here.parent / "cluster" / "jobqueue.yaml"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError("cluster/jobqueue.yaml not found; set cluster.jobqueue_file")
+
+
+def load_jobqueue_profile(kind: str, path: str | Path | None = None) -> dict[str, Any]:
+    """The ``slurm`` or ``pbs`` block of the jobqueue profiles file."""
+    file = Path(path) if path else _default_jobqueue_file()
+    data = yaml.safe_load(file.read_text()) or {}
+    if kind not in data:
+        raise ValueError(f"{file} has no '{kind}' profile (found: {sorted(data)})")
+    return {k: v for k, v in (data[kind] or {}).items() if v is not None}
+
+
+def jobqueue_cluster(kind: str, cfg: ClusterConfig):
+    """A dask-jobqueue SLURMCluster or PBSCluster from the profile (not yet scaled)."""
+    try:
+        import dask_jobqueue
+    except ImportError as exc:  # pragma: no cover - depends on extras
+        raise RuntimeError("--scheduler slurm|pbs needs dask-jobqueue: pip install 'snrmoe[cluster]'") from exc
+    cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
+    return cls(**load_jobqueue_profile(kind, cfg.jobqueue_file))
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def dask_session(cfg: ClusterConfig | None = None, *, quiet: bool = False) -> Iterator[Any]:
+    """Yield a ``distributed.Client`` (or ``None`` for threads/synchronous).
+
+    The dashboard link is printed to stderr. The cluster is closed on exit.
+    """
+    cfg = cfg or ClusterConfig()
+    sched = cfg.scheduler
+    if sched in ("threads", "synchronous", "sync"):
+        with dask.config.set(scheduler="synchronous" if sched.startswith("sync") else "threads"):
+            _say(f"dask: {sched} scheduler (no dashboard)", quiet)
+            yield None
+        return
+
+    from distributed import Client, LocalCluster
+
+    if sched == "local":
+        cluster = LocalCluster(**local_cluster_kwargs(cfg))
+    elif sched.startswith(("tcp://", "tls://")):
+        cluster = None
+    elif sched in ("slurm", "pbs"):
+        cluster = jobqueue_cluster(sched, cfg)
+        if cfg.adapt_max_jobs:
+            cluster.adapt(minimum_jobs=0, maximum_jobs=cfg.adapt_max_jobs)
+        else:
+            cluster.scale(jobs=cfg.jobs)
+    else:
+        raise ValueError(
+            f"unknown scheduler '{sched}': use local, tcp://host:port, slurm, pbs, threads or synchronous"
+        )
+    client = Client(cluster) if cluster is not None else Client(sched)
+    try:
+        _say(f"dask: scheduler {client.scheduler.address}, dashboard {client.dashboard_link}", quiet)
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def compute(*collections, client=None, label: str = "compute", progress: bool = True):
+    """Compute dask collections, showing progress on stderr; returns a tuple.
+
+    With a distributed client this uses ``distributed.progress`` on futures
+    (also visible on the dashboard); otherwise ``dask.diagnostics.ProgressBar``.
+    """
+    if not progress:
+        if client is not None:
+            return tuple(client.gather(client.compute(list(collections))))
+        return dask.compute(*collections)
+    print(f"[{label}]", file=sys.stderr, flush=True)
+    if client is not None:
+        from distributed import progress as dist_progress
+
+        futures = client.compute(list(collections))
+        with contextlib.redirect_stdout(sys.stderr):
+            dist_progress(futures)
+        print("", file=sys.stderr)
+        return tuple(client.gather(futures))
+    from dask.diagnostics import ProgressBar
+
+    with ProgressBar(out=sys.stderr):
+        return dask.compute(*collections)

@@ -1,0 +1,220 @@
+"""One config path: YAML -> validated pydantic object that rejects unknown keys.
+
+Precedence is CLI flag > YAML file > shipped default (``config/default.yaml``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "CatalogConfig",
+    "SimulateConfig",
+    "StorageConfig",
+    "ClusterConfig",
+    "RunConfig",
+    "Config",
+    "ConfigError",
+    "config_dir",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CatalogConfig(_Strict):
+    """How a catalog is split and binned (SPEC section 2)."""
+
+    split_fractions: dict[Literal["train", "val", "test"], float] = Field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
+    split_salt: int = 0
+    test_size: int = Field(10_000, ge=1)
+    min_good_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    snr_edges: list[float] = Field(default_factory=lambda: [2.0, 4.0, 7.0])
+    snr_bin_names: list[str] = Field(default_factory=lambda: ["X", "L", "M", "H"])
+    teff_edges: list[float] | None = None
+    mh_edges: list[float] | None = None
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"train", "val", "test"}:
+            raise ValueError("split_fractions needs exactly the keys train, val, test")
+        if any(f < 0 for f in v.values()) or abs(sum(v.values()) - 1.0) > 1e-9:
+            raise ValueError(f"split_fractions must be >= 0 and sum to 1, got {v}")
+        return v
+
+    @field_validator("snr_edges", "teff_edges", "mh_edges")
+    @classmethod
+    def _increasing(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) == 0 or any(b <= a for a, b in zip(v, v[1:]))):
+            raise ValueError(f"bin edges must be a non-empty, strictly increasing list, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _names_match(self) -> CatalogConfig:
+        if len(self.snr_bin_names) != len(self.snr_edges) + 1:
+            raise ValueError(
+                f"snr_bin_names has {len(self.snr_bin_names)} names but snr_edges defines "
+                f"{len(self.snr_edges) + 1} bins"
+            )
+        return self
+
+
+class SimulateConfig(_Strict):
+    """The synthetic PFS-like catalog (SPEC section 6)."""
+
+    n: int = Field(20_000, ge=1)
+    seed: int = Field(0, ge=0)
+    noise_level: float = Field(1.0, gt=0.0)
+    mag_min: float = 20.5
+    mag_max: float = 22.5
+    chunk_size: int = Field(2048, ge=1)
+    n_pixels: int = Field(4096, ge=16)
+    wave_min: float = 7100.0
+    wave_max: float = 8850.0
+    teff_range: tuple[float, float] = (3500.0, 6500.0)
+    logg_range: tuple[float, float] = (0.0, 5.0)
+    mh_range: tuple[float, float] = (-2.5, 0.75)
+    alpha_m_range: tuple[float, float] = (-0.25, 0.5)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SimulateConfig:
+        pairs = {
+            "mag": (self.mag_min, self.mag_max),
+            "wave": (self.wave_min, self.wave_max),
+            "teff_range": self.teff_range,
+            "logg_range": self.logg_range,
+            "mh_range": self.mh_range,
+            "alpha_m_range": self.alpha_m_range,
+        }
+        for name, (lo, hi) in pairs.items():
+            if not hi > lo:
+                raise ValueError(f"{name}: upper bound {hi} must exceed lower bound {lo}")
+        if self.teff_range[0] <= 0:
+            raise ValueError("teff_range must be positive (Kelvin)")
+        return self
+
+
+class StorageConfig(_Strict):
+    """How catalogs are written to zarr."""
+
+    compressor: Literal["lz4", "zstd", "blosclz", "none"] = "lz4"
+    clevel: int = Field(1, ge=0, le=9)
+    ingest_chunk_size: int = Field(2048, ge=1)
+
+
+class ClusterConfig(_Strict):
+    """Which Dask cluster to use (SPEC section 7)."""
+
+    scheduler: str = "local"
+    n_workers: int | None = Field(None, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1)
+    memory_limit: str = "auto"
+    dashboard_address: str = "127.0.0.1:8787"
+    processes: bool = True
+    jobqueue_file: str | None = None
+    jobs: int = Field(1, ge=0)
+    adapt_max_jobs: int | None = Field(None, ge=1)
+    local_directory: str | None = None
+
+
+class RunConfig(_Strict):
+    """Where a batch run writes and what it reads."""
+
+    out: str = "runs/default"
+    catalog: str | None = None  # an existing catalog; null = simulate one
+
+
+class Config(_Strict):
+    """The whole validated configuration."""
+
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig)
+    simulate: SimulateConfig = Field(default_factory=SimulateConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+def config_dir() -> Path:
+    """Folder of the shipped YAML configs (``config/`` in the source tree)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_config", here.parent / "config"):
+        if (cand / "default.yaml").is_file():
+            return cand
+    raise FileNotFoundError("shipped config/default.yaml not found next to the snrmoe_dask package")
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{loc}'")
+        else:
+            lines.append(f"'{loc}': {err['msg']}")
+    return f"invalid config ({source}): " + "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load the shipped defaults, then ``path``, then ``overrides``.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        A YAML file with any subset of the sections of ``config/default.yaml``.
+    overrides : dict, optional
+        Nested ``{section: {key: value}}`` from CLI flags; ``None`` values are
+        ignored so unset flags do not clobber the file.
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key, a wrong type or an invalid value, naming the key.
+    """
+    data = _read_yaml(config_dir() / "default.yaml")
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = _deep_update(data, _read_yaml(p))
+        source = str(p)
+    if overrides:
+        clean = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()}
+        data = _deep_update(data, {s: kv for s, kv in clean.items() if kv})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
