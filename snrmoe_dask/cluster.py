@@ -34,15 +34,17 @@ def local_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     comes from dask tasks, not from BLAS oversubscription.
     """
     ncores = os.cpu_count() or 1
-    return {
+    kwargs = {
         "n_workers": cfg.n_workers or 1,
         "threads_per_worker": cfg.threads_per_worker or max(1, ncores // (cfg.n_workers or 1)),
         "processes": cfg.processes,
         "memory_limit": cfg.memory_limit,
         "dashboard_address": cfg.dashboard_address,
-        "host": "127.0.0.1",
         "local_directory": cfg.local_directory,
     }
+    if cfg.processes:  # in-process clusters talk over inproc://, nothing listens on the network
+        kwargs["host"] = "127.0.0.1"
+    return kwargs
 
 
 def _default_jobqueue_file() -> Path:

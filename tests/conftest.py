@@ -1,0 +1,62 @@
+"""Layered, seeded fixtures: small catalogs built on the fly (never committed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import xarray as xr
+
+from snrmoe_dask.config import SimulateConfig, StorageConfig
+from snrmoe_dask.simulate import simulate_catalog, write_catalog
+
+
+def small_sim_config(**kw) -> SimulateConfig:
+    """A few hundred spectra on a 512-pixel grid around the Ca triplet."""
+    base = dict(n=600, seed=3, chunk_size=128, n_pixels=512, wave_min=8150.0, wave_max=8850.0)
+    base.update(kw)
+    return SimulateConfig(**base)
+
+
+def write_sim(path: Path, cfg: SimulateConfig) -> Path:
+    with dask.config.set(scheduler="threads"):
+        write_catalog(simulate_catalog(cfg), path, StorageConfig()).compute()
+    return path
+
+
+def write_raw(path: Path, flux, error, *, wavelength=None, ids=None, mask=None, chunk=64, **labels) -> Path:
+    """Write arbitrary arrays as a catalog store (to build schema violations)."""
+    n, p = np.shape(flux)
+    data = {"flux": (("spectrum", "wavelength"), np.asarray(flux)),
+            "error": (("spectrum", "wavelength"), np.asarray(error))}
+    if mask is not None:
+        data["mask"] = (("spectrum", "wavelength"), np.asarray(mask))
+    for k, v in labels.items():
+        data[k] = ("spectrum", np.asarray(v))
+    ds = xr.Dataset(data, coords={
+        "spectrum": np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids),
+        "wavelength": np.linspace(8000, 8800, p) if wavelength is None else np.asarray(wavelength),
+    })
+    ds.chunk({"spectrum": chunk}).to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    return path
+
+
+def clean_arrays(n=200, p=64, seed=0):
+    rng = np.random.default_rng(seed)
+    flux = rng.normal(100, 10, (n, p)).astype(np.float32)
+    error = np.full((n, p), 10.0, np.float32)
+    labels = {"logg": rng.uniform(0, 5, n), "teff": rng.uniform(3500, 6500, n), "mh": rng.uniform(-2.5, 0.75, n)}
+    return flux, error, labels
+
+
+@pytest.fixture(scope="session")
+def sim_catalog(tmp_path_factory) -> Path:
+    """600 simulated spectra x 512 pixels, chunks of 128."""
+    return write_sim(tmp_path_factory.mktemp("cat") / "sim.zarr", small_sim_config())
+
+
+@pytest.fixture
+def raw_arrays():
+    return clean_arrays()

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from snrmoe_dask.cluster import compute, dask_session, load_jobqueue_profile, local_cluster_kwargs
+from snrmoe_dask.config import ClusterConfig
+
+
+def test_local_kwargs_bind_to_localhost_and_size_to_machine():
+    kw = local_cluster_kwargs(ClusterConfig())
+    assert kw["host"] == "127.0.0.1"
+    assert "host" not in local_cluster_kwargs(ClusterConfig(processes=False))
+    assert kw["dashboard_address"].startswith("127.0.0.1")
+    assert kw["n_workers"] * kw["threads_per_worker"] >= 1
+
+
+def test_local_session_computes_and_reports_dashboard(capsys):
+    cfg = ClusterConfig(processes=False, dashboard_address="127.0.0.1:0", threads_per_worker=2)
+    with dask_session(cfg) as client:
+        assert client is not None
+        assert client.scheduler.address.startswith(("tcp://127.0.0.1", "inproc://"))
+        x = da.ones((100, 10), chunks=(10, 10))
+        (s,) = compute(x.sum(), client=client, label="sum")
+    assert s == 1000
+    assert "dashboard" in capsys.readouterr().err
+
+
+def test_threads_session_and_unknown_scheduler():
+    with dask_session(ClusterConfig(scheduler="threads"), quiet=True) as client:
+        assert client is None
+        (s,) = compute(da.arange(10, chunks=3).sum(), label="sum", progress=False)
+        assert s == 45
+    with pytest.raises(ValueError, match="unknown scheduler 'mpi'"):
+        with dask_session(ClusterConfig(scheduler="mpi"), quiet=True):
+            pass
+
+
+@pytest.mark.parametrize("kind, directive", [("slurm", "#SBATCH"), ("pbs", "#PBS")])
+def test_jobqueue_profiles_generate_job_scripts(kind, directive):
+    pytest.importorskip("dask_jobqueue")
+    from snrmoe_dask.cluster import jobqueue_cluster
+
+    prof = load_jobqueue_profile(kind)
+    assert prof["cores"] >= 1
+    cluster = jobqueue_cluster(kind, ClusterConfig(scheduler=kind))
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert directive in script
+    assert "distributed.cli.dask_worker" in script or "dask worker" in script or "dask-worker" in script
+    assert f"--nthreads {prof['cores'] // prof['processes']}" in script
+
+
+def test_missing_profile(tmp_path):
+    f = tmp_path / "jq.yaml"
+    f.write_text("slurm: {cores: 2}\n")
+    with pytest.raises(ValueError, match="no 'pbs' profile"):
+        load_jobqueue_profile("pbs", f)
+    assert np.isclose(load_jobqueue_profile("slurm", f)["cores"], 2)
