@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from .catalog import CatalogError
 from .config import ConfigError, load_config
+from .model import ModelError
 
 __all__ = ["main"]
 
@@ -53,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="validate a catalog and print its summary")
     p.add_argument("path", help="catalog store (zarr)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_common(p)
+
+    p = sub.add_parser("fit", help="one pass over the catalog, then every Ridge expert family")
+    p.add_argument("catalog", help="catalog store (zarr) with labels")
+    p.add_argument("--out", required=True, help="model directory to write")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="score a model on the catalog's frozen test subset")
+    p.add_argument("model_dir", help="model directory written by `snrmoe fit`")
+    p.add_argument("catalog", help="catalog store (zarr) with labels")
+    p.add_argument("--out", default="metrics.json", help="metrics file (default: metrics.json)")
     _add_common(p)
 
     p = sub.add_parser("run", help="run the whole chain from one YAML config (batch job)")
@@ -136,6 +149,41 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_fit(args) -> int:
+    from .cluster import dask_session
+    from .model import fit_model
+
+    cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
+    with dask_session(cfg.cluster) as client:
+        model = fit_model(args.catalog, args.out, cfg, client=client)
+    meta = model.meta
+    print(f"fitted       {len(meta['experts'])} experts from {meta['train_rows']} train rows "
+          f"in {meta['timings']['total_s']:.1f} s -> {args.out}")
+    print(f"accumulation {meta['accumulation']}")
+    if meta["train_rows_excluded_unusable"]:
+        print(f"left out     {meta['train_rows_excluded_unusable']} train spectra with too few good pixels")
+    if meta["alpha_at_grid_edge"]:
+        print(f"note         alpha at the grid edge for {len(meta['alpha_at_grid_edge'])} expert(s); "
+              "widen fit.alphas_relative if this includes the large experts")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .cluster import dask_session
+    from .evaluate import r2_table
+    from .model import evaluate_model, load_model
+
+    cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
+    model = load_model(args.model_dir)
+    with dask_session(cfg.cluster) as client:
+        metrics = evaluate_model(model, args.catalog, cfg, client=client)
+    Path(args.out).write_text(json.dumps(metrics, indent=2))
+    print(f"frozen test  {metrics['n_test']} spectra ({metrics['n_test_excluded_unusable']} left out)")
+    print(r2_table(metrics))
+    print(f"wrote        {args.out}")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from .cluster import dask_session
     from .config import config_dir
@@ -151,6 +199,13 @@ def _cmd_run(args) -> int:
         print(f"simulated    {sim['n']} spectra in {sim['seconds']:.1f} s")
         _print_snr(sim["snr"])
     _print_info(record["summary"])
+    if "metrics" in record:
+        from .evaluate import r2_table
+
+        fit = record["stages"]["fit"]
+        print(f"fit          {fit['n_experts']} experts, {fit['train_rows']} train rows, {fit['seconds']:.1f} s")
+        print(f"frozen test  {record['metrics']['n_test']} spectra")
+        print(r2_table(record["metrics"]))
     print(f"wrote        {Path(cfg.run.out) / 'run.json'}")
     return 0
 
@@ -158,10 +213,12 @@ def _cmd_run(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``snrmoe`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
-    handlers = {"simulate": _cmd_simulate, "ingest": _cmd_ingest, "info": _cmd_info, "run": _cmd_run}
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"snrmoe: warning: {msg}\n"
+    handlers = {"simulate": _cmd_simulate, "ingest": _cmd_ingest, "info": _cmd_info, "fit": _cmd_fit,
+                "evaluate": _cmd_evaluate, "run": _cmd_run}
     try:
         return handlers[args.command](args)
-    except (ConfigError, CatalogError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, CatalogError, ModelError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"snrmoe {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

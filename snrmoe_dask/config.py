@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -16,6 +17,7 @@ __all__ = [
     "SimulateConfig",
     "StorageConfig",
     "ClusterConfig",
+    "FitConfig",
     "RunConfig",
     "Config",
     "ConfigError",
@@ -130,6 +132,39 @@ class ClusterConfig(_Strict):
     local_directory: str | None = None
 
 
+class FitConfig(_Strict):
+    """One-pass statistics and the Ridge experts (SPEC sections 3-4)."""
+
+    target: Literal["logg"] = "logg"
+    alphas_relative: list[float] = Field(
+        default_factory=lambda: [float(f"{10.0 ** e:.6g}") for e in np.arange(-6.0, 2.01, 0.5)]
+    )
+    min_cell_rows: int = Field(50, ge=1)
+    max_df_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    precision: Literal["float32", "float64"] = "float32"
+    flush_rows: int = Field(1024, ge=1)
+    chains: int | None = Field(None, ge=1)
+    memory_budget: str = "8GB"
+
+    @field_validator("alphas_relative")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        if not v or any(a <= 0 for a in v):
+            raise ValueError(f"alphas_relative must be a non-empty list of positive numbers, got {v}")
+        return sorted(v)
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _bytes(cls, v: str) -> str:
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(v)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"memory_budget must be a size such as '8GB', got {v!r}") from exc
+        return v
+
+
 class RunConfig(_Strict):
     """Where a batch run writes and what it reads."""
 
@@ -144,6 +179,7 @@ class Config(_Strict):
     simulate: SimulateConfig = Field(default_factory=SimulateConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    fit: FitConfig = Field(default_factory=FitConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
 

@@ -22,7 +22,7 @@ from .cluster import compute
 from .config import CatalogConfig, Config, SimulateConfig, StorageConfig
 from .simulate import simulate_catalog, write_catalog
 
-__all__ = ["run_simulate", "snr_distribution", "catalog_info", "run_pipeline"]
+__all__ = ["run_simulate", "snr_distribution", "catalog_info", "run_pipeline", "versions"]
 
 
 def snr_distribution(snr: np.ndarray, cfg: CatalogConfig) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def catalog_info(path: str | Path, cfg: CatalogConfig, *, client=None, progress:
     return summarize_catalog(ds, cfg, quality=quality_totals(q))
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     pkgs = ("snrmoe", "numpy", "dask", "distributed", "xarray", "zarr", "scipy", "scikit-learn")
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for p in pkgs:
@@ -82,7 +82,7 @@ def run_pipeline(cfg: Config, *, client=None, overwrite: bool = False) -> dict[s
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "config": cfg.model_dump(mode="json"),
-        "versions": _versions(),
+        "versions": versions(),
         "stages": {},
     }
     catalog = Path(cfg.run.catalog) if cfg.run.catalog else out / "catalog.zarr"
@@ -99,5 +99,17 @@ def run_pipeline(cfg: Config, *, client=None, overwrite: bool = False) -> dict[s
     (out / "catalog_summary.json").write_text(json.dumps(info, indent=2))
     record["catalog"] = str(catalog)
     record["summary"] = info
+
+    from .model import evaluate_model, fit_model
+
+    t0 = time.perf_counter()
+    model = fit_model(catalog, out / "model", cfg, client=client)
+    record["stages"]["fit"] = {"seconds": time.perf_counter() - t0, "n_experts": len(model.meta["experts"]),
+                               "train_rows": model.meta["train_rows"], **model.meta["timings"]}
+    t0 = time.perf_counter()
+    metrics = evaluate_model(model, catalog, cfg, client=client)
+    record["stages"]["evaluate"] = {"seconds": time.perf_counter() - t0}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    record["metrics"] = metrics
     (out / "run.json").write_text(json.dumps(record, indent=2))
     return record

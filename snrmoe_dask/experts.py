@@ -1,0 +1,117 @@
+"""Expert families as sums of cells, and their lazy fit on the cluster.
+
+A cell is ``phys * n_snr + snr``. Families (SPEC section 5):
+
+* ``global``        1 expert, every cell;
+* ``oracle_snr``    one per S/N bin (sum over physical bins);
+* ``oracle_phys``   one per Teff x [M/H] bin (sum over S/N bins);
+* ``oracle_joint``  one per cell;
+* ``hierarchical``  one per cell, ridge-shrunk toward its physical-bin parent:
+  ``min ||y - Xw||^2 + a ||w - w_parent||^2``.
+
+An expert whose rows number fewer than ``min_rows`` falls back to its parent
+(``global`` for the S/N and physical families, the physical-bin expert for
+joint and hierarchical cells) and records it in ``fallback``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dask
+import numpy as np
+import xarray as xr
+from dask.base import tokenize
+
+from .ridge import ridge_alphas, solve_ridge
+from .stats import SufficientStats
+
+__all__ = ["FAMILIES", "ExpertSpec", "expert_specs", "solve_expert", "fit_experts", "experts_dataset"]
+
+FAMILIES = ("global", "oracle_snr", "oracle_phys", "oracle_joint", "hierarchical")
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Which cells an expert sums, and its parent."""
+
+    name: str
+    family: str
+    member: str
+    cells: tuple[int, ...]
+    parent: str | None = None
+    shrink: bool = False
+
+
+def expert_specs(snr_names: Sequence[str], phys_names: Sequence[str]) -> list[ExpertSpec]:
+    """Every expert of every family, parents before children."""
+    ns = len(snr_names)
+    all_cells = tuple(range(len(phys_names) * ns))
+    specs = [ExpertSpec("global", "global", "all", all_cells)]
+    for s, sname in enumerate(snr_names):
+        specs.append(ExpertSpec(f"oracle_snr/{sname}", "oracle_snr", sname,
+                                tuple(p * ns + s for p in range(len(phys_names))), "global"))
+    for p, pname in enumerate(phys_names):
+        specs.append(ExpertSpec(f"oracle_phys/{pname}", "oracle_phys", pname,
+                                tuple(p * ns + s for s in range(ns)), "global"))
+    for family, shrink in (("oracle_joint", False), ("hierarchical", True)):
+        for p, pname in enumerate(phys_names):
+            for s, sname in enumerate(snr_names):
+                specs.append(ExpertSpec(f"{family}/{pname}|{sname}", family, f"{pname}|{sname}", (p * ns + s,),
+                                        f"oracle_phys/{pname}", shrink))
+    return specs
+
+
+def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequence[float], min_rows: int,
+                 parent: dict | None = None, max_df_fraction: float = 1.0) -> dict:
+    """Fit one expert from the statistics (a small dict of arrays and numbers)."""
+    n = float(stats.n[list(spec.cells)].sum())
+    if n < min_rows:
+        if parent is None:
+            raise ValueError(f"expert '{spec.name}' has {n:.0f} rows (< min_rows={min_rows}) and no parent")
+        return {**parent, "n": n, "fallback": spec.parent, "at_grid_edge": False}
+    cs = stats.cells(spec.cells)
+    alphas = ridge_alphas(cs, relative_alphas)
+    prior = np.asarray(parent["coef"]) if (spec.shrink and parent is not None) else None
+    sol = solve_ridge(cs, alphas, prior=prior, max_df_fraction=max_df_fraction)
+    return {"coef": sol.coef, "intercept": sol.intercept, "alpha": sol.alpha, "gcv": sol.gcv,
+            "resid_var": sol.resid_var, "df": sol.df, "n": n, "fallback": "", "at_grid_edge": sol.at_grid_edge}
+
+
+def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[float], min_rows: int,
+                max_df_fraction: float = 1.0) -> dict:
+    """Lazy fits: ``{name: Delayed[dict]}``; each depends on ``stats`` and its parent."""
+    solve = dask.delayed(solve_expert, pure=True)
+    tok = tokenize(getattr(stats, "key", None), list(relative_alphas), min_rows, max_df_fraction)
+    out: dict = {}
+    for spec in specs:
+        parent = out.get(spec.parent) if spec.parent else None
+        out[spec.name] = solve(stats, spec, list(relative_alphas), min_rows, parent, max_df_fraction,
+                               dask_key_name=f"expert-{tok}-{spec.name}")
+    return out
+
+
+def experts_dataset(specs: Sequence[ExpertSpec], fits: dict, wavelength: np.ndarray) -> xr.Dataset:
+    """Stack fitted experts into a Dataset with dims (expert, wavelength).
+
+    Names, families and parents are attributes-as-data in ``model.json``; the
+    Dataset carries them as ``expert`` index order plus the numeric fields.
+    """
+    rows = [fits[s.name] for s in specs]
+    ds = xr.Dataset(
+        {
+            "coef": (("expert", "wavelength"), np.stack([np.asarray(r["coef"], np.float64) for r in rows])),
+            "intercept": ("expert", np.array([r["intercept"] for r in rows], np.float64)),
+            "alpha": ("expert", np.array([r["alpha"] for r in rows], np.float64)),
+            "gcv": ("expert", np.array([r["gcv"] for r in rows], np.float64)),
+            "resid_var": ("expert", np.array([r["resid_var"] for r in rows], np.float64)),
+            "df": ("expert", np.array([r["df"] for r in rows], np.float64)),
+            "n_rows": ("expert", np.array([r["n"] for r in rows], np.float64)),
+            "at_grid_edge": ("expert", np.array([r["at_grid_edge"] for r in rows], bool)),
+        },
+        coords={"expert": np.arange(len(specs)), "wavelength": np.asarray(wavelength, np.float64)},
+    )
+    ds["coef"].attrs["long_name"] = "Ridge coefficients on flux (logg per count)"
+    ds["alpha"].attrs["long_name"] = "penalty chosen by GCV from the expert's own statistics"
+    return ds

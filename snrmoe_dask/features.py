@@ -1,0 +1,111 @@
+"""The small per-spectrum feature table.
+
+* the seeds' frozen **quality features**: 10 aggregate statistics of the error
+  vector over good pixels (mean, std, min, max, median, sum, q25, q75, skew,
+  kurtosis), which keep the S/N information and drop the logg leak;
+* an **S/N estimate**: median over good pixels of observed flux / error;
+* pixel bookkeeping: ``n_good`` and ``usable``.
+
+Kernels work on one block of NumPy rows; :func:`feature_table` maps them
+lazily over the cube (one task per chunk, no compute).
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from .catalog import good_pixel_mask
+
+__all__ = ["QUALITY_FEATURES", "FEATURE_NAMES", "quality_features", "snr_estimate", "block_features",
+           "feature_table"]
+
+QUALITY_FEATURES = ("q_mean", "q_std", "q_min", "q_max", "q_median", "q_sum", "q_q25", "q_q75", "q_skew",
+                    "q_kurtosis")
+FEATURE_NAMES = (*QUALITY_FEATURES, "snr_est", "n_good")
+
+
+def _row_quantiles(sorted_vals: np.ndarray, n_good: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
+    """Linear-interpolated quantiles (NumPy's default) of rows whose first
+    ``n_good`` entries are the sorted good values."""
+    rows = np.arange(sorted_vals.shape[0])
+    out = []
+    for q in qs:
+        pos = q * np.maximum(n_good - 1, 0)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, np.maximum(n_good - 1, 0))
+        frac = pos - lo
+        out.append(sorted_vals[rows, lo] * (1 - frac) + sorted_vals[rows, hi] * frac)
+    return out
+
+
+def quality_features(error: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """The 10 aggregate statistics of ``error`` over good pixels.
+
+    Parameters
+    ----------
+    error : ndarray of shape (n, P)
+    good : ndarray of bool, shape (n, P)
+
+    Returns
+    -------
+    ndarray of shape (n, 10), float64, columns :data:`QUALITY_FEATURES`.
+    ``skew`` and ``kurtosis`` are the biased moment estimators of
+    ``scipy.stats.skew`` / ``scipy.stats.kurtosis`` (Fisher, excess). Rows
+    with no good pixel are NaN.
+    """
+    e = np.where(good, error.astype(np.float64), np.nan)
+    n_good = good.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = np.nansum(e, axis=1)
+        mean = total / n_good
+        d = e - mean[:, None]
+        m2 = np.nanmean(d**2, axis=1)
+        m3 = np.nanmean(d**3, axis=1)
+        m4 = np.nanmean(d**4, axis=1)
+        skew = m3 / m2**1.5
+        kurt = m4 / m2**2 - 3.0
+        srt = np.sort(e, axis=1)  # NaN sorts last
+        q0, q25, q50, q75, q100 = _row_quantiles(srt, n_good, (0.0, 0.25, 0.5, 0.75, 1.0))
+    out = np.stack([mean, np.sqrt(m2), q0, q100, q50, total, q25, q75, skew, kurt], axis=1)
+    out[n_good == 0] = np.nan
+    return out
+
+
+def snr_estimate(flux: np.ndarray, error: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Observed S/N: median over good pixels of flux / error, shape (n,)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(good, flux.astype(np.float64) / error, np.nan)
+        srt = np.sort(ratio, axis=1)
+    (med,) = _row_quantiles(srt, good.sum(axis=1), (0.5,))
+    med[good.sum(axis=1) == 0] = np.nan
+    return med
+
+
+def block_features(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """All features of one block, shape (n, len(FEATURE_NAMES)), float64."""
+    good = good_pixel_mask(flux, error, mask)
+    return np.concatenate(
+        [quality_features(error, good), snr_estimate(flux, error, good)[:, None], good.sum(axis=1)[:, None]],
+        axis=1,
+    )
+
+
+def feature_table(ds: xr.Dataset, min_good_fraction: float = 0.5) -> xr.Dataset:
+    """Lazy feature table of a catalog: one task per chunk, dims (spectrum,).
+
+    Returns
+    -------
+    Dataset with the variables :data:`FEATURE_NAMES` (float64) and ``usable``
+    (bool), backed by dask; nothing is computed here.
+    """
+    flux, error = ds["flux"].data, ds["error"].data
+    args = [flux, error] + ([ds["mask"].data] if "mask" in ds else [])
+    feats = da.map_blocks(block_features, *args, dtype=np.float64,
+                          chunks=(flux.chunks[0], (len(FEATURE_NAMES),)), name="features")
+    out = xr.Dataset({name: ("spectrum", feats[:, i]) for i, name in enumerate(FEATURE_NAMES)},
+                     coords={"spectrum": ds["spectrum"]})
+    out["usable"] = out["n_good"] >= int(np.ceil(min_good_fraction * ds.sizes["wavelength"]))
+    out.attrs["min_good_fraction"] = min_good_fraction
+    return out

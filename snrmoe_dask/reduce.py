@@ -1,0 +1,155 @@
+"""The one pass over the cube: features for every row, statistics of train rows.
+
+Graph plan (all lazy; nothing computes here)::
+
+    read chunk i ──┬── features(i)                        (every row)
+                   └── fold(acc[c], i)  for c = i mod C   (train rows)
+    acc[c] chain:  init(shift) → fold → fold → ... → finalize
+    stats = sum of the C finalised accumulators (in place)
+
+* **Bounded memory.** Each of the ``C`` chains owns one
+  :class:`~snrmoe_dask.stats.CellAccumulator` (K·P²·8 bytes + buffers) and
+  folds its chunks into it in place, so the partial sums never multiply with
+  the number of chunks: peak ≈ C × accumulator + in-flight chunks,
+  whatever N is.
+* **One read.** Features and folds depend on the same chunk-read tasks, so
+  computing them together reads the cube once.
+* **Fault tolerance.** A chain is a plain dependency chain: if a worker dies,
+  dask recomputes the lost chain from its start, giving the same sums.
+"""
+
+from __future__ import annotations
+
+import math
+
+import dask
+from dask.base import tokenize
+from threadpoolctl import threadpool_limits
+import numpy as np
+import xarray as xr
+
+from .catalog import good_pixel_mask
+from .features import FEATURE_NAMES, block_features
+from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes
+
+__all__ = ["auto_chains", "one_pass", "shift_from_block"]
+
+
+def shift_from_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, min_good: int) -> np.ndarray:
+    """Mean imputed spectrum of the usable rows of one block (the accumulation shift)."""
+    good = good_pixel_mask(flux, error, mask)
+    usable = good.sum(axis=1) >= min_good
+    x = impute_bad_pixels(flux[usable] if usable.any() else flux, good[usable] if usable.any() else good)
+    return x.mean(axis=0, dtype=np.float64)
+
+
+def _init(shift, n_cells, flush_rows, precision, meta):
+    acc = CellAccumulator(n_cells, shift, flush_rows=flush_rows, precision=precision, meta=meta)
+    acc.excluded_unusable = 0
+    return acc
+
+
+def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good: int,
+          blas_threads: int) -> CellAccumulator:
+    if index in acc.chunks_done:  # a retried task must not count a chunk twice
+        return acc
+    good = good_pixel_mask(flux, error, mask)
+    usable = good.sum(axis=1) >= min_good
+    acc.excluded_unusable += int(((cell >= 0) & ~usable).sum())
+    # the nanny pins BLAS to 1 thread per task; a chain may use its share of the worker's cores
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        acc.add(impute_bad_pixels(flux, good), y, np.where(usable, cell, -1))
+    acc.chunks_done.append(index)
+    return acc
+
+
+def _finalize(*accs: CellAccumulator) -> SufficientStats:
+    with threadpool_limits(limits=1, user_api="blas"):
+        total = accs[0].finalize()
+    excluded = accs[0].excluded_unusable
+    for acc in accs[1:]:
+        total.iadd(acc.finalize())
+        excluded += acc.excluded_unusable
+        acc.stats = None  # release the partial as soon as it is summed
+    total.meta["train_rows_excluded_unusable"] = int(excluded)
+    return total
+
+
+def _features(flux, error, mask) -> np.ndarray:
+    return block_features(flux, error, mask)
+
+
+def auto_chains(n_threads: int, n_chunks: int, n_cells: int, n_features: int, flush_rows: int, precision: str,
+                memory_budget: float) -> int:
+    """Parallel accumulators: one per thread, bounded by chunks and by memory."""
+    per_chain = memory_bytes(n_cells, n_features, flush_rows, precision)
+    by_memory = max(1, int(memory_budget // per_chain))
+    return max(1, min(n_threads, by_memory, math.ceil(n_chunks / 4)))
+
+
+def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, chains: int = 1,
+             flush_rows: int = 1024, precision: str = "float32", min_good_fraction: float = 0.5,
+             meta: dict | None = None, blas_threads: int = 1):
+    """Build the lazy one-pass graph.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A catalog from :func:`~snrmoe_dask.catalog.open_catalog` (dask-backed).
+    y : ndarray of shape (N,)
+        Target (logg); ignored where ``cell < 0``.
+    cell : ndarray of int, shape (N,)
+        Cell of each train row, ``-1`` for rows that are not trained on.
+    n_cells, chains, flush_rows, precision, min_good_fraction
+        Accumulation layout (see :class:`~snrmoe_dask.stats.CellAccumulator`).
+    meta : dict
+        Stored with the statistics.
+    blas_threads : int
+        BLAS threads inside each fold (threads per worker / chains).
+
+    Returns
+    -------
+    stats : dask.delayed.Delayed
+        The summed :class:`~snrmoe_dask.stats.SufficientStats`. Keep it on the
+        cluster (compute only small things that depend on it).
+    features : list of dask.delayed.Delayed
+        One (rows, len(FEATURE_NAMES)) block per chunk, in order.
+    """
+    n, p = ds.sizes["spectrum"], ds.sizes["wavelength"]
+    if y.shape != (n,) or cell.shape != (n,):
+        raise ValueError(f"y and cell must have shape ({n},), got {y.shape} and {cell.shape}")
+    min_good = int(np.ceil(min_good_fraction * p))
+    fblocks = ds["flux"].data.to_delayed().ravel()
+    eblocks = ds["error"].data.to_delayed().ravel()
+    mblocks = ds["mask"].data.to_delayed().ravel() if "mask" in ds else [None] * len(fblocks)
+    starts = np.r_[0, np.cumsum(ds["flux"].chunks[0])]
+    chains = max(1, min(chains, len(fblocks)))
+    tok = tokenize(ds["flux"].data.name, ds["error"].data.name, y, cell, n_cells, chains, flush_rows, precision,
+                   min_good)
+
+    shift = dask.delayed(shift_from_block, pure=True)(fblocks[0], eblocks[0], mblocks[0], min_good)
+    init = dask.delayed(_init, pure=True)
+    fold = dask.delayed(_fold, pure=True)
+    accs = [init(shift, n_cells, flush_rows, precision, dict(meta or {}), dask_key_name=f"acc-init-{tok}-{c}")
+            for c in range(chains)]
+    feats = []
+    for i, (fb, eb, mb) in enumerate(zip(fblocks, eblocks, mblocks)):
+        lo, hi = int(starts[i]), int(starts[i + 1])
+        c = i % chains
+        if (cell[lo:hi] >= 0).any():
+            accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_threads,
+                           dask_key_name=f"acc-fold-{tok}-{c}-{i}")
+        feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, dask_key_name=f"features-{tok}-{i}"))
+    stats = dask.delayed(_finalize, pure=True)(*accs, dask_key_name=f"stats-finalize-{tok}")
+    return stats, feats
+
+
+def features_dataset(blocks: list[np.ndarray], ds: xr.Dataset, min_good_fraction: float) -> xr.Dataset:
+    """Assemble computed feature blocks into the feature table Dataset."""
+    arr = np.concatenate(blocks, axis=0)
+    out = xr.Dataset({name: ("spectrum", arr[:, i]) for i, name in enumerate(FEATURE_NAMES)},
+                     coords={"spectrum": ds["spectrum"].values})
+    out["n_good"] = out["n_good"].astype(np.int32)
+    out["usable"] = out["n_good"] >= int(np.ceil(min_good_fraction * ds.sizes["wavelength"]))
+    out.attrs["min_good_fraction"] = min_good_fraction
+    return out
