@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from .ridge import ridge_alphas, solve_ridge
+from .ridge import eigen, ridge_alphas, solve_ridge
 from .stats import SufficientStats
 
 __all__ = ["FAMILIES", "ExpertSpec", "expert_specs", "solve_expert", "fit_experts", "experts_dataset"]
@@ -63,32 +63,62 @@ def expert_specs(snr_names: Sequence[str], phys_names: Sequence[str]) -> list[Ex
     return specs
 
 
-def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequence[float], min_rows: int,
-                 parent: dict | None = None, max_df_fraction: float = 1.0) -> dict:
-    """Fit one expert from the statistics (a small dict of arrays and numbers)."""
-    n = float(stats.n[list(spec.cells)].sum())
-    if n < min_rows:
-        if parent is None:
-            raise ValueError(f"expert '{spec.name}' has {n:.0f} rows (< min_rows={min_rows}) and no parent")
-        return {**parent, "n": n, "fallback": spec.parent, "at_grid_edge": False}
-    cs = stats.cells(spec.cells)
-    alphas = ridge_alphas(cs, relative_alphas)
-    prior = np.asarray(parent["coef"]) if (spec.shrink and parent is not None) else None
-    sol = solve_ridge(cs, alphas, prior=prior, max_df_fraction=max_df_fraction)
+def _as_dict(sol, n: float) -> dict:
     return {"coef": sol.coef, "intercept": sol.intercept, "alpha": sol.alpha, "gcv": sol.gcv,
             "resid_var": sol.resid_var, "df": sol.df, "n": n, "fallback": "", "at_grid_edge": sol.at_grid_edge}
 
 
+def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequence[float], min_rows: int,
+                 parent: dict | None = None, max_df_fraction: float = 1.0,
+                 twin: ExpertSpec | None = None) -> dict:
+    """Fit one expert from the statistics (a small dict of arrays and numbers).
+
+    With ``twin`` (an expert over the same cells that shrinks toward
+    ``parent``), both are fitted from one eigendecomposition and the result
+    is ``{spec.name: fit, twin.name: fit}``.
+    """
+    n = float(stats.n[list(spec.cells)].sum())
+    names = [spec.name] + ([twin.name] if twin is not None else [])
+    if n < min_rows:
+        if parent is None:
+            raise ValueError(f"expert '{spec.name}' has {n:.0f} rows (< min_rows={min_rows}) and no parent")
+        fits = {name: {**parent, "n": n, "fallback": spec.parent, "at_grid_edge": False} for name in names}
+        return fits if twin is not None else fits[spec.name]
+    cs = stats.cells(spec.cells)
+    alphas = ridge_alphas(cs, relative_alphas)
+    eig = eigen(cs)
+    out = {}
+    for s in [spec] + ([twin] if twin is not None else []):
+        prior = np.asarray(parent["coef"]) if (s.shrink and parent is not None) else None
+        out[s.name] = _as_dict(solve_ridge(cs, alphas, prior=prior, max_df_fraction=max_df_fraction, eig=eig), n)
+    return out if twin is not None else out[spec.name]
+
+
 def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[float], min_rows: int,
                 max_df_fraction: float = 1.0) -> dict:
-    """Lazy fits: ``{name: Delayed[dict]}``; each depends on ``stats`` and its parent."""
+    """Lazy fits: ``{name: Delayed[dict]}``; each depends on ``stats`` and its parent.
+
+    A hierarchical expert is fitted in the same task as the joint expert of
+    its cell (one eigendecomposition for both).
+    """
     solve = dask.delayed(solve_expert, pure=True)
     tok = tokenize(getattr(stats, "key", None), list(relative_alphas), min_rows, max_df_fraction)
+    twins = {(s.cells, s.parent): s for s in specs if s.shrink}
     out: dict = {}
     for spec in specs:
+        if spec.shrink:
+            continue  # fitted with its joint twin
         parent = out.get(spec.parent) if spec.parent else None
-        out[spec.name] = solve(stats, spec, list(relative_alphas), min_rows, parent, max_df_fraction,
-                               dask_key_name=f"expert-{tok}-{spec.name}")
+        twin = twins.get((spec.cells, spec.parent)) if spec.family == "oracle_joint" else None
+        task = solve(stats, spec, list(relative_alphas), min_rows, parent, max_df_fraction, twin,
+                     dask_key_name=f"expert-{tok}-{spec.name}")
+        if twin is None:
+            out[spec.name] = task
+        else:
+            out[spec.name], out[twin.name] = task[spec.name], task[twin.name]
+    missing = [s.name for s in specs if s.name not in out]
+    if missing:
+        raise ValueError(f"hierarchical experts without a joint twin: {missing}")
     return out
 
 

@@ -12,6 +12,8 @@ lazily over the cube (one task per chunk, no compute).
 
 from __future__ import annotations
 
+import warnings
+
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -57,7 +59,8 @@ def quality_features(error: np.ndarray, good: np.ndarray) -> np.ndarray:
     """
     e = np.where(good, error.astype(np.float64), np.nan)
     n_good = good.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows without good pixels -> NaN, set below
         total = np.nansum(e, axis=1)
         mean = total / n_good
         d = e - mean[:, None]

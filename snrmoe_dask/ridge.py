@@ -26,7 +26,7 @@ import numpy as np
 
 from .stats import CenteredStats
 
-__all__ = ["RidgeSolution", "solve_ridge", "ridge_alphas"]
+__all__ = ["RidgeSolution", "eigen", "solve_ridge", "ridge_alphas"]
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,15 @@ def ridge_alphas(cs: CenteredStats, relative: Sequence[float]) -> np.ndarray:
     return np.asarray(relative, dtype=np.float64) * max(scale, np.finfo(float).tiny)
 
 
+def eigen(cs: CenteredStats) -> tuple[np.ndarray, np.ndarray]:
+    """Eigendecomposition of the centred Gram matrix (eigenvalues clipped at 0)."""
+    d, v = np.linalg.eigh(cs.gram)
+    return np.clip(d, 0.0, None), v  # rounding can leave tiny negative eigenvalues
+
+
 def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | None = None,
-                fixed_alpha: float | None = None, max_df_fraction: float = 1.0) -> RidgeSolution:
+                fixed_alpha: float | None = None, max_df_fraction: float = 1.0,
+                eig: tuple[np.ndarray, np.ndarray] | None = None) -> RidgeSolution:
     """Solve an intercept Ridge from centred statistics, alpha by GCV.
 
     Parameters
@@ -94,6 +101,9 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
         has fewer rows than pixels (its minimum can sit at a near-interpolating
         alpha); the cap keeps the choice on the regularised side. If no alpha
         qualifies, the largest is used.
+    eig : (d, V), optional
+        A precomputed :func:`eigen` of ``cs`` (experts sharing a Gram matrix
+        share the O(P^3) step).
 
     Returns
     -------
@@ -104,8 +114,7 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
         gw = cs.gram @ prior
         b = b - gw
         yy = yy - 2.0 * float(prior @ cs.xty) + float(prior @ gw)
-    d, v = np.linalg.eigh(cs.gram)
-    d = np.clip(d, 0.0, None)  # rounding can leave tiny negative eigenvalues
+    d, v = eig if eig is not None else eigen(cs)
     z = v.T @ b
     grid = np.atleast_1d(np.asarray([fixed_alpha] if fixed_alpha is not None else alphas, dtype=np.float64))
     if grid.size == 0 or np.any(grid < 0):

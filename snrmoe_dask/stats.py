@@ -23,6 +23,7 @@ per-cell float32 buffers and folded in with one BLAS ``syrk`` per
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,9 +175,9 @@ def impute_bad_pixels(flux: np.ndarray, good: np.ndarray) -> np.ndarray:
     out = np.array(flux, dtype=np.float32, copy=True)
     if good.all():
         return out
-    with np.errstate(invalid="ignore"):
-        masked = np.where(good, out, np.nan)
-        med = np.nanmedian(masked, axis=1) if (~good).any() else None
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-bad rows: handled below
+        med = np.nanmedian(np.where(good, out, np.nan), axis=1)
     med = np.where(np.isfinite(med), med, 0.0).astype(np.float32)
     return np.where(good, out, med[:, None]).astype(np.float32)
 
@@ -205,11 +206,12 @@ class CellAccumulator:
                  meta: dict | None = None):
         if precision not in ("float32", "float64"):
             raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
-        self.stats = SufficientStats.zeros(n_cells, shift, meta)
         self.dtype = np.float32 if precision == "float32" else np.float64
         self._syrk = blas.ssyrk if precision == "float32" else blas.dsyrk
         self.flush_rows = int(flush_rows)
+        # the shift is applied in the working precision, so record exactly that value
         self._shift = np.asarray(shift, self.dtype)
+        self.stats = SufficientStats.zeros(n_cells, self._shift.astype(np.float64), meta)
         p = self._shift.shape[0]
         self._buf = np.empty((n_cells, self.flush_rows, p), self.dtype)
         self._ybuf = np.empty((n_cells, self.flush_rows), np.float64)

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+from scipy import stats as sps
+
+from snrmoe_dask.features import FEATURE_NAMES, block_features, feature_table, quality_features, snr_estimate
+
+
+def _data(seed=0, n=40, p=300):
+    rng = np.random.default_rng(seed)
+    err = rng.gamma(3.0, 2.0, (n, p)).astype(np.float32)
+    flux = rng.normal(50, 10, (n, p)).astype(np.float32)
+    good = rng.random((n, p)) > 0.1
+    good[0] = True
+    good[1, :-3] = False  # only 3 good pixels
+    return flux, err, good
+
+
+def test_quality_features_match_numpy_and_scipy():
+    flux, err, good = _data()
+    q = quality_features(err, good)
+    for i in range(err.shape[0]):
+        e = err[i, good[i]].astype(np.float64)
+        ref = [e.mean(), e.std(), e.min(), e.max(), np.median(e), e.sum(), np.quantile(e, 0.25),
+               np.quantile(e, 0.75), sps.skew(e), sps.kurtosis(e)]
+        np.testing.assert_allclose(q[i], ref, rtol=1e-9, atol=1e-12, err_msg=f"row {i}")
+
+
+def test_snr_estimate_and_empty_rows():
+    flux, err, good = _data(1)
+    good[5] = False
+    s = snr_estimate(flux, err, good)
+    for i in range(flux.shape[0]):
+        if i == 5:
+            assert np.isnan(s[i])
+        else:
+            np.testing.assert_allclose(s[i], np.median(flux[i, good[i]] / err[i, good[i]].astype(np.float64)))
+    assert np.all(np.isnan(quality_features(err, good)[5]))
+
+
+def test_block_features_uses_the_pixel_mask():
+    flux, err, _ = _data(2)
+    flux[3, :10] = np.nan
+    err[4, :10] = -1.0
+    mask = np.zeros(flux.shape, bool)
+    mask[6, :20] = True
+    f = block_features(flux, err, mask)
+    n_good = f[:, FEATURE_NAMES.index("n_good")]
+    np.testing.assert_array_equal(n_good[[3, 4, 6, 7]], [290, 290, 280, 300])
+    assert np.isfinite(f).all()
+
+
+def test_feature_table_is_lazy_and_chunk_invariant():
+    flux, err, _ = _data(3, n=100)
+
+    def boom(*_):
+        raise AssertionError("computed during graph construction")
+
+    trap = da.map_blocks(boom, da.zeros((100, 300), chunks=(25, 300)), dtype=np.float32)
+    lazy = xr.Dataset({"flux": (("spectrum", "wavelength"), trap), "error": (("spectrum", "wavelength"), trap)},
+                      coords={"spectrum": np.arange(100)})
+    feature_table(lazy)  # building the graph must not compute anything
+
+    def ds(chunk):
+        return xr.Dataset({"flux": (("spectrum", "wavelength"), da.from_array(flux, chunks=(chunk, 300))),
+                           "error": (("spectrum", "wavelength"), da.from_array(err, chunks=(chunk, 300)))},
+                          coords={"spectrum": np.arange(100)})
+
+    with dask.config.set(scheduler="synchronous"):
+        a = feature_table(ds(100)).compute()
+        b = feature_table(ds(7)).compute()
+    for name in FEATURE_NAMES:
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+    assert a["usable"].all()
+
+
+@pytest.mark.parametrize("frac, expected", [(0.5, True), (1.0, False)])
+def test_usable_threshold(frac, expected):
+    flux, err, _ = _data(4, n=10)
+    err[:, 0] = 0.0
+    ds = xr.Dataset({"flux": (("spectrum", "wavelength"), flux), "error": (("spectrum", "wavelength"), err)},
+                    coords={"spectrum": np.arange(10)}).chunk({"spectrum": 5})
+    assert bool(feature_table(ds, frac)["usable"].all().compute()) is expected

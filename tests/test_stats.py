@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from snrmoe_dask.stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes
+
+
+def _direct(x, y, cell, k, shift):
+    """Reference: plain NumPy float64 sums for cell k."""
+    sel = cell == k
+    xs = x[sel].astype(np.float64) - shift
+    ys = y[sel]
+    return sel.sum(), xs.sum(0), ys.sum(), ys @ ys, xs.T @ xs, xs.T @ ys
+
+
+def _data(seed=0, n=1500, p=24, k=5):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(100.0, 10.0, (n, p)).astype(np.float32)
+    y = rng.normal(2.5, 1.0, n)
+    cell = rng.integers(-1, k, n)  # -1 = not trained on
+    return x, y, cell
+
+
+@pytest.mark.parametrize("flush_rows", [1, 7, 64, 5000])
+def test_accumulator_matches_direct_sums_float64(flush_rows):
+    x, y, cell = _data()
+    shift = x[:50].mean(0).astype(np.float64)
+    acc = CellAccumulator(5, shift, flush_rows=flush_rows, precision="float64")
+    for lo in range(0, x.shape[0], 333):  # several blocks
+        acc.add(x[lo:lo + 333], y[lo:lo + 333], cell[lo:lo + 333])
+    s = acc.finalize()
+    for k in range(5):
+        n, sx, sy, syy, xtx, xty = _direct(x, y, cell, k, shift)
+        assert s.n[k] == n
+        np.testing.assert_allclose(s.sx[k], sx, rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose([s.sy[k], s.syy[k]], [sy, syy], rtol=1e-12)
+        np.testing.assert_allclose(s.xtx[k], xtx, rtol=1e-12, atol=1e-8)
+        np.testing.assert_allclose(s.xty[k], xty, rtol=1e-12, atol=1e-9)
+    assert acc.rows_seen == (cell >= 0).sum()
+
+
+def test_float32_products_with_shift_keep_precision_at_1m_rows():
+    """1M rows, flux ~ 1000 +- 3 (a hard cancellation case): centred Gram vs exact float64."""
+    rng = np.random.default_rng(7)
+    n, p = 1_000_000, 16
+    x = (1000.0 + 3.0 * rng.standard_normal((n, p))).astype(np.float32)
+    y = rng.standard_normal(n)
+    cell = np.zeros(n, np.int64)
+    shift = x[:2048].mean(0, dtype=np.float64)  # what reduce uses: the first chunk's mean
+    acc = CellAccumulator(1, shift, flush_rows=1024, precision="float32")
+    for lo in range(0, n, 65536):
+        acc.add(x[lo:lo + 65536], y[lo:lo + 65536], cell[lo:lo + 65536])
+    got = acc.finalize().cells([0])
+    x64 = x.astype(np.float64)
+    xbar = x64.mean(0)
+    xc = x64 - xbar
+    gram = xc.T @ xc
+    np.testing.assert_allclose(got.xbar, xbar, rtol=1e-12)
+    rel = np.abs(got.gram - gram).max() / np.abs(gram).max()
+    assert rel < 1e-5, rel
+    np.testing.assert_allclose(got.xty, xc.T @ (y - y.mean()), rtol=1e-4, atol=1e-6 * np.abs(gram).max() ** 0.5)
+    # without the shift, uncentred float32 products lose the covariance entirely
+    naive = x[:100_000].T.astype(np.float32) @ x[:100_000].astype(np.float32)
+    m = x[:100_000].mean(0, dtype=np.float64)
+    naive_gram = naive.astype(np.float64) - 100_000 * np.outer(m, m)
+    ref = (x64[:100_000] - m).T @ (x64[:100_000] - m)
+    assert np.abs(naive_gram - ref).max() / np.abs(ref).max() > 1e-3
+
+
+def _stats(x, y, cell, shift, k=5):
+    acc = CellAccumulator(k, shift, flush_rows=50, precision="float64")
+    acc.add(x, y, cell)
+    return acc.finalize()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 1499), st.integers(0, 3))
+def test_statistics_are_additive(cut, seed):
+    x, y, cell = _data(seed, n=1500, p=8)
+    whole = _stats(x, y, cell, x[:10].mean(0).astype(np.float64))
+    a = _stats(x[:cut], y[:cut], cell[:cut], np.zeros(8))  # different shifts on purpose
+    b = _stats(x[cut:], y[cut:], cell[cut:], np.full(8, 90.0))
+    total = a + b
+    for name in ("n", "sy", "syy"):
+        np.testing.assert_allclose(getattr(total, name), getattr(whole, name), rtol=1e-12)
+    for k in range(5):
+        if whole.n[k] == 0:
+            continue
+        cw, ct = whole.cells([k]), total.cells([k])
+        np.testing.assert_allclose(ct.gram, cw.gram, rtol=1e-8, atol=1e-6)
+        np.testing.assert_allclose(ct.xty, cw.xty, rtol=1e-8, atol=1e-6)
+        np.testing.assert_allclose(ct.xbar, cw.xbar, rtol=1e-12)
+    inplace = a.reshift(np.zeros(8)).iadd(b)
+    np.testing.assert_allclose(inplace.cells([0]).gram, whole.cells([0]).gram, rtol=1e-8, atol=1e-6)
+
+
+def test_zarr_round_trip_and_bad_store(tmp_path):
+    x, y, cell = _data(1, p=6)
+    s = _stats(x, y, cell, np.ones(6))
+    s.meta["bin_edges"] = {"snr_edges": [2, 4, 7]}
+    s.to_zarr(tmp_path / "s.zarr")
+    t = SufficientStats.from_zarr(tmp_path / "s.zarr")
+    for name in ("n", "sx", "sy", "syy", "xtx", "xty", "shift"):
+        np.testing.assert_array_equal(getattr(t, name), getattr(s, name))
+    assert t.meta == s.meta
+    with pytest.raises(ValueError, match="cannot add"):
+        s + _stats(x[:, :3], y, cell, np.ones(3))
+    with pytest.raises(ValueError, match="hold no rows"):
+        SufficientStats.zeros(2, np.zeros(3)).cells([0])
+
+
+def test_impute_bad_pixels_uses_row_median():
+    flux = np.array([[1.0, 2.0, 30.0, np.nan], [5.0, 5.0, 5.0, 5.0]], np.float32)
+    good = np.isfinite(flux)
+    good[1, 0] = False
+    out = impute_bad_pixels(flux, good)
+    np.testing.assert_array_equal(out, [[1, 2, 30, 2], [5, 5, 5, 5]])
+    assert out.dtype == np.float32
+    assert np.all(impute_bad_pixels(flux, np.zeros_like(good)) == 0)
+
+
+def test_memory_formula():
+    assert memory_bytes(36, 4096, 1024) == 36 * 4096**2 * 8 + 36 * 1024 * 4096 * 4 + 4096**2 * 4
+    with pytest.raises(ValueError, match="precision"):
+        CellAccumulator(1, np.zeros(2), precision="float16")
