@@ -141,6 +141,7 @@ class FitConfig(_Strict):
     )
     min_cell_rows: int = Field(50, ge=1)
     max_df_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    alpha_search_precision: Literal["float32", "float64"] = "float32"
     precision: Literal["float32", "float64"] = "float32"
     flush_rows: int = Field(1024, ge=1)
     chains: int | None = Field(None, ge=1)

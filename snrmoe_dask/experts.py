@@ -70,7 +70,7 @@ def _as_dict(sol, n: float) -> dict:
 
 def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequence[float], min_rows: int,
                  parent: dict | None = None, max_df_fraction: float = 1.0,
-                 twin: ExpertSpec | None = None) -> dict:
+                 twin: ExpertSpec | None = None, search_precision: str = "float32") -> dict:
     """Fit one expert from the statistics (a small dict of arrays and numbers).
 
     With ``twin`` (an expert over the same cells that shrinks toward
@@ -86,7 +86,7 @@ def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequ
         return fits if twin is not None else fits[spec.name]
     cs = stats.cells(spec.cells)
     alphas = ridge_alphas(cs, relative_alphas)
-    eig = eigen(cs)
+    eig = eigen(cs, search_precision)
     out = {}
     for s in [spec] + ([twin] if twin is not None else []):
         prior = np.asarray(parent["coef"]) if (s.shrink and parent is not None) else None
@@ -95,14 +95,14 @@ def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequ
 
 
 def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[float], min_rows: int,
-                max_df_fraction: float = 1.0) -> dict:
+                max_df_fraction: float = 1.0, search_precision: str = "float32") -> dict:
     """Lazy fits: ``{name: Delayed[dict]}``; each depends on ``stats`` and its parent.
 
     A hierarchical expert is fitted in the same task as the joint expert of
     its cell (one eigendecomposition for both).
     """
     solve = dask.delayed(solve_expert, pure=True)
-    tok = tokenize(getattr(stats, "key", None), list(relative_alphas), min_rows, max_df_fraction)
+    tok = tokenize(getattr(stats, "key", None), list(relative_alphas), min_rows, max_df_fraction, search_precision)
     twins = {(s.cells, s.parent): s for s in specs if s.shrink}
     out: dict = {}
     for spec in specs:
@@ -110,7 +110,7 @@ def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[fl
             continue  # fitted with its joint twin
         parent = out.get(spec.parent) if spec.parent else None
         twin = twins.get((spec.cells, spec.parent)) if spec.family == "oracle_joint" else None
-        task = solve(stats, spec, list(relative_alphas), min_rows, parent, max_df_fraction, twin,
+        task = solve(stats, spec, list(relative_alphas), min_rows, parent, max_df_fraction, twin, search_precision,
                      dask_key_name=f"expert-{tok}-{spec.name}")
         if twin is None:
             out[spec.name] = task

@@ -201,7 +201,8 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
                                 precision=cfg.fit.precision, min_good_fraction=cfg.catalog.min_good_fraction,
                                 meta=meta_stats, blas_threads=max(1, threads // chains))
     specs = expert_specs(snr_names, phys_names)
-    fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction)
+    fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
+                         cfg.fit.alpha_search_precision)
     saved_d = dask.delayed(_save_stats)(stats_d, str(model_dir / "stats.zarr"))
     t0 = time.perf_counter()
     want_feats = feats_d if feature_blocks is None else []

@@ -127,7 +127,9 @@ class SufficientStats:
         sx = self.sx[index].sum(0)
         sy = float(self.sy[index].sum())
         syy = float(self.syy[index].sum())
-        xtx = self.xtx[index[0]].copy() if index.size == 1 else self.xtx[index].sum(0)
+        xtx = self.xtx[index[0]].copy()  # summed one cell at a time: no (len(index), P, P) temporary
+        for k in index[1:]:
+            xtx += self.xtx[k]
         m = sx / n
         gram = xtx - n * np.outer(m, m)
         xty = self.xty[index].sum(0) - m * sy
