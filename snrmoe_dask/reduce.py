@@ -63,8 +63,8 @@ def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good
     return acc
 
 
-def _finalize(*accs: CellAccumulator) -> SufficientStats:
-    with threadpool_limits(limits=1, user_api="blas"):
+def _finalize(blas_threads: int, *accs: CellAccumulator) -> SufficientStats:
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
         total = accs[0].finalize()
     excluded = accs[0].excluded_unusable
     for acc in accs[1:]:
@@ -140,7 +140,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
             accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_threads,
                            dask_key_name=f"acc-fold-{tok}-{c}-{i}")
         feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, dask_key_name=f"features-{tok}-{i}"))
-    stats = dask.delayed(_finalize, pure=True)(*accs, dask_key_name=f"stats-finalize-{tok}")
+    stats = dask.delayed(_finalize, pure=True)(blas_threads * chains, *accs, dask_key_name=f"stats-finalize-{tok}")
     return stats, feats
 
 

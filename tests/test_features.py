@@ -20,14 +20,23 @@ def _data(seed=0, n=40, p=300):
     return flux, err, good
 
 
-def test_quality_features_match_numpy_and_scipy():
+@pytest.mark.parametrize("all_good", [False, True])
+def test_quality_features_match_numpy_and_scipy(all_good):
     flux, err, good = _data()
+    if all_good:
+        good[:] = True
     q = quality_features(err, good)
     for i in range(err.shape[0]):
         e = err[i, good[i]].astype(np.float64)
         ref = [e.mean(), e.std(), e.min(), e.max(), np.median(e), e.sum(), np.quantile(e, 0.25),
                np.quantile(e, 0.75), sps.skew(e), sps.kurtosis(e)]
         np.testing.assert_allclose(q[i], ref, rtol=1e-9, atol=1e-12, err_msg=f"row {i}")
+
+
+def test_snr_estimate_all_good_fast_path():
+    flux, err, good = _data(5)
+    good[:] = True
+    np.testing.assert_allclose(snr_estimate(flux, err, good), np.median(flux / err.astype(np.float64), axis=1))
 
 
 def test_snr_estimate_and_empty_rows():
