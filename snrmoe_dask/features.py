@@ -12,8 +12,6 @@ lazily over the cube (one task per chunk, no compute).
 
 from __future__ import annotations
 
-import warnings
-
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -42,6 +40,20 @@ def _row_quantiles(sorted_vals: np.ndarray, n_good: np.ndarray, qs: tuple[float,
     return out
 
 
+def _moments(vals: np.ndarray, valid: np.ndarray, n_good: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Sum, mean and central moments 2-4 of the valid entries of each row (float64)."""
+    v = np.where(valid, vals, 0.0).astype(np.float64)
+    total = v.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / n_good
+        d = np.where(valid, v - mean[:, None], 0.0)
+        d2 = d * d  # explicit products: float ** 3 would go through the slow generic pow
+        m2 = d2.sum(axis=1) / n_good
+        m3 = (d2 * d).sum(axis=1) / n_good
+        m4 = (d2 * d2).sum(axis=1) / n_good
+    return total, mean, m2, m3, m4
+
+
 def quality_features(error: np.ndarray, good: np.ndarray) -> np.ndarray:
     """The 10 aggregate statistics of ``error`` over good pixels.
 
@@ -58,29 +70,15 @@ def quality_features(error: np.ndarray, good: np.ndarray) -> np.ndarray:
     with no good pixel are NaN.
     """
     n_good = good.sum(axis=1)
-    if good.all():  # fast path: no NaN bookkeeping, partition-based quantiles
-        e = error.astype(np.float64)
-        mean = e.mean(axis=1)
-        d = e - mean[:, None]
-        m2 = np.mean(d**2, axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            skew = np.mean(d**3, axis=1) / m2**1.5
-            kurt = np.mean(d**4, axis=1) / m2**2 - 3.0
-        q0, q25, q50, q75, q100 = np.quantile(e, (0.0, 0.25, 0.5, 0.75, 1.0), axis=1)
-        return np.stack([mean, np.sqrt(m2), q0, q100, q50, e.sum(axis=1), q25, q75, skew, kurt], axis=1)
-    e = np.where(good, error.astype(np.float64), np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # rows without good pixels -> NaN, set below
-        total = np.nansum(e, axis=1)
-        mean = total / n_good
-        d = e - mean[:, None]
-        m2 = np.nanmean(d**2, axis=1)
-        m3 = np.nanmean(d**3, axis=1)
-        m4 = np.nanmean(d**4, axis=1)
+    # one sort per row gives every order statistic; bad pixels become NaN and sort last
+    srt = np.sort(np.where(good, error, np.nan), axis=1)
+    valid = np.arange(srt.shape[1])[None, :] < n_good[:, None]
+    total, mean, m2, m3, m4 = _moments(srt, valid, n_good)
+    with np.errstate(invalid="ignore", divide="ignore"):
         skew = m3 / m2**1.5
         kurt = m4 / m2**2 - 3.0
-        srt = np.sort(e, axis=1)  # NaN sorts last
-        q0, q25, q50, q75, q100 = _row_quantiles(srt, n_good, (0.0, 0.25, 0.5, 0.75, 1.0))
+    q0, q25, q50, q75, q100 = _row_quantiles(srt.astype(np.float64, copy=False), n_good,
+                                             (0.0, 0.25, 0.5, 0.75, 1.0))
     out = np.stack([mean, np.sqrt(m2), q0, q100, q50, total, q25, q75, skew, kurt], axis=1)
     out[n_good == 0] = np.nan
     return out
@@ -88,23 +86,31 @@ def quality_features(error: np.ndarray, good: np.ndarray) -> np.ndarray:
 
 def snr_estimate(flux: np.ndarray, error: np.ndarray, good: np.ndarray) -> np.ndarray:
     """Observed S/N: median over good pixels of flux / error, shape (n,)."""
-    if good.all():
-        return np.median(flux.astype(np.float64) / error, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(good, flux.astype(np.float64) / error, np.nan)
-        srt = np.sort(ratio, axis=1)
-    (med,) = _row_quantiles(srt, good.sum(axis=1), (0.5,))
-    med[good.sum(axis=1) == 0] = np.nan
+    srt = np.sort(ratio, axis=1)
+    n_good = good.sum(axis=1)
+    (med,) = _row_quantiles(srt, n_good, (0.5,))
+    med[n_good == 0] = np.nan
     return med
 
 
-def block_features(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """All features of one block, shape (n, len(FEATURE_NAMES)), float64."""
-    good = good_pixel_mask(flux, error, mask)
-    return np.concatenate(
-        [quality_features(error, good), snr_estimate(flux, error, good)[:, None], good.sum(axis=1)[:, None]],
-        axis=1,
-    )
+def block_features(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None = None,
+                   rows_per_step: int = 256) -> np.ndarray:
+    """All features of one block, shape (n, len(FEATURE_NAMES)), float64.
+
+    Rows are processed ``rows_per_step`` at a time so the float64 temporaries
+    stay small (large fresh allocations cost page faults, not arithmetic).
+    """
+    out = np.empty((flux.shape[0], len(FEATURE_NAMES)))
+    for lo in range(0, flux.shape[0], rows_per_step):
+        sl = slice(lo, lo + rows_per_step)
+        f, e = flux[sl], error[sl]
+        good = good_pixel_mask(f, e, None if mask is None else mask[sl])
+        out[sl, :10] = quality_features(e, good)
+        out[sl, 10] = snr_estimate(f, e, good)
+        out[sl, 11] = good.sum(axis=1)
+    return out
 
 
 def feature_table(ds: xr.Dataset, min_good_fraction: float = 0.5) -> xr.Dataset:

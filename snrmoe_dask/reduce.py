@@ -30,7 +30,7 @@ import xarray as xr
 
 from .catalog import good_pixel_mask
 from .features import FEATURE_NAMES, block_features
-from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes
+from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes, symmetrize_upper
 
 __all__ = ["auto_chains", "one_pass", "shift_from_block"]
 
@@ -64,13 +64,13 @@ def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good
 
 
 def _finalize(blas_threads: int, *accs: CellAccumulator) -> SufficientStats:
+    excluded = sum(acc.excluded_unusable for acc in accs)
     with threadpool_limits(limits=blas_threads, user_api="blas"):
-        total = accs[0].finalize()
-    excluded = accs[0].excluded_unusable
-    for acc in accs[1:]:
-        total.iadd(acc.finalize())
-        excluded += acc.excluded_unusable
-        acc.stats = None  # release the partial as soon as it is summed
+        total = accs[0].finalize(symmetrize=False)
+        for acc in accs[1:]:
+            acc.finalize(into=total)  # folds straight into the first chain's totals
+        for k in range(total.n_cells):
+            symmetrize_upper(total.xtx[k])
     total.meta["train_rows_excluded_unusable"] = int(excluded)
     return total
 

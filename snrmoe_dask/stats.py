@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from scipy.linalg import blas
 
-__all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "impute_bad_pixels", "memory_bytes"]
+__all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "impute_bad_pixels", "memory_bytes",
+           "symmetrize_upper"]
 
 
 @dataclass(frozen=True)
@@ -186,39 +187,77 @@ def impute_bad_pixels(flux: np.ndarray, good: np.ndarray) -> np.ndarray:
 
 
 def memory_bytes(n_cells: int, n_features: int, flush_rows: int, precision: str = "float32") -> int:
-    """Resident bytes of one :class:`CellAccumulator` (see README formula)."""
+    """Resident bytes of one :class:`CellAccumulator` at its peak (see README formula).
+
+    Float64 totals (K P^2 8) + working-precision partials (K P^2 w) + row
+    buffers (K B P w).
+    """
     item = 4 if precision == "float32" else 8
-    return n_cells * n_features * n_features * 8 + n_cells * flush_rows * n_features * item \
-        + n_features * n_features * item
+    partial = 0 if precision == "float64" else n_cells * n_features * n_features * item
+    return n_cells * n_features * n_features * 8 + partial + n_cells * flush_rows * n_features * item
+
+
+def symmetrize_upper(m: np.ndarray, tile: int = 512) -> np.ndarray:
+    """Copy the upper triangle of square ``m`` onto its lower triangle, in place.
+
+    Works tile by tile so each transpose stays in cache (a whole-matrix
+    transposed copy of a 4096^2 float64 matrix is cache-hostile).
+    """
+    p = m.shape[0]
+    for i in range(0, p, tile):
+        ie = min(i + tile, p)
+        for j in range(ie, p, tile):
+            je = min(j + tile, p)
+            m[j:je, i:ie] = m[i:ie, j:je].T
+        blk = m[i:ie, i:ie]
+        low = np.tril_indices(ie - i, -1)
+        blk[low] = blk.T[low]
+    return m
 
 
 class CellAccumulator:
-    """Streaming per-cell accumulation with large BLAS calls.
+    """Streaming per-cell accumulation with large, in-place BLAS calls.
+
+    Rows are appended to per-cell buffers. A full buffer is folded into the
+    cell's working-precision partial Gram matrix by one in-place ``syrk``
+    (``C <- C + A^T A``, upper triangle). Every ``fold_every`` flushes, and at
+    :meth:`finalize`, a partial is added into the float64 totals and reset.
+    All large arrays are allocated zeroed and lazily, so untouched cells cost
+    no resident memory.
 
     Parameters
     ----------
     n_cells : int
     shift : ndarray of shape (P,)
     flush_rows : int
-        Rows buffered per cell before one ``syrk`` folds them in.
+        Rows buffered per cell before one ``syrk``.
     precision : {"float32", "float64"}
-        Arithmetic of the products (float64 accumulation either way).
+        Arithmetic of the products. With float64 the partial *is* the total.
+    fold_every : int
+        Flushes a float32 partial absorbs before it is added to the float64
+        total (bounds float32 accumulation error to ``fold_every * flush_rows``
+        rows).
     """
 
     def __init__(self, n_cells: int, shift: np.ndarray, *, flush_rows: int = 1024, precision: str = "float32",
-                 meta: dict | None = None):
+                 fold_every: int = 64, meta: dict | None = None):
         if precision not in ("float32", "float64"):
             raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
         self.dtype = np.float32 if precision == "float32" else np.float64
         self._syrk = blas.ssyrk if precision == "float32" else blas.dsyrk
         self.flush_rows = int(flush_rows)
+        self.fold_every = int(fold_every)
         # the shift is applied in the working precision, so record exactly that value
         self._shift = np.asarray(shift, self.dtype)
         self.stats = SufficientStats.zeros(n_cells, self._shift.astype(np.float64), meta)
         p = self._shift.shape[0]
+        self._p = p
         self._buf = np.empty((n_cells, self.flush_rows, p), self.dtype)
         self._ybuf = np.empty((n_cells, self.flush_rows), np.float64)
         self._fill = np.zeros(n_cells, np.int64)
+        self._partial: list[np.ndarray | None] = [None] * n_cells
+        self._n_partial = np.zeros(n_cells, np.int64)
+        self._folded = np.zeros(n_cells, bool)  # has this chain's own float64 total been written?
         self.rows_seen = 0
         self.chunks_done: list[int] = []
 
@@ -250,6 +289,13 @@ class CellAccumulator:
             if self._fill[k] == self.flush_rows:
                 self._flush(k)
 
+    def _partial_of(self, k: int) -> np.ndarray:
+        if self.dtype == np.float64:
+            return self.stats.xtx[k].T  # F-ordered view of the total: syrk updates it in place
+        if self._partial[k] is None:
+            self._partial[k] = np.zeros((self._p, self._p), self.dtype, order="F")
+        return self._partial[k]
+
     def _flush(self, k: int) -> None:
         m = int(self._fill[k])
         if m == 0:
@@ -257,22 +303,66 @@ class CellAccumulator:
         a = self._buf[k, :m]
         yk = self._ybuf[k, :m]
         s = self.stats
-        # upper triangle of a^T a; a.T is Fortran-ordered, so no copy is made
-        s.xtx[k] += self._syrk(1.0, a.T, trans=0, lower=0)
+        c = self._partial_of(k)
+        # C <- C + a^T a; a.T is Fortran-ordered, so nothing is copied. The float64 target is the
+        # transposed view of the C-ordered total, whose *lower* triangle is the total's upper one.
+        lower = 1 if self.dtype == np.float64 else 0
+        out = self._syrk(1.0, a.T, beta=1.0, c=c, trans=0, lower=lower, overwrite_c=1)
+        if not np.shares_memory(out, c):  # pragma: no cover - scipy copies non-F-contiguous c
+            c[...] = out
         s.sx[k] += a.sum(axis=0, dtype=np.float64)
         s.xty[k] += yk @ a.astype(np.float64, copy=False)
         s.n[k] += m
         s.sy[k] += yk.sum()
         s.syy[k] += yk @ yk
         self._fill[k] = 0
+        self._n_partial[k] += 1
+        if self._n_partial[k] >= self.fold_every:
+            self._fold(k)
 
-    def finalize(self) -> SufficientStats:
-        """Flush every buffer, symmetrise, free the buffers; returns the statistics."""
-        for k in range(self.stats.n_cells):
+    def _fold(self, k: int, into: np.ndarray | None = None) -> None:
+        """Add cell k's float32 partial (upper triangle, math indexing) into a float64 total."""
+        target = self.stats.xtx[k] if into is None else into
+        if self.dtype == np.float64:
+            if into is not None:
+                target += self.stats.xtx[k]
+            self._n_partial[k] = 0
+            return
+        c = self._partial[k]
+        if c is not None:
+            target += c  # c is F-ordered: the same math-indexed upper triangle
+            c[...] = 0.0
+        if into is not None and self._folded[k]:
+            target += self.stats.xtx[k]  # what this chain folded earlier into its own totals
+        elif into is None:
+            self._folded[k] = True
+        self._n_partial[k] = 0
+
+    def finalize(self, into: SufficientStats | None = None, symmetrize: bool = True) -> SufficientStats:
+        """Flush and fold everything; returns the statistics (or adds them to ``into``).
+
+        With ``into`` (same shift and shape), partials are folded straight into
+        ``into``'s float64 totals, so merging chains needs no second copy of
+        the (K, P, P) array. Buffers and partials are freed.
+        """
+        s = self.stats
+        if into is not None and not (np.array_equal(into.shift, s.shift) and into.xtx.shape == s.xtx.shape):
+            into.iadd(self.finalize(symmetrize=True))
+            return into
+        for k in range(s.n_cells):
             self._flush(k)
-        xtx = self.stats.xtx
-        lower = np.tri(xtx.shape[1], k=-1, dtype=bool)
-        for k in range(self.stats.n_cells):
-            np.copyto(xtx[k], xtx[k].T, where=lower)  # syrk filled the upper triangle only
+            if into is None:
+                self._fold(k)
+            else:
+                self._fold(k, into.xtx[k])
+            self._partial[k] = None  # release the float32 partial as soon as it is folded
         self._buf = self._ybuf = None
-        return self.stats
+        if into is not None:
+            for name in ("n", "sx", "sy", "syy", "xty"):
+                getattr(into, name).__iadd__(getattr(s, name))
+            self.stats = None
+            return into
+        if symmetrize:
+            for k in range(s.n_cells):
+                symmetrize_upper(s.xtx[k])
+        return s

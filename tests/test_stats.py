@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snrmoe_dask.stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes
+from snrmoe_dask.stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes, symmetrize_upper
 
 
 def _direct(x, y, cell, k, shift):
@@ -123,6 +123,38 @@ def test_impute_bad_pixels_uses_row_median():
 
 
 def test_memory_formula():
-    assert memory_bytes(36, 4096, 1024) == 36 * 4096**2 * 8 + 36 * 1024 * 4096 * 4 + 4096**2 * 4
+    assert memory_bytes(36, 4096, 1024) == 36 * 4096**2 * (8 + 4) + 36 * 1024 * 4096 * 4
+    assert memory_bytes(36, 4096, 1024, "float64") == 36 * 4096**2 * 8 + 36 * 1024 * 4096 * 8
     with pytest.raises(ValueError, match="precision"):
         CellAccumulator(1, np.zeros(2), precision="float16")
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+@pytest.mark.parametrize("fold_every", [1, 3, 1000])
+def test_partials_fold_and_chains_merge(precision, fold_every):
+    x, y, cell = _data(5, n=2000, p=20)
+    shift = x[:30].mean(0).astype(np.float64)
+    ref = _stats(x, y, cell, shift)
+
+    def acc_of(sl):
+        a = CellAccumulator(5, shift, flush_rows=16, precision=precision, fold_every=fold_every)
+        a.add(x[sl], y[sl], cell[sl])
+        return a
+
+    a, b = acc_of(slice(0, 1100)), acc_of(slice(1100, None))
+    total = a.finalize(symmetrize=False)
+    b.finalize(into=total)
+    for k in range(5):
+        symmetrize_upper(total.xtx[k])
+    tol = 1e-6 if precision == "float32" else 1e-11
+    for k in range(5):
+        np.testing.assert_allclose(total.cells([k]).gram, ref.cells([k]).gram, rtol=tol,
+                                   atol=tol * np.abs(ref.cells([k]).gram).max())
+    np.testing.assert_array_equal(total.n, ref.n)
+
+
+def test_symmetrize_upper_tiles():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(37, 37))
+    ref = np.triu(m) + np.triu(m, 1).T
+    np.testing.assert_array_equal(symmetrize_upper(m.copy(), tile=8), ref)
