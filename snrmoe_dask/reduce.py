@@ -30,7 +30,7 @@ import xarray as xr
 
 from .catalog import good_pixel_mask
 from .features import FEATURE_NAMES, block_features
-from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes, symmetrize_upper
+from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes, symmetrize_lower
 
 __all__ = ["auto_chains", "one_pass", "shift_from_block"]
 
@@ -70,7 +70,7 @@ def _finalize(blas_threads: int, *accs: CellAccumulator) -> SufficientStats:
         for acc in accs[1:]:
             acc.finalize(into=total)  # folds straight into the first chain's totals
         for k in range(total.n_cells):
-            symmetrize_upper(total.xtx[k])
+            symmetrize_lower(total.xtx[k])
     total.meta["train_rows_excluded_unusable"] = int(excluded)
     return total
 

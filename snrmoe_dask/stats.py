@@ -32,7 +32,7 @@ import numpy as np
 from scipy.linalg import blas
 
 __all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "impute_bad_pixels", "memory_bytes",
-           "symmetrize_upper"]
+           "symmetrize_lower"]
 
 
 @dataclass(frozen=True)
@@ -197,8 +197,8 @@ def memory_bytes(n_cells: int, n_features: int, flush_rows: int, precision: str 
     return n_cells * n_features * n_features * 8 + partial + n_cells * flush_rows * n_features * item
 
 
-def symmetrize_upper(m: np.ndarray, tile: int = 512) -> np.ndarray:
-    """Copy the upper triangle of square ``m`` onto its lower triangle, in place.
+def symmetrize_lower(m: np.ndarray, tile: int = 512) -> np.ndarray:
+    """Copy the lower triangle of square ``m`` onto its upper triangle, in place.
 
     Works tile by tile so each transpose stays in cache (a whole-matrix
     transposed copy of a 4096^2 float64 matrix is cache-hostile).
@@ -208,10 +208,10 @@ def symmetrize_upper(m: np.ndarray, tile: int = 512) -> np.ndarray:
         ie = min(i + tile, p)
         for j in range(ie, p, tile):
             je = min(j + tile, p)
-            m[j:je, i:ie] = m[i:ie, j:je].T
+            m[i:ie, j:je] = m[j:je, i:ie].T
         blk = m[i:ie, i:ie]
-        low = np.tril_indices(ie - i, -1)
-        blk[low] = blk.T[low]
+        up = np.triu_indices(ie - i, 1)
+        blk[up] = blk.T[up]
     return m
 
 
@@ -304,14 +304,19 @@ class CellAccumulator:
         yk = self._ybuf[k, :m]
         s = self.stats
         c = self._partial_of(k)
-        # C <- C + a^T a; a.T is Fortran-ordered, so nothing is copied. The float64 target is the
-        # transposed view of the C-ordered total, whose *lower* triangle is the total's upper one.
-        lower = 1 if self.dtype == np.float64 else 0
-        out = self._syrk(1.0, a.T, beta=1.0, c=c, trans=0, lower=lower, overwrite_c=1)
+        # C <- C + a^T a on C's upper triangle; a.T is Fortran-ordered, so nothing is copied.
+        # C is Fortran-ordered, so as a C-ordered array (C.T) the data sit in the *lower* triangle:
+        # that is the convention of the float64 totals (the float64 C is the total's own .T view).
+        out = self._syrk(1.0, a.T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
         if not np.shares_memory(out, c):  # pragma: no cover - scipy copies non-F-contiguous c
             c[...] = out
-        s.sx[k] += a.sum(axis=0, dtype=np.float64)
-        s.xty[k] += yk @ a.astype(np.float64, copy=False)
+        # sum(x - c) and sum((x - c) y) in one GEMV in the working precision, added into float64
+        w = np.empty((2, m), self.dtype)
+        w[0] = 1.0
+        w[1] = yk
+        sums = w @ a
+        s.sx[k] += sums[0]
+        s.xty[k] += sums[1]
         s.n[k] += m
         s.sy[k] += yk.sum()
         s.syy[k] += yk @ yk
@@ -321,7 +326,7 @@ class CellAccumulator:
             self._fold(k)
 
     def _fold(self, k: int, into: np.ndarray | None = None) -> None:
-        """Add cell k's float32 partial (upper triangle, math indexing) into a float64 total."""
+        """Add cell k's float32 partial into a float64 total (lower triangle, C order)."""
         target = self.stats.xtx[k] if into is None else into
         if self.dtype == np.float64:
             if into is not None:
@@ -330,7 +335,7 @@ class CellAccumulator:
             return
         c = self._partial[k]
         if c is not None:
-            target += c  # c is F-ordered: the same math-indexed upper triangle
+            target += c.T  # c.T is C-contiguous: a streaming add into the total's lower triangle
             c[...] = 0.0
         if into is not None and self._folded[k]:
             target += self.stats.xtx[k]  # what this chain folded earlier into its own totals
@@ -364,5 +369,5 @@ class CellAccumulator:
             return into
         if symmetrize:
             for k in range(s.n_cells):
-                symmetrize_upper(s.xtx[k])
+                symmetrize_lower(s.xtx[k])
         return s

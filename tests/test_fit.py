@@ -123,7 +123,7 @@ def test_statistics_of_two_halves_add_up(fit_catalog):
 
 def test_float32_and_float64_paths_agree(fit_catalog):
     ds = open_catalog(fit_catalog)
-    _assert_same(_stats(ds, 256, 1, "float64"), _stats(ds, 256, 1, "float32"), rtol=2e-5, xbar_rtol=1e-7)
+    _assert_same(_stats(ds, 256, 1, "float64"), _stats(ds, 256, 1, "float32"), rtol=2e-5, xbar_rtol=1e-6)  # float32 sums of x - c
 
 
 def test_exactly_linear_catalog_is_recovered(tmp_path):

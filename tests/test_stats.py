@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snrmoe_dask.stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes, symmetrize_upper
+from snrmoe_dask.stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes, symmetrize_lower
 
 
 def _direct(x, y, cell, k, shift):
@@ -145,7 +145,7 @@ def test_partials_fold_and_chains_merge(precision, fold_every):
     total = a.finalize(symmetrize=False)
     b.finalize(into=total)
     for k in range(5):
-        symmetrize_upper(total.xtx[k])
+        symmetrize_lower(total.xtx[k])
     tol = 1e-6 if precision == "float32" else 1e-11
     for k in range(5):
         np.testing.assert_allclose(total.cells([k]).gram, ref.cells([k]).gram, rtol=tol,
@@ -153,8 +153,8 @@ def test_partials_fold_and_chains_merge(precision, fold_every):
     np.testing.assert_array_equal(total.n, ref.n)
 
 
-def test_symmetrize_upper_tiles():
+def test_symmetrize_lower_tiles():
     rng = np.random.default_rng(0)
     m = rng.normal(size=(37, 37))
-    ref = np.triu(m) + np.triu(m, 1).T
-    np.testing.assert_array_equal(symmetrize_upper(m.copy(), tile=8), ref)
+    ref = np.tril(m) + np.tril(m, -1).T
+    np.testing.assert_array_equal(symmetrize_lower(m.copy(), tile=8), ref)
