@@ -30,7 +30,7 @@ import xarray as xr
 
 from .catalog import good_pixel_mask
 from .features import FEATURE_NAMES, block_features
-from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes, symmetrize_lower
+from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, map_cells, memory_bytes, symmetrize_lower
 
 __all__ = ["auto_chains", "one_pass", "shift_from_block"]
 
@@ -63,14 +63,15 @@ def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good
     return acc
 
 
-def _finalize(blas_threads: int, *accs: CellAccumulator) -> SufficientStats:
+def _finalize(threads: int, *accs: CellAccumulator) -> SufficientStats:
+    # nothing else runs at this point: spread the independent cells over the worker's threads,
+    # each with single-threaded BLAS
     excluded = sum(acc.excluded_unusable for acc in accs)
-    with threadpool_limits(limits=blas_threads, user_api="blas"):
-        total = accs[0].finalize(symmetrize=False)
+    with threadpool_limits(limits=1, user_api="blas"):
+        total = accs[0].finalize(symmetrize=False, workers=threads)
         for acc in accs[1:]:
-            acc.finalize(into=total)  # folds straight into the first chain's totals
-        for k in range(total.n_cells):
-            symmetrize_lower(total.xtx[k])
+            acc.finalize(into=total, workers=threads)  # folds straight into the first chain's totals
+        map_cells(lambda k: symmetrize_lower(total.xtx[k]), total.n_cells, threads)
     total.meta["train_rows_excluded_unusable"] = int(excluded)
     return total
 

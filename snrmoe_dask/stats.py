@@ -32,7 +32,7 @@ import numpy as np
 from scipy.linalg import blas
 
 __all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "impute_bad_pixels", "memory_bytes",
-           "symmetrize_lower"]
+           "symmetrize_lower", "map_cells"]
 
 
 @dataclass(frozen=True)
@@ -343,31 +343,46 @@ class CellAccumulator:
             self._folded[k] = True
         self._n_partial[k] = 0
 
-    def finalize(self, into: SufficientStats | None = None, symmetrize: bool = True) -> SufficientStats:
+    def finalize(self, into: SufficientStats | None = None, symmetrize: bool = True,
+                 workers: int = 1) -> SufficientStats:
         """Flush and fold everything; returns the statistics (or adds them to ``into``).
 
         With ``into`` (same shift and shape), partials are folded straight into
         ``into``'s float64 totals, so merging chains needs no second copy of
-        the (K, P, P) array. Buffers and partials are freed.
+        the (K, P, P) array. Buffers and partials are freed. Cells are
+        independent, so ``workers`` threads process them concurrently (the
+        BLAS and copy kernels release the GIL).
         """
         s = self.stats
         if into is not None and not (np.array_equal(into.shift, s.shift) and into.xtx.shape == s.xtx.shape):
-            into.iadd(self.finalize(symmetrize=True))
+            into.iadd(self.finalize(symmetrize=True, workers=workers))
             return into
-        for k in range(s.n_cells):
+
+        def one_cell(k: int) -> None:
             self._flush(k)
-            if into is None:
-                self._fold(k)
-            else:
-                self._fold(k, into.xtx[k])
+            self._fold(k, None if into is None else into.xtx[k])
             self._partial[k] = None  # release the float32 partial as soon as it is folded
+            if symmetrize and into is None:
+                symmetrize_lower(s.xtx[k])
+
+        map_cells(one_cell, s.n_cells, workers)
         self._buf = self._ybuf = None
         if into is not None:
             for name in ("n", "sx", "sy", "syy", "xty"):
                 getattr(into, name).__iadd__(getattr(s, name))
             self.stats = None
             return into
-        if symmetrize:
-            for k in range(s.n_cells):
-                symmetrize_lower(s.xtx[k])
         return s
+
+
+def map_cells(fn, n_cells: int, workers: int = 1) -> None:
+    """Run ``fn(k)`` for every cell, on ``workers`` threads (cells touch disjoint arrays)."""
+    if workers <= 1:
+        for k in range(n_cells):
+            fn(k)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(fn, range(n_cells)):
+            pass

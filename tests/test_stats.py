@@ -158,3 +158,15 @@ def test_symmetrize_lower_tiles():
     m = rng.normal(size=(37, 37))
     ref = np.tril(m) + np.tril(m, -1).T
     np.testing.assert_array_equal(symmetrize_lower(m.copy(), tile=8), ref)
+
+
+def test_threaded_finalize_equals_serial():
+    x, y, cell = _data(6, n=3000, p=30)
+    shift = x[:30].mean(0).astype(np.float64)
+    res = []
+    for workers in (1, 3):
+        a = CellAccumulator(5, shift, flush_rows=64)
+        a.add(x, y, cell)
+        res.append(a.finalize(workers=workers))
+    np.testing.assert_array_equal(res[0].xtx, res[1].xtx)
+    np.testing.assert_array_equal(res[0].xty, res[1].xty)
