@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .catalog import OPTIONAL_LABELS, REQUIRED_LABELS, SCHEMA_VERSION, CatalogError, open_catalog
+from .catalog import OPTIONAL_LABELS, REQUIRED_LABELS, SCHEMA_VERSION, open_catalog
 from .config import StorageConfig
 from .simulate import zarr_encoding
 

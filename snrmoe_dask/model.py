@@ -33,8 +33,8 @@ from .catalog import CatalogError, bin_edges, open_catalog
 from .cluster import compute
 from .config import Config
 from .evaluate import expert_predictions, regression_metrics, route_oracle
-from .features import feature_table
 from .experts import FAMILIES, ExpertSpec, expert_specs, experts_dataset, fit_experts
+from .features import feature_table
 from .reduce import auto_chains, features_dataset, one_pass
 from .split import TRAIN
 from .stats import SufficientStats

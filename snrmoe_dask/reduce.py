@@ -23,10 +23,10 @@ from __future__ import annotations
 import math
 
 import dask
-from dask.base import tokenize
-from threadpoolctl import threadpool_limits
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
+from threadpoolctl import threadpool_limits
 
 from .catalog import good_pixel_mask
 from .features import FEATURE_NAMES, block_features

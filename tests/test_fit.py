@@ -15,7 +15,7 @@ from snrmoe_dask.catalog import bin_edges, good_pixel_mask, open_catalog
 from snrmoe_dask.cli import main
 from snrmoe_dask.config import load_config
 from snrmoe_dask.experts import FAMILIES
-from snrmoe_dask.model import evaluate_model, fit_model, load_model
+from snrmoe_dask.model import evaluate_model, fit_model
 from snrmoe_dask.reduce import one_pass
 from snrmoe_dask.split import TRAIN
 from snrmoe_dask.stats import SufficientStats, impute_bad_pixels
@@ -123,7 +123,8 @@ def test_statistics_of_two_halves_add_up(fit_catalog):
 
 def test_float32_and_float64_paths_agree(fit_catalog):
     ds = open_catalog(fit_catalog)
-    _assert_same(_stats(ds, 256, 1, "float64"), _stats(ds, 256, 1, "float32"), rtol=2e-5, xbar_rtol=1e-6)  # float32 sums of x - c
+    # float32 sums of x - c carry ~1e-7 relative error into the means
+    _assert_same(_stats(ds, 256, 1, "float64"), _stats(ds, 256, 1, "float32"), rtol=2e-5, xbar_rtol=1e-6)
 
 
 def test_exactly_linear_catalog_is_recovered(tmp_path):

@@ -124,8 +124,8 @@ def test_simulate_on_distributed_cluster(tmp_path):
     cfg = small_sim_config(n=256, chunk_size=64)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cl, \
             Client(cl) as client:
-        from snrmoe_dask.pipeline import run_simulate
         from snrmoe_dask.config import StorageConfig
+        from snrmoe_dask.pipeline import run_simulate
 
         res = run_simulate(cfg, tmp_path / "c.zarr", StorageConfig(), client=client, progress=False)
     assert res["n"] == 256
