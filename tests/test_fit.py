@@ -133,6 +133,9 @@ def test_exactly_linear_catalog_is_recovered(tmp_path):
     flux = rng.normal(100, 10, (n, p)).astype(np.float32)
     w = rng.normal(0, 0.01, p)
     logg = flux.astype(np.float64) @ w + 2.0
+    bad = rng.choice(n, 60, replace=False)
+    flux[bad[:30]] = np.nan  # whole spectra lost ...
+    flux[bad[30:], : p // 2 + 1] = np.inf  # ... or with too few good pixels: left out and counted
     path = write_raw(tmp_path / "lin.zarr", flux, np.full((n, p), 10, np.float32), chunk=500, logg=logg,
                      teff=rng.uniform(3500, 6500, n), mh=rng.uniform(-2.5, 0.7, n), snr=rng.uniform(1, 9, n))
     cfg = _cfg()
@@ -141,6 +144,13 @@ def test_exactly_linear_catalog_is_recovered(tmp_path):
         metrics = evaluate_model(model, path, cfg, progress=False)
     assert metrics["models"]["global"]["r2"] > 0.999
     assert metrics["models"]["oracle_snr"]["r2"] > 0.99
+    ds = open_catalog(path, config=cfg.catalog)
+    is_bad = np.zeros(n, bool)
+    is_bad[bad] = True
+    assert model.meta["train_rows_excluded_unusable"] == int((is_bad & (ds["split"].values == TRAIN)).sum()) > 0
+    frozen = ds["frozen_test"].values
+    assert metrics["n_test_excluded_unusable"] == int((is_bad & frozen).sum())
+    assert metrics["n_test"] == int((~is_bad & frozen).sum())
 
 
 def test_metrics_contract_and_model_store(fit_catalog, fitted):
