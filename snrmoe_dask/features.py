@@ -4,7 +4,9 @@
   vector over good pixels (mean, std, min, max, median, sum, q25, q75, skew,
   kurtosis), which keep the S/N information and drop the logg leak;
 * an **S/N estimate**: median over good pixels of observed flux / error;
-* pixel bookkeeping: ``n_good`` and ``usable``.
+* pixel bookkeeping from the same read: ``n_good``, the bad-pixel counts per
+  reason (``n_bad_flux``, ``n_bad_error``, ``n_masked``, as
+  :func:`~snrmoe_dask.catalog.pixel_counts`) and ``usable``.
 
 Kernels work on one block of NumPy rows; :func:`feature_table` maps them
 lazily over the cube (one task per chunk, no compute).
@@ -16,14 +18,15 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .catalog import good_pixel_mask
+from .catalog import good_pixel_mask, pixel_counts
 
-__all__ = ["QUALITY_FEATURES", "FEATURE_NAMES", "quality_features", "snr_estimate", "block_features",
+__all__ = ["QUALITY_FEATURES", "PIXEL_COUNTS", "FEATURE_NAMES", "quality_features", "snr_estimate", "block_features",
            "feature_table"]
 
 QUALITY_FEATURES = ("q_mean", "q_std", "q_min", "q_max", "q_median", "q_sum", "q_q25", "q_q75", "q_skew",
                     "q_kurtosis")
-FEATURE_NAMES = (*QUALITY_FEATURES, "snr_est", "n_good")
+PIXEL_COUNTS = ("n_bad_flux", "n_bad_error", "n_masked", "n_good")
+FEATURE_NAMES = (*QUALITY_FEATURES, "snr_est", *PIXEL_COUNTS)
 
 
 def _row_quantiles(sorted_vals: np.ndarray, n_good: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
@@ -106,10 +109,11 @@ def block_features(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None 
     for lo in range(0, flux.shape[0], rows_per_step):
         sl = slice(lo, lo + rows_per_step)
         f, e = flux[sl], error[sl]
-        good = good_pixel_mask(f, e, None if mask is None else mask[sl])
+        m = None if mask is None else mask[sl]
+        good = good_pixel_mask(f, e, m)
         out[sl, :10] = quality_features(e, good)
         out[sl, 10] = snr_estimate(f, e, good)
-        out[sl, 11] = good.sum(axis=1)
+        out[sl, 11:15] = pixel_counts(f, e, m)
     return out
 
 

@@ -29,7 +29,7 @@ from dask.base import tokenize
 from threadpoolctl import threadpool_limits
 
 from .catalog import good_pixel_mask
-from .features import FEATURE_NAMES, block_features
+from .features import FEATURE_NAMES, PIXEL_COUNTS, block_features
 from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, map_cells, memory_bytes, symmetrize_lower
 
 __all__ = ["auto_chains", "one_pass", "shift_from_block"]
@@ -150,7 +150,8 @@ def features_dataset(blocks: list[np.ndarray], ds: xr.Dataset, min_good_fraction
     arr = np.concatenate(blocks, axis=0)
     out = xr.Dataset({name: ("spectrum", arr[:, i]) for i, name in enumerate(FEATURE_NAMES)},
                      coords={"spectrum": ds["spectrum"].values})
-    out["n_good"] = out["n_good"].astype(np.int32)
+    for name in PIXEL_COUNTS:
+        out[name] = out[name].astype(np.int32)
     out["usable"] = out["n_good"] >= int(np.ceil(min_good_fraction * ds.sizes["wavelength"]))
     out.attrs["min_good_fraction"] = min_good_fraction
     return out

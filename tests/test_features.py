@@ -94,3 +94,16 @@ def test_usable_threshold(frac, expected):
     ds = xr.Dataset({"flux": (("spectrum", "wavelength"), flux), "error": (("spectrum", "wavelength"), err)},
                     coords={"spectrum": np.arange(10)}).chunk({"spectrum": 5})
     assert bool(feature_table(ds, frac)["usable"].all().compute()) is expected
+
+
+def test_feature_table_carries_the_pixel_counts_of_catalog_info():
+    from snrmoe_dask.catalog import pixel_counts
+
+    flux, err, _ = _data(6, n=30)
+    flux[2, :5] = np.nan
+    err[3, :7] = 0.0
+    mask = np.zeros(flux.shape, bool)
+    mask[4, :9] = True
+    f = block_features(flux, err, mask, rows_per_step=7)
+    cols = [FEATURE_NAMES.index(c) for c in ("n_bad_flux", "n_bad_error", "n_masked", "n_good")]
+    np.testing.assert_array_equal(f[:, cols], pixel_counts(flux, err, mask))
