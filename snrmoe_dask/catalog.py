@@ -254,12 +254,13 @@ def assign_bins(ds: xr.Dataset, edges: dict[str, list[float]], snr: xr.DataArray
     return out
 
 
-def summarize_catalog(ds: xr.Dataset, config: CatalogConfig | None = None,
-                      quality: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize_catalog(ds: xr.Dataset, quality: dict[str, Any],
+                      config: CatalogConfig | None = None) -> dict[str, Any]:
     """A JSON-able summary: sizes, chunking, label ranges, splits, masked counts.
 
-    ``quality`` is the computed result of :func:`pixel_quality` reduced to
-    totals (see ``snrmoe info``); it is computed here if not given.
+    ``quality`` is :func:`quality_totals` of computed per-spectrum pixel counts
+    (from :func:`pixel_quality` or the feature table), so this function never
+    reads the cube itself.
     """
     cfg = config or CatalogConfig()
     n, p = ds.sizes["spectrum"], ds.sizes["wavelength"]
@@ -289,9 +290,6 @@ def summarize_catalog(ds: xr.Dataset, config: CatalogConfig | None = None,
     if "snr" in ds:
         bins = snr_bin(np.asarray(ds["snr"].values), cfg.snr_edges)
         summary["snr_bins"] = {name: int((bins == i).sum()) for i, name in enumerate(cfg.snr_bin_names)}
-    if quality is None:
-        q = pixel_quality(ds, cfg.min_good_fraction)
-        quality = quality_totals(q.compute())
     summary["pixels"] = quality
     return summary
 

@@ -165,8 +165,7 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     t_start = time.perf_counter()
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("model.json",):  # a partial rerun must not look complete
-        (model_dir / stale).unlink(missing_ok=True)
+    (model_dir / "model.json").unlink(missing_ok=True)  # a partial rerun must not look complete
     target = cfg.fit.target
     ds = open_catalog(catalog, require_labels=(target, "teff", "mh"), config=cfg.catalog)
     n, p = ds.sizes["spectrum"], ds.sizes["wavelength"]
@@ -186,8 +185,7 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         timings["features_pass_s"] = time.perf_counter() - t0
         snr_route = features_dataset(feature_blocks, ds, cfg.catalog.min_good_fraction)["snr_est"].values
         snr_source = "snr_est (no true S/N label in the catalog)"
-        if not np.all(np.isfinite(snr_route[ds["split"].values == TRAIN])):
-            snr_route = np.nan_to_num(snr_route, nan=0.0)
+    # NaN S/N only occurs for spectra without good pixels, which the fold leaves out anyway
     s_b, p_b = _routing_bins(ds, edges, np.nan_to_num(snr_route, nan=0.0))
     cell = np.where(ds["split"].values == TRAIN, cell_index(p_b, s_b, n_snr), -1).astype(np.int64)
     y = np.asarray(ds[target].values, np.float64)

@@ -54,7 +54,7 @@ def catalog_info(path: str | Path, cfg: CatalogConfig, *, client=None, progress:
     ds = open_catalog(path, require_labels=(), config=cfg)
     (q,) = compute(pixel_quality(ds, cfg.min_good_fraction), client=client, label="pixel quality",
                    progress=progress)
-    return summarize_catalog(ds, cfg, quality=quality_totals(q))
+    return summarize_catalog(ds, quality_totals(q), cfg)
 
 
 def versions() -> dict[str, str]:
@@ -104,7 +104,7 @@ def run_pipeline(cfg: Config, *, client=None, overwrite: bool = False) -> dict[s
     t0 = time.perf_counter()
     features = xr.open_zarr(out / "model" / "features.zarr", consolidated=False).load()
     ds = open_catalog(catalog, require_labels=(), config=cfg.catalog)
-    info = summarize_catalog(ds, cfg.catalog, quality=quality_totals(features))
+    info = summarize_catalog(ds, quality_totals(features), cfg.catalog)
     record["stages"]["info"] = {"seconds": time.perf_counter() - t0}
     (out / "catalog_summary.json").write_text(json.dumps(info, indent=2))
     record["catalog"] = str(catalog)

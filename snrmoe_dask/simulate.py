@@ -15,6 +15,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
 
 from .catalog import SCHEMA_VERSION
 from .config import SimulateConfig, StorageConfig
@@ -106,9 +107,10 @@ def simulate_catalog(cfg: SimulateConfig, *, id_offset: int = 0) -> xr.Dataset:
     starts = list(range(0, n, cfg.chunk_size))
     pieces: dict[str, list] = {k: [] for k in ("flux", "error", *_LABEL_ORDER, "snr")}
     gen = dask.delayed(simulate_block, pure=True)
+    token = tokenize(cfg.model_dump(mode="json"))  # every setting, not just the seed, names the tasks
     for start in starts:
         stop = min(start + cfg.chunk_size, n)
-        block = gen(cfg, start, stop, dask_key_name=f"simulate-{cfg.seed}-{start}-{stop}")
+        block = gen(cfg, start, stop, dask_key_name=f"simulate-{token}-{start}-{stop}")
         rows = stop - start
         for k in pieces:
             shape = (rows, p) if k in ("flux", "error") else (rows,)

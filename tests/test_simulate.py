@@ -132,3 +132,10 @@ def test_simulate_on_distributed_cluster(tmp_path):
     ref = write_sim(tmp_path / "ref.zarr", cfg)
     a, b = open_catalog(tmp_path / "c.zarr").load(), open_catalog(ref).load()
     np.testing.assert_array_equal(a["flux"].values, b["flux"].values)
+
+
+def test_task_names_depend_on_every_setting():
+    a = simulate_catalog(small_sim_config(n=200))
+    b = simulate_catalog(small_sim_config(n=200, noise_level=2.0))
+    assert a["flux"].data.name != b["flux"].data.name
+    assert not set(dict(a["flux"].data.dask)) & set(k for k in dict(b["flux"].data.dask) if "simulate" in str(k))
