@@ -166,6 +166,29 @@ class FitConfig(_Strict):
         return v
 
 
+class GatesConfig(_Strict):
+    """Deployable gates, fitted on the val rows (SPEC section 4)."""
+
+    fallback_tau: float = Field(0.3, ge=0.0, le=1.0)
+    default: str = "auto"
+    select_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    n_pca: int = Field(4, ge=0, le=64)
+    l2: float = Field(1e-3, ge=0.0)
+    logreg_c: float = Field(1.0, gt=0.0)
+    max_iter: int = Field(500, ge=1)
+    seed: int = Field(0, ge=0)
+    snr_cliff: float = 2.0
+
+    @field_validator("default")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from .gates import GATE_SPECS
+
+        if v != "auto" and v not in GATE_SPECS:
+            raise ValueError(f"unknown gate '{v}' (known: auto, {', '.join(GATE_SPECS)})")
+        return v
+
+
 class RunConfig(_Strict):
     """Where a batch run writes and what it reads."""
 
@@ -181,6 +204,7 @@ class Config(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
 

@@ -4,6 +4,10 @@
   vector over good pixels (mean, std, min, max, median, sum, q25, q75, skew,
   kurtosis), which keep the S/N information and drop the logg leak;
 * an **S/N estimate**: median over good pixels of observed flux / error;
+* **physical line indices** (:mod:`snrmoe_dask.lines`): pseudo equivalent
+  widths of Na I, the Ca II triplet, Mg I, K I, Paschen, TiO... -- the inputs
+  of the physical gates (the PCA projections join them in the gate table,
+  since the PCA needs the finished statistics);
 * pixel bookkeeping from the same read: ``n_good``, the bad-pixel counts per
   reason (``n_bad_flux``, ``n_bad_error``, ``n_masked``, as
   :func:`~snrmoe_dask.catalog.pixel_counts`) and ``usable``.
@@ -19,14 +23,16 @@ import numpy as np
 import xarray as xr
 
 from .catalog import good_pixel_mask, pixel_counts
+from .lines import LINE_NAMES, index_windows, line_indices
 
-__all__ = ["QUALITY_FEATURES", "PIXEL_COUNTS", "FEATURE_NAMES", "quality_features", "snr_estimate", "block_features",
-           "feature_table"]
+__all__ = ["QUALITY_FEATURES", "LINE_NAMES", "PIXEL_COUNTS", "FEATURE_NAMES", "quality_features", "snr_estimate",
+           "block_features", "feature_table"]
 
 QUALITY_FEATURES = ("q_mean", "q_std", "q_min", "q_max", "q_median", "q_sum", "q_q25", "q_q75", "q_skew",
                     "q_kurtosis")
 PIXEL_COUNTS = ("n_bad_flux", "n_bad_error", "n_masked", "n_good")
-FEATURE_NAMES = (*QUALITY_FEATURES, "snr_est", *PIXEL_COUNTS)
+FEATURE_NAMES = (*QUALITY_FEATURES, "snr_est", *LINE_NAMES, *PIXEL_COUNTS)
+_Q, _S, _L = len(QUALITY_FEATURES), len(QUALITY_FEATURES) + 1, len(QUALITY_FEATURES) + 1 + len(LINE_NAMES)
 
 
 def _row_quantiles(sorted_vals: np.ndarray, n_good: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
@@ -99,21 +105,24 @@ def snr_estimate(flux: np.ndarray, error: np.ndarray, good: np.ndarray) -> np.nd
 
 
 def block_features(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None = None,
-                   rows_per_step: int = 256) -> np.ndarray:
+                   wavelength: np.ndarray | None = None, rows_per_step: int = 256) -> np.ndarray:
     """All features of one block, shape (n, len(FEATURE_NAMES)), float64.
 
     Rows are processed ``rows_per_step`` at a time so the float64 temporaries
     stay small (large fresh allocations cost page faults, not arithmetic).
+    Without ``wavelength`` the line indices are NaN.
     """
     out = np.empty((flux.shape[0], len(FEATURE_NAMES)))
+    windows = None if wavelength is None else index_windows(wavelength)
     for lo in range(0, flux.shape[0], rows_per_step):
         sl = slice(lo, lo + rows_per_step)
         f, e = flux[sl], error[sl]
         m = None if mask is None else mask[sl]
         good = good_pixel_mask(f, e, m)
-        out[sl, :10] = quality_features(e, good)
-        out[sl, 10] = snr_estimate(f, e, good)
-        out[sl, 11:15] = pixel_counts(f, e, m)
+        out[sl, :_Q] = quality_features(e, good)
+        out[sl, _Q] = snr_estimate(f, e, good)
+        out[sl, _S:_L] = np.nan if windows is None else line_indices(f, good, wavelength, windows)
+        out[sl, _L:] = pixel_counts(f, e, m)
     return out
 
 
@@ -127,7 +136,12 @@ def feature_table(ds: xr.Dataset, min_good_fraction: float = 0.5) -> xr.Dataset:
     """
     flux, error = ds["flux"].data, ds["error"].data
     args = [flux, error] + ([ds["mask"].data] if "mask" in ds else [])
-    feats = da.map_blocks(block_features, *args, dtype=np.float64,
+    wavelength = np.asarray(ds["wavelength"].values, np.float64)
+
+    def _kernel(f, e, *m):
+        return block_features(f, e, m[0] if m else None, wavelength)
+
+    feats = da.map_blocks(_kernel, *args, dtype=np.float64,
                           chunks=(flux.chunks[0], (len(FEATURE_NAMES),)), name="features")
     out = xr.Dataset({name: ("spectrum", feats[:, i]) for i, name in enumerate(FEATURE_NAMES)},
                      coords={"spectrum": ds["spectrum"]})

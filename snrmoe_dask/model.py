@@ -5,7 +5,11 @@ Model store (``MODEL_DIR/``)::
     model.json      bin edges, expert names/families/parents/fallbacks, config,
                     provenance (catalog, rows, versions), per-cell row counts
     experts.zarr    coef (expert, wavelength), intercept, alpha, gcv,
-                    resid_var, df, n_rows, at_grid_edge  -- numbers only
+                    resid_var, df, n_rows, at_grid_edge, and the PCA of the
+                    train flux: pca_mean (wavelength), pca_components (pc,
+                    wavelength) -- numbers only
+    gates.zarr      one group per gate: parameters and input scalers
+    gate_table.zarr the val rows' gate inputs, expert predictions and labels
     stats.zarr      the summed sufficient statistics (refit / append without
                     re-reading old rows)
     features.zarr   the per-spectrum feature table of the fitted catalog
@@ -34,14 +38,17 @@ from .cluster import compute
 from .config import Config
 from .evaluate import expert_predictions, regression_metrics, route_oracle
 from .experts import FAMILIES, ExpertSpec, expert_specs, experts_dataset, fit_experts
-from .features import feature_table
+from .features import FEATURE_NAMES, QUALITY_FEATURES, feature_table
+from .gates import GATE_SPECS, ORACLE_OF, Gate, entropy
+from .mixture import apply_model_gate, fit_gates, gate_inputs, physical_names
+from .pca import pca_from_stats
 from .reduce import auto_chains, features_dataset, one_pass
-from .split import TRAIN
+from .split import TRAIN, VAL, id_hash
 from .stats import SufficientStats
 
 __all__ = ["MODEL_VERSION", "Model", "fit_model", "load_model", "evaluate_model", "ModelError"]
 
-MODEL_VERSION = "1"
+MODEL_VERSION = "2"
 
 
 class ModelError(ValueError):
@@ -49,14 +56,51 @@ class ModelError(ValueError):
 
 
 class Model:
-    """A loaded model store: experts as arrays plus their JSON description."""
+    """A loaded model store: experts and gates as arrays plus their JSON description."""
 
-    def __init__(self, experts: xr.Dataset, meta: dict[str, Any]):
+    def __init__(self, experts: xr.Dataset, meta: dict[str, Any], gates: dict[str, Gate] | None = None):
         self.experts = experts
         self.meta = meta
         fields = ("name", "family", "member", "parent", "shrink")
         self.specs = [ExpertSpec(cells=tuple(s["cells"]), **{k: s[k] for k in fields}) for s in meta["experts"]]
         self.index = {s.name: i for i, s in enumerate(self.specs)}
+        self.gates = gates or {}
+
+    @property
+    def default_gate(self) -> str:
+        return self.meta["gates"]["default"]
+
+    def members(self, family: str) -> np.ndarray:
+        """Expert indices of a family in class order (S/N bins, physical bins, or phys x S/N cells)."""
+        if family == "global":
+            return np.array([self.index["global"]])
+        if family == "oracle_snr":
+            return np.array([self.index[f"oracle_snr/{s}"] for s in self.snr_names])
+        if family == "oracle_phys":
+            return np.array([self.index[f"oracle_phys/{p}"] for p in self.phys_names])
+        if family in ("oracle_joint", "hierarchical"):
+            return np.array([self.index[f"{family}/{p}|{s}"] for p in self.phys_names for s in self.snr_names])
+        raise ValueError(f"unknown family '{family}' (known: {FAMILIES})")
+
+    def class_labels(self, family: str, snr_b: np.ndarray, phys_b: np.ndarray) -> np.ndarray:
+        """True class of each row within ``family`` (the position in :meth:`members`)."""
+        if family == "global":
+            return np.zeros(snr_b.shape, np.int64)
+        if family == "oracle_snr":
+            return np.asarray(snr_b, np.int64)
+        if family == "oracle_phys":
+            return np.asarray(phys_b, np.int64)
+        return np.asarray(phys_b, np.int64) * len(self.snr_names) + np.asarray(snr_b, np.int64)
+
+    def projection(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows to project flux on: every expert, then the PCA axes (coef (E + n_pca, P), intercept)."""
+        coef = self.experts["coef"].values
+        icpt = self.experts["intercept"].values
+        if "pca_components" in self.experts:
+            comps = self.experts["pca_components"].values
+            coef = np.vstack([coef, comps])
+            icpt = np.concatenate([icpt, -comps @ self.experts["pca_mean"].values])
+        return np.asarray(coef, np.float64), np.asarray(icpt, np.float64)
 
     @property
     def edges(self) -> dict[str, list[float]]:
@@ -72,18 +116,7 @@ class Model:
 
     def family_index(self, family: str, snr_b: np.ndarray, phys_b: np.ndarray) -> np.ndarray:
         """Expert index per row when routed by (true) bins within ``family``."""
-        if family == "global":
-            return np.full(snr_b.shape, self.index["global"])
-        if family == "oracle_snr":
-            lut = np.array([self.index[f"oracle_snr/{s}"] for s in self.snr_names])
-            return lut[snr_b]
-        if family == "oracle_phys":
-            lut = np.array([self.index[f"oracle_phys/{p}"] for p in self.phys_names])
-            return lut[phys_b]
-        if family in ("oracle_joint", "hierarchical"):
-            lut = np.array([[self.index[f"{family}/{p}|{s}"] for s in self.snr_names] for p in self.phys_names])
-            return lut[phys_b, snr_b]
-        raise ValueError(f"unknown family '{family}' (known: {FAMILIES})")
+        return self.members(family)[self.class_labels(family, snr_b, phys_b)]
 
 
 # ------------------------------------------------------------------ helpers
@@ -103,9 +136,43 @@ def _save_stats(stats: SufficientStats, path: str) -> dict:
     return {"n_per_cell": stats.n.tolist(), "meta": stats.meta}
 
 
-def save_model(model_dir: Path, experts: xr.Dataset, meta: dict) -> None:
-    """Write ``experts.zarr`` and then ``model.json`` (the completion marker)."""
+def save_gates(path: Path, gates: dict[str, Gate]) -> None:
+    """One xarray group per gate in ``gates.zarr`` (plain arrays, no pickle)."""
+    for name, gate in gates.items():
+        arrays = gate.to_arrays()
+        ds = xr.Dataset({k: tuple((tuple(f"{k}_{i}" for i in range(v.ndim)), v)) for k, v in arrays.items()})
+        ds.to_zarr(path, group=name, mode="w", zarr_format=3, consolidated=False)
+
+
+def load_gates(path: Path, gates_meta: dict) -> dict[str, Gate]:
+    """Read and validate the gates listed in ``model.json``."""
+    out = {}
+    for name, info in gates_meta.get("fitted", {}).items():
+        if name not in GATE_SPECS:
+            raise ModelError(f"{path}: unknown gate '{name}'")
+        spec = GATE_SPECS[name]
+        try:
+            arrays = {k: v.values for k, v in xr.open_zarr(path, group=name, consolidated=False).load().items()}
+            gate = Gate.from_arrays(spec, info["kind"], int(info["n_classes"]), arrays, info)
+            probe = {"quality": np.zeros((1, len(gates_meta["inputs"]["quality"]))),
+                     "physical": np.zeros((1, len(gates_meta["inputs"]["physical"])))}
+            w = gate.weights(probe)
+        except Exception as exc:  # noqa: BLE001 - a damaged gate is one problem to the user
+            raise ModelError(f"{path}: gate '{name}' is unreadable or inconsistent: {exc}") from None
+        if w.shape != (1, gate.n_classes) or not np.all(np.isfinite(w)):
+            raise ModelError(f"{path}: gate '{name}' gives weights of shape {w.shape}, expected (1, {gate.n_classes})")
+        for k, v in gate.params.items():
+            if not np.all(np.isfinite(v)):
+                raise ModelError(f"{path}: gate '{name}' parameter '{k}' has non-finite values")
+        out[name] = gate
+    return out
+
+
+def save_model(model_dir: Path, experts: xr.Dataset, meta: dict, gates: dict[str, Gate] | None = None) -> None:
+    """Write ``experts.zarr``, ``gates.zarr`` and then ``model.json`` (the completion marker)."""
     experts.to_zarr(model_dir / "experts.zarr", mode="w", zarr_format=3, consolidated=False)
+    if gates:
+        save_gates(model_dir / "gates.zarr", gates)
     (model_dir / "model.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -137,10 +204,11 @@ def load_model(model_dir: str | Path) -> Model:
     if experts.sizes.get("wavelength") != meta["n_pixels"]:
         raise ModelError(f"{model_dir}: experts.zarr has {experts.sizes.get('wavelength')} pixels, "
                          f"model.json says {meta['n_pixels']}")
-    for name in ("coef", "intercept"):
+    for name in ("coef", "intercept", "resid_var"):
         if not np.all(np.isfinite(experts[name].values)):
             raise ModelError(f"{model_dir}: experts.zarr '{name}' has non-finite values")
-    return Model(experts, meta)
+    gates = load_gates(model_dir / "gates.zarr", meta.get("gates", {}))
+    return Model(experts, meta, gates)
 
 
 # ---------------------------------------------------------------------- fit
@@ -202,9 +270,10 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
                          cfg.fit.alpha_search_precision)
     saved_d = dask.delayed(_save_stats)(stats_d, str(model_dir / "stats.zarr"))
+    pca_d = dask.delayed(pca_from_stats)(stats_d, cfg.gates.n_pca) if cfg.gates.n_pca else dask.delayed(None)
     t0 = time.perf_counter()
     want_feats = feats_d if feature_blocks is None else []
-    feats, fits, saved = compute(want_feats, fits_d, saved_d, client=client,
+    feats, fits, saved, pca = compute(want_feats, fits_d, saved_d, pca_d, client=client,
                                  label=f"one pass ({chains} accumulator chain(s)) + {len(specs)} experts",
                                  progress=progress)
     timings["pass_and_fit_s"] = time.perf_counter() - t0
@@ -219,6 +288,10 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
                       f"{cfg.fit.min_cell_rows}); it falls back to '{parent}'", stacklevel=2)
     edge_hits = [name for name, f in fits.items() if f["at_grid_edge"]]
     experts = experts_dataset(specs, fits, ds["wavelength"].values)
+    if pca is not None:
+        experts["pca_mean"] = ("wavelength", pca["mean"])
+        experts["pca_components"] = (("pc", "wavelength"), pca["components"])
+        experts["pca_explained_variance"] = ("pc", pca["explained_variance"])
     from .pipeline import versions  # local import: pipeline imports this module
 
     meta = {
@@ -239,12 +312,59 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         "accumulation": {"chains": chains, "precision": cfg.fit.precision, "flush_rows": cfg.fit.flush_rows},
         "catalog": str(catalog),
         "catalog_rows": n,
+        "min_good_fraction": cfg.catalog.min_good_fraction,
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
-        "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
-    save_model(model_dir, experts, meta)
-    return Model(experts, meta)
+    model = Model(experts, meta)
+    t0 = time.perf_counter()
+    gates, meta["gates"] = _fit_gate_stage(model, ds, features, y, snr_route, edges, cfg, model_dir, client, progress)
+    timings["gates_s"] = time.perf_counter() - t0
+    meta["timings"] = {**timings, "total_s": time.perf_counter() - t_start}
+    save_model(model_dir, experts, meta, gates)
+    return Model(experts, meta, gates)
+
+
+def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.ndarray, snr_route: np.ndarray,
+                    edges: dict, cfg: Config, model_dir: Path, client, progress: bool) -> tuple[dict, dict]:
+    """Project the usable val rows on every expert (+ PCA), write the gate table, fit the gates."""
+    n_pca = cfg.gates.n_pca
+    meta: dict[str, Any] = {"fallback_tau": cfg.gates.fallback_tau, "snr_cliff": cfg.gates.snr_cliff,
+                            "inputs": {"quality": list(QUALITY_FEATURES), "physical": physical_names(n_pca)},
+                            "fitted": {}, "default": None, "selection": {}}
+    val = np.flatnonzero((ds["split"].values == VAL) & features["usable"].values)
+    select = id_hash(ds["spectrum"].values[val], cfg.catalog.split_salt, stream=2) < cfg.gates.select_fraction
+    if val.size < 20 or select.sum() < 2 or (~select).sum() < 10:
+        warnings.warn(f"only {val.size} usable val rows: gates are not fitted (predict needs a gate)", stacklevel=3)
+        return {}, meta
+    coef, icpt = model.projection()
+    (proj,) = compute(expert_predictions(ds, coef, icpt, val), client=client,
+                      label=f"gate table: {val.size} val rows x {coef.shape[0]} projections", progress=progress)
+    n_exp = len(model.specs)
+    pred, pca = proj[:, :n_exp], proj[:, n_exp:]
+    feats = np.column_stack([features[c].values[val] for c in FEATURE_NAMES])
+    table = gate_inputs(feats, pca)
+    s_b, p_b = _routing_bins(ds.isel(spectrum=val), edges, np.nan_to_num(snr_route[val], nan=0.0))
+    gates, selection, default = fit_gates(model, table, pred, y[val], s_b, p_b, select, cfg.gates)
+    gate_table = xr.Dataset(
+        {"quality": (("spectrum", "quality_feature"), table["quality"]),
+         "physical": (("spectrum", "physical_feature"), table["physical"]),
+         "expert_pred": (("spectrum", "expert"), pred), "y": ("spectrum", y[val]),
+         "snr_bin": ("spectrum", s_b), "phys_bin": ("spectrum", p_b), "select": ("spectrum", select)},
+        coords={"spectrum": ds["spectrum"].values[val]},
+        # names as JSON attributes: zarr v3 has no stable string dtype yet
+        attrs={"quality_feature": json.dumps(list(QUALITY_FEATURES)),
+               "physical_feature": json.dumps(physical_names(n_pca)),
+               "expert": json.dumps([s.name for s in model.specs])})
+    gate_table.to_zarr(model_dir / "gate_table.zarr", mode="w", zarr_format=3, consolidated=False)
+    meta["fitted"] = {name: {"family": g.spec.family, "inputs": list(g.spec.inputs), "kind": g.kind,
+                             "n_classes": g.n_classes, "experts": [model.specs[i].name for i in
+                                                                   model.members(g.spec.family)], **g.info}
+                      for name, g in gates.items()}
+    meta["selection"] = selection
+    meta["default"] = default
+    meta["val_rows"] = {"fit": int((~select).sum()), "select": int(select.sum())}
+    return gates, meta
 
 
 # ----------------------------------------------------------------- evaluate
@@ -259,16 +379,19 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     rows = np.flatnonzero(ds["frozen_test"].values)
     if rows.size == 0:
         raise CatalogError(f"{catalog}: the frozen test subset is empty")
-    pred_d = expert_predictions(ds, model.experts["coef"].values, model.experts["intercept"].values, rows)
+    coef, icpt = model.projection()
+    pred_d = expert_predictions(ds, coef, icpt, rows)
     sub = ds.isel(spectrum=rows)
     feats_d = feature_table(sub, cfg.catalog.min_good_fraction)
-    pred, feats = compute(pred_d, feats_d, client=client, label=f"predict {rows.size} test rows",
+    proj, feats = compute(pred_d, feats_d, client=client, label=f"predict {rows.size} test rows",
                           progress=progress)
     usable = feats["usable"].values
     y = np.asarray(sub[target].values, np.float64)
     snr_values = np.asarray(sub["snr"].values if "snr" in sub else feats["snr_est"].values, np.float64)
     s_b, p_b = _routing_bins(sub, model.edges, np.nan_to_num(snr_values, nan=0.0))
-    pred, y, s_b, p_b = pred[usable], y[usable], s_b[usable], p_b[usable]
+    n_exp = len(model.specs)
+    table = gate_inputs(np.column_stack([feats[c].values for c in FEATURE_NAMES])[usable], proj[usable, n_exp:])
+    pred, y, s_b, p_b = proj[usable, :n_exp], y[usable], s_b[usable], p_b[usable]
     metrics: dict[str, Any] = {
         "n_test": int(usable.sum()),
         "n_test_excluded_unusable": int((~usable).sum()),
@@ -280,7 +403,47 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     for family in FAMILIES:
         yhat = route_oracle(pred, model.family_index(family, s_b, p_b))
         metrics["models"][family] = regression_metrics(y, yhat, s_b, p_b, model.snr_names, model.phys_names)
+    if model.gates:
+        metrics["default_gate"] = model.default_gate
+        metrics["gate_entropy_by_snr_bin"] = {}
+        for name, gate in model.gates.items():
+            m, entropy_by_bin = gate_metrics(model, name, gate, table, pred, y, s_b, p_b, metrics["models"])
+            metrics["models"][name] = m
+            metrics["gate_entropy_by_snr_bin"][name] = entropy_by_bin
     g = metrics["models"]["global"]["r2"]
     metrics["delta_r2_vs_global"] = {f: (m["r2"] - g if m["r2"] is not None and g is not None else None)
                                      for f, m in metrics["models"].items()}
     return metrics
+
+
+def rho(r2_deploy: float | None, r2_global: float | None, r2_oracle: float | None) -> float | None:
+    """SPEC section 4: (R²_deploy - R²_global) / (R²_oracle - R²_global); None if undefined."""
+    if None in (r2_deploy, r2_global, r2_oracle) or abs(r2_oracle - r2_global) < 1e-9:
+        return None
+    return (r2_deploy - r2_global) / (r2_oracle - r2_global)
+
+
+def gate_metrics(model: Model, name: str, gate: Gate, table: dict, pred: np.ndarray, y: np.ndarray,
+                 s_b: np.ndarray, p_b: np.ndarray, family_metrics: dict) -> tuple[dict, dict]:
+    """The ``metrics.json`` block of one gate, and its mean entropy per S/N bin."""
+    out = apply_model_gate(model, gate, table, pred, model.meta["gates"]["fallback_tau"])
+    m = regression_metrics(y, out["yhat"], s_b, p_b, model.snr_names, model.phys_names)
+    oracle = ORACLE_OF[gate.spec.family]
+    m["oracle"] = oracle
+    m["rho"] = rho(m["r2"], family_metrics["global"]["r2"], family_metrics[oracle]["r2"])
+    m["rho_per_snr_bin"] = {b: rho(m["per_snr_bin"][b]["r2"], family_metrics["global"]["per_snr_bin"][b]["r2"],
+                                   family_metrics[oracle]["per_snr_bin"][b]["r2"]) for b in model.snr_names}
+    labels = model.class_labels(gate.spec.family, s_b, p_b)
+    guess = out["weights"].argmax(axis=1)
+    k = gate.n_classes
+    conf = np.zeros((k, k), np.int64)
+    np.add.at(conf, (labels, guess), 1)
+    names = [model.specs[i].member for i in model.members(gate.spec.family)]
+    m["gate_confusion"] = {"labels": names, "rows": "true bin", "columns": "argmax of the gate weights",
+                           "matrix": conf.tolist(), "accuracy": float(np.trace(conf) / max(1, conf.sum()))}
+    m["classifying"] = gate.spec.training == "logreg"
+    m["fallback_fraction"] = float(out["fallback"].mean()) if out["fallback"].size else None
+    m["gate"] = {"family": gate.spec.family, "inputs": list(gate.spec.inputs), "training": gate.spec.training}
+    ent = entropy(out["weights"])
+    by_bin = {b: (float(ent[s_b == i].mean()) if (s_b == i).any() else None) for i, b in enumerate(model.snr_names)}
+    return m, by_bin

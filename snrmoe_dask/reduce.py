@@ -76,8 +76,8 @@ def _finalize(threads: int, *accs: CellAccumulator) -> SufficientStats:
     return total
 
 
-def _features(flux, error, mask) -> np.ndarray:
-    return block_features(flux, error, mask)
+def _features(flux, error, mask, wavelength) -> np.ndarray:
+    return block_features(flux, error, mask, wavelength)
 
 
 def auto_chains(n_threads: int, n_chunks: int, n_cells: int, n_features: int, flush_rows: int, precision: str,
@@ -128,6 +128,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
     tok = tokenize(ds["flux"].data.name, ds["error"].data.name, y, cell, n_cells, chains, flush_rows, precision,
                    min_good)
 
+    wave = dask.delayed(np.asarray(ds["wavelength"].values, np.float64), name=f"wavelength-{tok}")
     shift = dask.delayed(shift_from_block, pure=True)(fblocks[0], eblocks[0], mblocks[0], min_good)
     init = dask.delayed(_init, pure=True)
     fold = dask.delayed(_fold, pure=True)
@@ -140,7 +141,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         if (cell[lo:hi] >= 0).any():
             accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_threads,
                            dask_key_name=f"acc-fold-{tok}-{c}-{i}")
-        feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, dask_key_name=f"features-{tok}-{i}"))
+        feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, wave, dask_key_name=f"features-{tok}-{i}"))
     stats = dask.delayed(_finalize, pure=True)(blas_threads * chains, *accs, dask_key_name=f"stats-finalize-{tok}")
     return stats, feats
 

@@ -7,7 +7,14 @@ import pytest
 import xarray as xr
 from scipy import stats as sps
 
-from snrmoe_dask.features import FEATURE_NAMES, block_features, feature_table, quality_features, snr_estimate
+from snrmoe_dask.features import (
+    FEATURE_NAMES,
+    LINE_NAMES,
+    block_features,
+    feature_table,
+    quality_features,
+    snr_estimate,
+)
 
 
 def _data(seed=0, n=40, p=300):
@@ -60,7 +67,9 @@ def test_block_features_uses_the_pixel_mask():
     f = block_features(flux, err, mask)
     n_good = f[:, FEATURE_NAMES.index("n_good")]
     np.testing.assert_array_equal(n_good[[3, 4, 6, 7]], [290, 290, 280, 300])
-    assert np.isfinite(f).all()
+    line_cols = [FEATURE_NAMES.index(c) for c in LINE_NAMES]
+    assert np.isfinite(np.delete(f, line_cols, axis=1)).all()
+    assert np.isnan(f[:, line_cols]).all()  # no wavelength given: line indices are NaN, not made up
 
 
 def test_feature_table_is_lazy_and_chunk_invariant():

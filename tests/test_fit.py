@@ -15,6 +15,7 @@ from snrmoe_dask.catalog import bin_edges, good_pixel_mask, open_catalog
 from snrmoe_dask.cli import main
 from snrmoe_dask.config import load_config
 from snrmoe_dask.experts import FAMILIES
+from snrmoe_dask.gates import GATE_SPECS
 from snrmoe_dask.model import evaluate_model, fit_model
 from snrmoe_dask.reduce import one_pass
 from snrmoe_dask.split import TRAIN
@@ -158,7 +159,15 @@ def test_metrics_contract_and_model_store(fit_catalog, fitted):
     with dask.config.set(scheduler="threads"):
         metrics = evaluate_model(model, fit_catalog, cfg, progress=False)
     assert metrics["n_test"] == 250
-    assert set(metrics["models"]) == set(FAMILIES)
+    assert set(metrics["models"]) == set(FAMILIES) | set(GATE_SPECS)
+    assert set(metrics["gate_entropy_by_snr_bin"]) == set(GATE_SPECS)
+    for name in GATE_SPECS:
+        m = metrics["models"][name]
+        assert m["oracle"] in FAMILIES and "rho" in m
+        conf = np.array(m["gate_confusion"]["matrix"])
+        assert conf.sum() == 250 and conf.shape[0] == len(m["gate_confusion"]["labels"])
+        assert set(metrics["gate_entropy_by_snr_bin"][name]) == {"X", "L", "M", "H"}
+    assert model.default_gate in GATE_SPECS
     for m in metrics["models"].values():
         assert {"r2", "mae", "rmse", "per_snr_bin", "per_phys_bin"} <= set(m)
         assert set(m["per_snr_bin"]) == {"X", "L", "M", "H"}

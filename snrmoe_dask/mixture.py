@@ -1,0 +1,202 @@
+"""The deployable mixture: gate tables, gate fits, soft predictions, out-of-core predict.
+
+Layers, bottom up:
+
+* :func:`gate_inputs` turns feature columns + PCA projections into the two
+  gate input blocks (``quality``, ``physical``);
+* :func:`apply_gate` mixes expert predictions with a gate's weights, with the
+  fallback to ``global`` when ``max p < tau`` and the mixture's uncertainty;
+* :func:`fit_gates` fits every gate of :data:`~snrmoe_dask.gates.GATE_SPECS`
+  on the val rows and picks the default on held-out val rows;
+* :func:`predict_block` is the one-block kernel of ``snrmoe predict``;
+  :func:`predict_dataset` maps it lazily over a catalog.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from .catalog import good_pixel_mask
+from .evaluate import r2_score
+from .features import FEATURE_NAMES, LINE_NAMES, QUALITY_FEATURES, block_features
+from .gates import GATE_SPECS, Gate, fit_gate, mixture, mixture_sigma
+from .stats import impute_bad_pixels
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import GatesConfig
+    from .model import Model
+
+__all__ = ["FLAG_BITS", "pca_names", "physical_names", "gate_inputs", "apply_gate", "apply_model_gate", "fit_gates",
+           "predict_block", "predict_dataset"]
+
+#: bits of the ``flags`` output of predict
+FLAG_BITS = {"snr_cliff": 1, "fallback": 2, "too_many_masked": 4}
+
+
+def pca_names(n_pca: int) -> list[str]:
+    return [f"pca_{i + 1}" for i in range(n_pca)]
+
+
+def physical_names(n_pca: int) -> list[str]:
+    """Columns of the physical gate input: line indices, then PCA projections."""
+    return [*LINE_NAMES, *pca_names(n_pca)]
+
+
+def gate_inputs(features: np.ndarray, pca: np.ndarray) -> dict[str, np.ndarray]:
+    """Gate input blocks from a feature block (columns :data:`FEATURE_NAMES`) and PCA scores."""
+    q = [FEATURE_NAMES.index(c) for c in QUALITY_FEATURES]
+    li = [FEATURE_NAMES.index(c) for c in LINE_NAMES]
+    return {"quality": features[:, q], "physical": np.hstack([features[:, li], pca])}
+
+
+def apply_gate(gate: Gate, table: Mapping[str, np.ndarray], member_pred: np.ndarray, global_pred: np.ndarray,
+               member_var: np.ndarray, global_var: float, tau: float) -> dict[str, np.ndarray]:
+    """Soft mixture of one gate with the fallback rule.
+
+    Parameters
+    ----------
+    gate : Gate
+    table : mapping with ``quality`` and ``physical`` arrays
+    member_pred : ndarray of shape (n, K)
+        Predictions of the gate's experts, in class order.
+    global_pred : ndarray of shape (n,)
+    member_var, global_var
+        Residual variances of the experts (K,) and of ``global``.
+    tau : float
+        Fallback threshold on ``max p``.
+
+    Returns
+    -------
+    dict with ``yhat``, ``sigma``, ``weights`` (n, K) and ``fallback`` (bool).
+    """
+    w = gate.weights(table)
+    fallback = w.max(axis=1) < tau
+    yhat = np.where(fallback, global_pred, mixture(w, member_pred))
+    sigma = np.where(fallback, np.sqrt(global_var), mixture_sigma(w, member_pred, member_var))
+    return {"yhat": yhat, "sigma": sigma, "weights": w, "fallback": fallback}
+
+
+def apply_model_gate(model: Model, gate: Gate, table, pred: np.ndarray, tau: float) -> dict[str, np.ndarray]:
+    """:func:`apply_gate` with the experts of ``model``; ``pred`` holds every expert (n, E)."""
+    members = model.members(gate.spec.family)
+    g = model.index["global"]
+    rv = model.experts["resid_var"].values
+    return apply_gate(gate, table, pred[:, members], pred[:, g], rv[members], float(rv[g]), tau)
+
+
+def fit_gates(model: Model, table: Mapping[str, np.ndarray], pred: np.ndarray, y: np.ndarray, snr_b: np.ndarray,
+              phys_b: np.ndarray, select: np.ndarray, cfg: GatesConfig) -> tuple[dict[str, Gate], dict, str]:
+    """Fit every gate on the val rows not in ``select``; score all on ``select``.
+
+    Returns
+    -------
+    gates : dict name -> Gate
+    selection : dict name -> {"r2": R² on the selection rows, "n": rows}
+    default : str
+        ``cfg.default``, or the gate with the best selection R² when "auto".
+    """
+    fit_rows = ~select
+    if fit_rows.sum() < 2 or select.sum() < 2:
+        raise ValueError(f"gates need val rows to fit and to select on; got {int(fit_rows.sum())} and "
+                         f"{int(select.sum())} (catalog too small for the split fractions?)")
+    gates, selection = {}, {}
+    sub = {k: v[fit_rows] for k, v in table.items()}
+    for name, spec in GATE_SPECS.items():
+        members = model.members(spec.family)
+        labels = model.class_labels(spec.family, snr_b, phys_b)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*lbfgs failed to converge.*")
+            gate = fit_gate(spec, sub, labels[fit_rows], pred[fit_rows][:, members], y[fit_rows],
+                            n_classes=len(members), l2=cfg.l2, logreg_c=cfg.logreg_c, max_iter=cfg.max_iter,
+                            seed=cfg.seed)
+        sel_table = {k: v[select] for k, v in table.items()}
+        out = apply_model_gate(model, gate, sel_table, pred[select], cfg.fallback_tau)
+        selection[name] = {"r2": r2_score(y[select], out["yhat"]), "n": int(select.sum())}
+        gates[name] = gate
+    if cfg.default != "auto":
+        default = cfg.default
+    else:
+        default = max(selection, key=lambda k: -np.inf if selection[k]["r2"] is None else selection[k]["r2"])
+    return gates, selection, default
+
+
+# --------------------------------------------------------------- predict
+def predict_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, *, wavelength: np.ndarray,
+                  proj_coef: np.ndarray, proj_intercept: np.ndarray, n_experts: int, gate: Gate,
+                  members: np.ndarray, global_index: int, resid_var: np.ndarray, tau: float,
+                  min_good: int, snr_cliff: float) -> np.ndarray:
+    """Everything ``predict`` writes for one block, packed as float64 columns.
+
+    Columns: ``logg_pred``, ``logg_sigma``, ``snr_est``, ``flags``, then the
+    K gate weights. Rows with fewer than ``min_good`` good pixels get NaN
+    predictions and the ``too_many_masked`` flag.
+    """
+    feats = block_features(flux, error, mask, wavelength)
+    good = good_pixel_mask(flux, error, mask)
+    x = impute_bad_pixels(flux, good).astype(np.float64)
+    proj = x @ proj_coef.T + proj_intercept
+    pred, pca = proj[:, :n_experts], proj[:, n_experts:]
+    out = apply_gate(gate, gate_inputs(feats, pca), pred[:, members], pred[:, global_index], resid_var[members],
+                     float(resid_var[global_index]), tau)
+    snr_est = feats[:, FEATURE_NAMES.index("snr_est")]
+    unusable = feats[:, FEATURE_NAMES.index("n_good")] < min_good
+    flags = (np.where(~(snr_est > snr_cliff), FLAG_BITS["snr_cliff"], 0)
+             | np.where(out["fallback"], FLAG_BITS["fallback"], 0)
+             | np.where(unusable, FLAG_BITS["too_many_masked"], 0))
+    yhat = np.where(unusable, np.nan, out["yhat"])
+    sigma = np.where(unusable, np.nan, out["sigma"])
+    return np.column_stack([yhat, sigma, snr_est, flags.astype(np.float64), out["weights"]])
+
+
+def predict_dataset(model: Model, ds: xr.Dataset, gate_name: str | None = None) -> xr.Dataset:
+    """Lazy predictions for every spectrum of a catalog (one task per chunk).
+
+    Returns
+    -------
+    xarray.Dataset with ``logg_pred``, ``logg_sigma``, ``snr_est``, ``flags``
+    (uint8, bits :data:`FLAG_BITS`) and ``gate_weights`` (spectrum, expert),
+    indexed by the catalog's ``spectrum`` ids. Nothing is computed.
+    """
+    gate_name = gate_name or model.default_gate
+    if gate_name not in model.gates:
+        raise ValueError(f"unknown gate '{gate_name}' (this model has: {', '.join(model.gates)})")
+    gate = model.gates[gate_name]
+    members = model.members(gate.spec.family)
+    proj_coef, proj_icpt = model.projection()
+    kw = dict(wavelength=np.asarray(ds["wavelength"].values, np.float64), proj_coef=proj_coef,
+              proj_intercept=proj_icpt, n_experts=len(model.specs), gate=gate, members=members,
+              global_index=model.index["global"], resid_var=model.experts["resid_var"].values,
+              tau=model.meta["gates"]["fallback_tau"],
+              min_good=int(np.ceil(model.meta["min_good_fraction"] * ds.sizes["wavelength"])),
+              snr_cliff=model.meta["gates"]["snr_cliff"])
+    flux, error = ds["flux"].data, ds["error"].data
+    args = [flux, error] + ([ds["mask"].data] if "mask" in ds else [])
+    k = len(members)
+
+    def _kernel(f, e, *m):
+        return predict_block(f, e, m[0] if m else None, **kw)
+
+    packed = da.map_blocks(_kernel, *args, dtype=np.float64, chunks=(flux.chunks[0], (4 + k,)), name="predict")
+    names = [model.specs[i].name for i in members]
+    out = xr.Dataset(
+        {
+            "logg_pred": ("spectrum", packed[:, 0]),
+            "logg_sigma": ("spectrum", packed[:, 1]),
+            "snr_est": ("spectrum", packed[:, 2]),
+            "flags": ("spectrum", packed[:, 3].astype(np.uint8)),
+            "gate_weights": (("spectrum", "expert"), packed[:, 4:]),
+        },
+        coords={"spectrum": ds["spectrum"].values},
+        attrs={"gate": gate_name, "experts": json.dumps(names), "flag_bits": json.dumps(FLAG_BITS),
+               "model_target": model.meta["target"]},
+    )
+    out["logg_sigma"].attrs["long_name"] = "gate-weighted mixture of expert residual variances (1 sigma)"
+    out["flags"].attrs["flag_bits"] = ", ".join(f"{v}={k}" for k, v in FLAG_BITS.items())
+    return out
