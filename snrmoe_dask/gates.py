@@ -37,6 +37,7 @@ log-transformed first, NaN is replaced by the training median.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -93,7 +94,9 @@ class Standardizer:
             finite = np.isfinite(x)
             log = np.array([bool(np.all(x[finite[:, j], j] > 0)) and finite[:, j].any() for j in range(x.shape[1])])
         t = cls._log(x, log)
-        median = np.nanmedian(np.where(np.isfinite(t), t, np.nan), axis=0) if t.size else np.zeros(x.shape[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column (e.g. line off the grid) -> 0
+            median = np.nanmedian(np.where(np.isfinite(t), t, np.nan), axis=0) if t.size else np.zeros(x.shape[1])
         median = np.where(np.isfinite(median), median, 0.0)
         t = np.where(np.isfinite(t), t, median)
         mean, scale = t.mean(axis=0), t.std(axis=0)

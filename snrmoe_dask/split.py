@@ -41,7 +41,7 @@ def id_hash(ids: np.ndarray, salt: int = 0, stream: int = 0) -> np.ndarray:
         Independent hash streams (0 = split, 1 = frozen test ranking).
     """
     x = np.asarray(ids).astype(np.int64).view(np.uint64)
-    key = _splitmix64(np.uint64(salt & 0xFFFFFFFFFFFFFFFF) ^ (np.uint64(stream) * _M2))
+    key = _splitmix64(np.uint64(salt & 0xFFFFFFFFFFFFFFFF) ^ np.uint64((stream * int(_M2)) & 0xFFFFFFFFFFFFFFFF))
     h = _splitmix64(x ^ key)
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
 
