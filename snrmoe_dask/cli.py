@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="metrics.json", help="metrics file (default: metrics.json)")
     _add_common(p)
 
+    p = sub.add_parser("predict", help="apply a model to any catalog (labels not needed), out of core")
+    p.add_argument("model_dir", help="model directory written by `snrmoe fit`")
+    p.add_argument("catalog", help="catalog store (zarr)")
+    p.add_argument("--out", required=True, help="predictions store to write (zarr)")
+    p.add_argument("--gate", help="gate to mix the experts with (default: the model's best on validation)")
+    _add_common(p)
+
     p = sub.add_parser("run", help="run the whole chain from one YAML config (batch job)")
     p.add_argument("run_config", nargs="?", help="YAML config (default: config/small.yaml)")
     p.add_argument("--out", help="run directory (overrides run.out)")
@@ -184,6 +191,24 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_predict(args) -> int:
+    import numpy as np
+
+    from .cluster import dask_session
+    from .mixture import FLAG_BITS
+    from .model import load_model, predict_catalog
+
+    cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
+    model = load_model(args.model_dir)
+    with dask_session(cfg.cluster) as client:
+        pred = predict_catalog(model, args.catalog, args.out, cfg, gate=args.gate, client=client)
+    flags = pred["flags"].values
+    print(f"predicted    {flags.size} spectra with gate {pred.attrs['gate']} -> {args.out}")
+    for name, bit in FLAG_BITS.items():
+        print(f"flag {name:<16} {int(np.count_nonzero(flags & bit))}")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from .cluster import dask_session
     from .config import config_dir
@@ -215,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"snrmoe: warning: {msg}\n"
     handlers = {"simulate": _cmd_simulate, "ingest": _cmd_ingest, "info": _cmd_info, "fit": _cmd_fit,
-                "evaluate": _cmd_evaluate, "run": _cmd_run}
+                "evaluate": _cmd_evaluate, "predict": _cmd_predict, "run": _cmd_run}
     try:
         return handlers[args.command](args)
     except (ConfigError, CatalogError, ModelError, ValueError, FileExistsError, FileNotFoundError) as exc:

@@ -11,7 +11,8 @@ A cell is ``phys * n_snr + snr``. Families (SPEC section 5):
 
 An expert whose rows number fewer than ``min_rows`` falls back to its parent
 (``global`` for the S/N and physical families, the physical-bin expert for
-joint and hierarchical cells) and records it in ``fallback``.
+joint and hierarchical cells) and records it in ``fallback``. ``global`` has
+no parent: it is always fitted, from 2 rows up.
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequ
     """
     n = float(stats.n[list(spec.cells)].sum())
     names = [spec.name] + ([twin.name] if twin is not None else [])
-    if n < min_rows:
-        if parent is None:
-            raise ValueError(f"expert '{spec.name}' has {n:.0f} rows (< min_rows={min_rows}) and no parent")
+    if parent is None and n < 2:
+        raise ValueError(f"expert '{spec.name}' has {n:.0f} train rows; a Ridge fit needs at least 2")
+    if n < min_rows and parent is not None:
         fits = {name: {**parent, "n": n, "fallback": spec.parent, "at_grid_edge": False} for name in names}
         return fits if twin is not None else fits[spec.name]
     cs = stats.cells(spec.cells)

@@ -368,14 +368,48 @@ def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.nd
 
 
 # ----------------------------------------------------------------- evaluate
+def check_grid(model: Model, ds: xr.Dataset, catalog) -> None:
+    """Refuse a catalog whose wavelength grid is not the model's."""
+    if ds.sizes["wavelength"] != model.meta["n_pixels"] or not np.allclose(
+            [float(ds["wavelength"][0]), float(ds["wavelength"][-1])], model.meta["wavelength_range"]):
+        raise CatalogError(f"{catalog}: wavelength grid ({ds.sizes['wavelength']} px, "
+                           f"{float(ds['wavelength'][0]):.1f}-{float(ds['wavelength'][-1]):.1f} A) differs from "
+                           f"the model's ({model.meta['n_pixels']} px, {model.meta['wavelength_range']} A)")
+
+
+def predict_catalog(model: Model, catalog: str | Path, out: str | Path, cfg: Config, *, gate: str | None = None,
+                    client=None, progress: bool = True) -> xr.Dataset:
+    """Apply the model to every spectrum of a catalog (labels not needed) and write a zarr.
+
+    The store is written as ``OUT.partial`` and renamed when complete, so an
+    interrupted predict never leaves an output that looks finished.
+    """
+    import shutil
+
+    from .mixture import predict_dataset
+
+    if not model.gates:
+        raise ModelError("this model has no fitted gates (too few val rows at fit time); refit with a val split")
+    ds = open_catalog(catalog, require_labels=(), config=cfg.catalog)
+    check_grid(model, ds, catalog)
+    pred = predict_dataset(model, ds, gate)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    job = pred.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
+    compute(job, client=client, label=f"predict {ds.sizes['spectrum']} spectra (gate {pred.attrs['gate']})",
+            progress=progress)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return xr.open_zarr(out, consolidated=False)
+
+
 def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=None, progress: bool = True) -> dict:
     """Score every family on the frozen test subset; returns the metrics dict."""
     target = model.meta["target"]
     ds = open_catalog(catalog, require_labels=(target, "teff", "mh"), config=cfg.catalog)
-    if ds.sizes["wavelength"] != model.meta["n_pixels"] or not np.allclose(
-            [float(ds["wavelength"][0]), float(ds["wavelength"][-1])], model.meta["wavelength_range"]):
-        raise CatalogError(f"{catalog}: wavelength grid differs from the model's "
-                           f"({model.meta['n_pixels']} px, {model.meta['wavelength_range']} A)")
+    check_grid(model, ds, catalog)
     rows = np.flatnonzero(ds["frozen_test"].values)
     if rows.size == 0:
         raise CatalogError(f"{catalog}: the frozen test subset is empty")

@@ -60,3 +60,31 @@ def sim_catalog(tmp_path_factory) -> Path:
 @pytest.fixture
 def raw_arrays():
     return clean_arrays()
+
+
+@pytest.fixture(scope="session")
+def fit_catalog(tmp_path_factory):
+    """3000 spectra x 96 pixels: cells of ~65 train rows, fast to fit."""
+    return write_sim(tmp_path_factory.mktemp("fit") / "cat.zarr", small_sim_config(n=3000, n_pixels=96,
+                                                                                  chunk_size=256))
+
+
+def fit_cfg(**fit):
+    from snrmoe_dask.config import load_config
+
+    return load_config(overrides={"catalog": {"test_size": 250}, "fit": {"min_cell_rows": 10, **fit},
+                                  "cluster": {"scheduler": "threads"}})
+
+
+@pytest.fixture(scope="session")
+def fitted(fit_catalog, tmp_path_factory):
+    """(model, cfg, model_dir) fitted on ``fit_catalog`` in float64."""
+    import dask
+
+    from snrmoe_dask.model import fit_model
+
+    cfg = fit_cfg(precision="float64")
+    model_dir = tmp_path_factory.mktemp("m") / "model"
+    with dask.config.set(scheduler="threads"):
+        model = fit_model(fit_catalog, model_dir, cfg, progress=False)
+    return model, cfg, model_dir

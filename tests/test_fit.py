@@ -5,7 +5,7 @@ import json
 import dask
 import numpy as np
 import pytest
-from conftest import small_sim_config, write_raw, write_sim
+from conftest import fit_cfg, small_sim_config, write_raw, write_sim
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import Ridge
@@ -13,7 +13,6 @@ from sklearn.linear_model import Ridge
 from snrmoe_dask.bins import cell_index, phys_bin, snr_bin
 from snrmoe_dask.catalog import bin_edges, good_pixel_mask, open_catalog
 from snrmoe_dask.cli import main
-from snrmoe_dask.config import load_config
 from snrmoe_dask.experts import FAMILIES
 from snrmoe_dask.gates import GATE_SPECS
 from snrmoe_dask.model import evaluate_model, fit_model
@@ -21,26 +20,7 @@ from snrmoe_dask.reduce import one_pass
 from snrmoe_dask.split import TRAIN
 from snrmoe_dask.stats import SufficientStats, impute_bad_pixels
 
-
-@pytest.fixture(scope="module")
-def fit_catalog(tmp_path_factory):
-    """3000 spectra x 96 pixels: cells of ~65 train rows, fast to fit."""
-    return write_sim(tmp_path_factory.mktemp("fit") / "cat.zarr", small_sim_config(n=3000, n_pixels=96,
-                                                                                  chunk_size=256))
-
-
-def _cfg(**fit):
-    return load_config(overrides={"catalog": {"test_size": 250}, "fit": {"min_cell_rows": 10, **fit},
-                                  "cluster": {"scheduler": "threads"}})
-
-
-@pytest.fixture(scope="module")
-def fitted(fit_catalog, tmp_path_factory):
-    cfg = _cfg(precision="float64")
-    model_dir = tmp_path_factory.mktemp("m") / "model"
-    with dask.config.set(scheduler="threads"):
-        model = fit_model(fit_catalog, model_dir, cfg, progress=False)
-    return model, cfg, model_dir
+_cfg = fit_cfg
 
 
 def test_every_expert_matches_sklearn(fit_catalog, fitted):
