@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dask
 import yaml
+from dask.callbacks import Callback
 
 from .config import ClusterConfig
 
@@ -119,6 +121,27 @@ def dask_session(cfg: ClusterConfig | None = None, *, quiet: bool = False) -> It
             cluster.close()
 
 
+def _progress_interval() -> str:
+    """Redraw the bar often on a terminal, every 2 s in a batch log (files stay small)."""
+    return "100ms" if sys.stderr.isatty() else "2s"
+
+
+class _LineProgress(Callback):
+    """Progress for batch logs: one line per 10 % of tasks done (no carriage returns)."""
+
+    def _start_state(self, dsk, state):
+        self._t0 = time.perf_counter()
+        self._total = max(1, sum(len(state[k]) for k in ("ready", "waiting", "running", "finished")))
+        self._next = 0.1
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        frac = len(state["finished"]) / self._total
+        if frac >= self._next:
+            print(f"  {frac:4.0%} of {self._total} tasks, {time.perf_counter() - self._t0:.0f} s", file=sys.stderr,
+                  flush=True)
+            self._next = (int(frac * 10) + 1) / 10
+
+
 def compute(*collections, client=None, label: str = "compute", progress: bool = True):
     """Compute dask collections, showing progress on stderr; returns a tuple.
 
@@ -135,10 +158,10 @@ def compute(*collections, client=None, label: str = "compute", progress: bool = 
 
         futures = client.compute(list(collections))
         with contextlib.redirect_stdout(sys.stderr):
-            dist_progress(futures)
+            dist_progress(futures, interval=_progress_interval())
         print("", file=sys.stderr)
         return tuple(client.gather(futures))
     from dask.diagnostics import ProgressBar
 
-    with ProgressBar(out=sys.stderr):
+    with ProgressBar(out=sys.stderr) if sys.stderr.isatty() else _LineProgress():
         return dask.compute(*collections)

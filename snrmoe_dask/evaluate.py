@@ -89,13 +89,17 @@ def _fmt(v: float | None) -> str:
 
 
 def r2_table(metrics: dict) -> str:
-    """Markdown table of R² overall and per S/N bin, one row per model (from ``metrics.json``)."""
+    """Markdown table of R² overall and per S/N bin, one row per model (from ``metrics.json``).
+
+    Gates also show ρ against their oracle and the oracle's name.
+    """
     models = metrics["models"]
     bins = list(next(iter(models.values()))["per_snr_bin"])
     head = "| model | R² | MAE | RMSE | " + " | ".join(f"R² {b} (n={models['global']['per_snr_bin'][b]['n']})"
-                                                      for b in bins) + " |"
-    lines = [head, "|" + "---|" * (4 + len(bins))]
+                                                      for b in bins) + " | ρ (vs oracle) |"
+    lines = [head, "|" + "---|" * (5 + len(bins))]
     for name, m in models.items():
         cells = " | ".join(_fmt(m["per_snr_bin"][b]["r2"]) for b in bins)
-        lines.append(f"| {name} | {_fmt(m['r2'])} | {m['mae']:.3f} | {m['rmse']:.3f} | {cells} |")
+        rho = f"{_fmt(m.get('rho')).strip()} ({m['oracle']})" if "oracle" in m else ""
+        lines.append(f"| {name} | {_fmt(m['r2'])} | {m['mae']:.3f} | {m['rmse']:.3f} | {cells} | {rho} |")
     return "\n".join(lines)
