@@ -121,11 +121,6 @@ def dask_session(cfg: ClusterConfig | None = None, *, quiet: bool = False) -> It
             cluster.close()
 
 
-def _progress_interval() -> str:
-    """Redraw the bar often on a terminal, every 2 s in a batch log (files stay small)."""
-    return "100ms" if sys.stderr.isatty() else "2s"
-
-
 class _LineProgress(Callback):
     """Progress for batch logs: one line per 10 % of tasks done (no carriage returns)."""
 
@@ -158,7 +153,7 @@ def compute(*collections, client=None, label: str = "compute", progress: bool = 
 
         futures = client.compute(list(collections))
         with contextlib.redirect_stdout(sys.stderr):
-            dist_progress(futures, interval=_progress_interval())
+            dist_progress(futures)  # its scheduler feed is cancelled noisily at shutdown if slowed
         print("", file=sys.stderr)
         return tuple(client.gather(futures))
     from dask.diagnostics import ProgressBar
