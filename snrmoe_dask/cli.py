@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", help="gate to mix the experts with (default: the model's best on validation)")
     _add_common(p)
 
+    p = sub.add_parser("ceiling", help="Fisher/CRLB ceiling of logg for a simulated catalog")
+    p.add_argument("catalog", help="simulated catalog store (zarr)")
+    p.add_argument("--out", required=True, help="directory for ceiling.json and ceiling.zarr")
+    p.add_argument("--rows", choices=("test", "all"), default="test",
+                   help="the frozen test subset (default) or every spectrum")
+    _add_common(p)
+
     p = sub.add_parser("run", help="run the whole chain from one YAML config (batch job)")
     p.add_argument("run_config", nargs="?", help="YAML config (default: config/small.yaml)")
     p.add_argument("--out", help="run directory (overrides run.out)")
@@ -209,6 +216,44 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_ceiling(args) -> int:
+    import numpy as np
+    import xarray as xr
+
+    from .catalog import open_catalog
+    from .cluster import dask_session
+    from .model import ceiling_stage
+
+    cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
+    ds = open_catalog(args.catalog, require_labels=("logg", "teff", "mh", "alpha_m", "mag", "snr"),
+                      config=cfg.catalog)
+    rows = np.flatnonzero(ds["frozen_test"].values) if args.rows == "test" else np.arange(ds.sizes["spectrum"])
+    sub = ds.isel(spectrum=rows)
+    with dask_session(cfg.cluster) as client:
+        out = ceiling_stage(sub, cfg, client=client)
+    from .ceiling import r2_max
+
+    var = float(np.var(sub["logg"].values))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xr.Dataset({"crlb_logg": ("spectrum", out["crlb"]), "r2_max": ("spectrum", r2_max(out["crlb"], var)),
+                "snr": ("spectrum", sub["snr"].values), "mag": ("spectrum", sub["mag"].values)},
+               coords={"spectrum": sub["spectrum"].values}).to_zarr(out_dir / "ceiling.zarr", mode="w",
+                                                                      zarr_format=3, consolidated=False)
+    summary = {"catalog": str(args.catalog), "rows": args.rows, **out["summary"]}
+    (out_dir / "ceiling.json").write_text(json.dumps(summary, indent=2))
+    print(f"ceiling      {len(rows)} spectra ({args.rows}); R2_max overall {summary['overall']['r2_max']:.3f}")
+    for name, b in summary["per_snr_bin"].items():
+        if b["n"]:
+            print(f"  S/N bin {name}: R2_max {b['r2_max']:.3f}  median sigma(logg) {b['median_sigma_logg']:.2f} dex"
+                  f"  (n={b['n']})")
+    for b in summary["per_mag_bin"]:
+        if b["n"] > 1:
+            print(f"  mag {b['mag_lo']:.1f}-{b['mag_hi']:.1f}: R2_max {b['r2_max']:.3f}  (n={b['n']})")
+    print(f"wrote        {out_dir / 'ceiling.json'}")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from .cluster import dask_session
     from .config import config_dir
@@ -240,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"snrmoe: warning: {msg}\n"
     handlers = {"simulate": _cmd_simulate, "ingest": _cmd_ingest, "info": _cmd_info, "fit": _cmd_fit,
-                "evaluate": _cmd_evaluate, "predict": _cmd_predict, "run": _cmd_run}
+                "evaluate": _cmd_evaluate, "predict": _cmd_predict, "ceiling": _cmd_ceiling,
+                "run": _cmd_run}
     try:
         return handlers[args.command](args)
     except (ConfigError, CatalogError, ModelError, ValueError, FileExistsError, FileNotFoundError) as exc:

@@ -189,6 +189,14 @@ class GatesConfig(_Strict):
         return v
 
 
+class CeilingConfig(_Strict):
+    """The Fisher ceiling (SPEC section 5), for simulated catalogs."""
+
+    enabled: bool = True
+    mag_edges: list[float] = Field(default_factory=lambda: [20.5, 21.0, 21.5, 22.0, 22.5])
+    block_rows: int = Field(1024, ge=1)
+
+
 class RunConfig(_Strict):
     """Where a batch run writes and what it reads."""
 
@@ -205,6 +213,7 @@ class Config(_Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
+    ceiling: CeilingConfig = Field(default_factory=CeilingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
 

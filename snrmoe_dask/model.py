@@ -34,6 +34,7 @@ from dask.utils import parse_bytes
 
 from .bins import cell_index, phys_bin, phys_bin_names, snr_bin
 from .catalog import CatalogError, bin_edges, open_catalog
+from .ceiling import efficiency
 from .cluster import compute
 from .config import Config
 from .evaluate import expert_predictions, regression_metrics, route_oracle
@@ -444,10 +445,32 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
             m, entropy_by_bin = gate_metrics(model, name, gate, table, pred, y, s_b, p_b, metrics["models"])
             metrics["models"][name] = m
             metrics["gate_entropy_by_snr_bin"][name] = entropy_by_bin
+    if cfg.ceiling.enabled and str(ds.attrs.get("simulated", "")).lower() == "true":
+        ceiling = ceiling_stage(sub.isel(spectrum=np.flatnonzero(usable)), cfg, client=client, progress=progress)
+        metrics["ceiling"] = ceiling["summary"]
+        for m in metrics["models"].values():
+            m["efficiency"] = efficiency(m, ceiling["summary"])
     g = metrics["models"]["global"]["r2"]
     metrics["delta_r2_vs_global"] = {f: (m["r2"] - g if m["r2"] is not None and g is not None else None)
                                      for f, m in metrics["models"].items()}
     return metrics
+
+
+def ceiling_stage(ds: xr.Dataset, cfg: Config, *, client=None, progress: bool = True) -> dict:
+    """CRLB of logg for every row of ``ds`` (a simulated catalog) and its summary.
+
+    Returns ``{"crlb": ndarray, "summary": ceiling_summary(...)}``.
+    """
+    from .ceiling import ceiling_for_rows, ceiling_summary
+
+    rows = np.arange(ds.sizes["spectrum"])
+    parts = ceiling_for_rows(ds, rows, block=cfg.ceiling.block_rows)
+    (parts,) = compute(parts, client=client, label=f"Fisher ceiling of {rows.size} spectra", progress=progress)
+    crlb = np.concatenate(parts) if parts else np.empty(0)
+    snr_b = snr_bin(np.asarray(ds["snr"].values, np.float64), cfg.catalog.snr_edges)
+    summary = ceiling_summary(crlb, np.asarray(ds["logg"].values, np.float64), snr_b, ds["mag"].values,
+                              cfg.catalog.snr_bin_names, cfg.ceiling.mag_edges)
+    return {"crlb": crlb, "summary": summary}
 
 
 def rho(r2_deploy: float | None, r2_global: float | None, r2_oracle: float | None) -> float | None:
