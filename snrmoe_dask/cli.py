@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", help="gate to mix the experts with (default: the model's best on validation)")
     _add_common(p)
 
+    p = sub.add_parser("audit", help="does the error vector leak logg? Ridge on 5 representations + checks")
+    p.add_argument("catalog", help="catalog store (zarr) with logg, snr and mag")
+    p.add_argument("--out", required=True, help="directory for audit.json, audit.md, pixel_importance.zarr")
+    _add_common(p)
+
     p = sub.add_parser("ceiling", help="Fisher/CRLB ceiling of logg for a simulated catalog")
     p.add_argument("catalog", help="simulated catalog store (zarr)")
     p.add_argument("--out", required=True, help="directory for ceiling.json and ceiling.zarr")
@@ -216,6 +221,23 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    from .audit import audit_catalog, write_audit
+    from .catalog import open_catalog
+    from .cluster import dask_session
+
+    cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
+    ds = open_catalog(args.catalog, require_labels=("logg", "snr", "mag"), config=cfg.catalog)
+    with dask_session(cfg.cluster) as client:
+        result = audit_catalog(ds, cfg, client=client, n_groups=cfg.audit.n_mag_groups, seed=cfg.audit.seed)
+    doc = write_audit(result, args.out, ds, cfg)
+    from .audit import audit_markdown
+
+    print(audit_markdown(doc))
+    print(f"wrote        {Path(args.out) / 'audit.json'}")
+    return 0
+
+
 def _cmd_ceiling(args) -> int:
     import numpy as np
     import xarray as xr
@@ -285,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"snrmoe: warning: {msg}\n"
     handlers = {"simulate": _cmd_simulate, "ingest": _cmd_ingest, "info": _cmd_info, "fit": _cmd_fit,
-                "evaluate": _cmd_evaluate, "predict": _cmd_predict, "ceiling": _cmd_ceiling,
+                "evaluate": _cmd_evaluate, "predict": _cmd_predict, "ceiling": _cmd_ceiling, "audit": _cmd_audit,
                 "run": _cmd_run}
     try:
         return handlers[args.command](args)

@@ -197,6 +197,15 @@ class CeilingConfig(_Strict):
     block_rows: int = Field(1024, ge=1)
 
 
+class AuditConfig(_Strict):
+    """The leakage audit (SPEC section 5)."""
+
+    logg_r2_max: float = 0.05
+    snr_r2_min: float = 0.5
+    n_mag_groups: int = Field(5, ge=2)
+    seed: int = Field(0, ge=0)
+
+
 class RunConfig(_Strict):
     """Where a batch run writes and what it reads."""
 
@@ -214,6 +223,7 @@ class Config(_Strict):
     fit: FitConfig = Field(default_factory=FitConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     ceiling: CeilingConfig = Field(default_factory=CeilingConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
 
