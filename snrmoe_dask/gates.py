@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import expit, log_softmax, softmax
+from scipy.special import expit, softmax
 
 __all__ = ["GATE_SPECS", "GateSpec", "Gate", "Standardizer", "fit_gate", "mixture", "mixture_sigma",
            "entropy", "ORACLE_OF"]
@@ -197,11 +197,10 @@ class Gate:
     def from_arrays(cls, spec: GateSpec, kind: str, n_classes: int, arrays: Mapping[str, np.ndarray],
                     info: dict | None = None) -> Gate:
         params = {k[len("param_"):]: np.asarray(v, np.float64) for k, v in arrays.items() if k.startswith("param_")}
-        scalers = {}
-        for name in spec.inputs:
-            scalers[name] = Standardizer(*(np.asarray(arrays[f"scaler_{name}_{a}"])
-                                           for a in ("log", "median", "mean", "scale")))
-        scalers = {k: Standardizer(v.log.astype(bool), v.median, v.mean, v.scale) for k, v in scalers.items()}
+        scalers = {name: Standardizer(np.asarray(arrays[f"scaler_{name}_log"], bool),
+                                      *(np.asarray(arrays[f"scaler_{name}_{a}"], np.float64)
+                                        for a in ("median", "mean", "scale")))
+                   for name in spec.inputs}
         return cls(spec, kind, params, scalers, n_classes, dict(info or {}))
 
 
@@ -336,12 +335,10 @@ def fit_gate(spec: GateSpec, table: Mapping[str, np.ndarray], labels: np.ndarray
         start = {"W": np.hstack([a["W"], np.zeros((n_classes, x_all.shape[1] - dp))]), "b": a["b"].copy()}
         gate.params, info["optimizer"] = _train_mse("linear", start, ["W", "b"], inputs, pred, y, l2, max_iter)
     elif t == "poe":
-        dp = x_phys.shape[1]
         a = _logreg(x_phys, labels, n_classes, logreg_c, seed)
         b = _logreg(x_qual, labels, n_classes, logreg_c, seed)
         # softmax(a) * softmax(b) / Z == softmax(a + b): one linear gate on [phys, quality]
         gate.params = {"W": np.hstack([a["W"], b["W"]]), "b": np.maximum(a["b"] + b["b"], -_BIG)}
-        assert gate.params["W"].shape[1] == x_all.shape[1] and dp == a["W"].shape[1]
     elif t == "temp":
         a = _logreg(x_phys, labels, n_classes, logreg_c, seed)
         start = {**a, "c": np.zeros(x_qual.shape[1]), "d": np.array([-2.0])}
@@ -362,7 +359,3 @@ def fit_gate(spec: GateSpec, table: Mapping[str, np.ndarray], labels: np.ndarray
     gate.info = info
     return gate
 
-
-def class_log_proba(gate: Gate, table: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Log gate weights (for diagnostics)."""
-    return log_softmax(gate_logits(gate.kind, gate.params, *gate.inputs(table)), axis=1)
