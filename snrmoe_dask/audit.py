@@ -75,8 +75,11 @@ class AuditAccumulator:
         self.xtx = {r: np.zeros((n_groups, p, p)) for r in _BIG}  # lower triangle filled by syrk, C order
         self.xty = {r: np.zeros((n_groups, p, t)) for r in _BIG}
         self.small: dict[str, list[np.ndarray]] = {}
+        self.chunks_done: list[int] = []
+        self._symmetric = False
 
     def add(self, reps: dict[str, np.ndarray], targets: np.ndarray, group: np.ndarray) -> None:
+        self._symmetric = False
         for k in np.unique(group[group >= 0]):
             sel = group == k
             y = targets[sel]
@@ -93,10 +96,13 @@ class AuditAccumulator:
     def stats(self, rep: str, target: str) -> SufficientStats:
         """Per-group statistics of one representation and target (shares the Gram arrays)."""
         t = TARGETS.index(target)
-        xtx = self.xtx[rep]
-        for k in range(self.n_groups):
+        if not self._symmetric:  # syrk filled the lower triangles; mirror them once, after the pass
             il = np.tril_indices(self.p, -1)
-            xtx[k][il[1], il[0]] = xtx[k][il]  # symmetrise (idempotent)
+            for r in _BIG:
+                for k in range(self.n_groups):
+                    self.xtx[r][k][il[1], il[0]] = self.xtx[r][k][il]
+            self._symmetric = True
+        xtx = self.xtx[rep]
         return SufficientStats(self.n.copy(), self.sx[rep], self.sy[:, t].copy(), self.syy[:, t].copy(), xtx,
                                self.xty[rep][:, :, t], self.shift[rep])
 
@@ -150,7 +156,10 @@ def importance_by_region(importance: np.ndarray, wavelength: np.ndarray, sky: np
 
 
 # ------------------------------------------------------------ dask layer
-def _fold(acc: AuditAccumulator, flux, error, mask, targets, group, is_test, template):
+def _fold(acc: AuditAccumulator, index: int, flux, error, mask, targets, group, is_test, template):
+    if index in acc.chunks_done:  # a retried task must not count a chunk twice
+        return acc
+    acc.chunks_done.append(index)
     reps = representations_block(error, flux, mask, template)
     train = group >= 0
     acc.add(reps, targets, group)
@@ -212,7 +221,7 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int 
     for i, (fb, eb, mb) in enumerate(zip(fblocks, eblocks, mblocks)):
         lo, hi = int(starts[i]), int(starts[i + 1])
         if (group[lo:hi] >= 0).any() or is_test[lo:hi].any():
-            acc = fold(acc, fb, eb, mb, targets[lo:hi], group[lo:hi], is_test[lo:hi], template)
+            acc = fold(acc, i, fb, eb, mb, targets[lo:hi], group[lo:hi], is_test[lo:hi], template)
     (acc,) = compute(acc, client=client, label=f"audit pass ({int(train.sum())} train, {int(is_test.sum())} test)",
                      progress=progress)
     cat = {k: np.concatenate(v) for k, v in acc.small.items()}

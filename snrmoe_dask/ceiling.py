@@ -35,7 +35,7 @@ import numpy as np
 from .physics import ForwardModel, Instrument, _build_basis
 
 __all__ = ["PARAMS", "STEPS", "fisher_crlb", "fd_jacobian", "forward_jacobian", "crlb_for_labels", "dmu_dlogg",
-           "model_from_catalog_attrs", "bayes_mse", "r2_max", "ceiling_summary"]
+           "model_from_catalog_attrs", "bayes_mse", "r2_max", "ceiling_summary", "write_ceiling"]
 
 #: labels the forward model depends on, in Jacobian column order; logg first
 PARAMS = ("logg", "teff", "mh", "alpha_m", "mag")
@@ -201,3 +201,24 @@ def efficiency(model_metrics: dict, ceiling: dict) -> dict:
     return {"overall": ratio(model_metrics["r2"], ceiling["overall"]["r2_max"]),
             "per_snr_bin": {b: ratio(m["r2"], ceiling["per_snr_bin"][b]["r2_max"])
                             for b, m in model_metrics["per_snr_bin"].items()}}
+
+
+def write_ceiling(result: dict, ds, out_dir, provenance: dict) -> dict:
+    """Write ``ceiling.zarr`` (per spectrum) and ``ceiling.json`` (summary); returns the summary.
+
+    ``result`` is ``{"crlb", "summary"}`` for the rows of ``ds``.
+    """
+    from pathlib import Path
+
+    import xarray as xr
+
+    var = float(np.var(ds["logg"].values))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xr.Dataset({"crlb_logg": ("spectrum", result["crlb"]), "r2_max": ("spectrum", r2_max(result["crlb"], var)),
+                "snr": ("spectrum", ds["snr"].values), "mag": ("spectrum", ds["mag"].values)},
+               coords={"spectrum": ds["spectrum"].values}).to_zarr(out_dir / "ceiling.zarr", mode="w",
+                                                                     zarr_format=3, consolidated=False)
+    summary = {**provenance, **result["summary"]}
+    (out_dir / "ceiling.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -222,7 +222,7 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_audit(args) -> int:
-    from .audit import audit_catalog, write_audit
+    from .audit import audit_catalog, audit_markdown, write_audit
     from .catalog import open_catalog
     from .cluster import dask_session
 
@@ -231,8 +231,6 @@ def _cmd_audit(args) -> int:
     with dask_session(cfg.cluster) as client:
         result = audit_catalog(ds, cfg, client=client, n_groups=cfg.audit.n_mag_groups, seed=cfg.audit.seed)
     doc = write_audit(result, args.out, ds, cfg)
-    from .audit import audit_markdown
-
     print(audit_markdown(doc))
     print(f"wrote        {Path(args.out) / 'audit.json'}")
     return 0
@@ -240,7 +238,6 @@ def _cmd_audit(args) -> int:
 
 def _cmd_ceiling(args) -> int:
     import numpy as np
-    import xarray as xr
 
     from .catalog import open_catalog
     from .cluster import dask_session
@@ -253,17 +250,10 @@ def _cmd_ceiling(args) -> int:
     sub = ds.isel(spectrum=rows)
     with dask_session(cfg.cluster) as client:
         out = ceiling_stage(sub, cfg, client=client)
-    from .ceiling import r2_max
+    from .ceiling import write_ceiling
 
-    var = float(np.var(sub["logg"].values))
+    summary = write_ceiling(out, sub, args.out, {"catalog": str(args.catalog), "rows": args.rows})
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    xr.Dataset({"crlb_logg": ("spectrum", out["crlb"]), "r2_max": ("spectrum", r2_max(out["crlb"], var)),
-                "snr": ("spectrum", sub["snr"].values), "mag": ("spectrum", sub["mag"].values)},
-               coords={"spectrum": sub["spectrum"].values}).to_zarr(out_dir / "ceiling.zarr", mode="w",
-                                                                      zarr_format=3, consolidated=False)
-    summary = {"catalog": str(args.catalog), "rows": args.rows, **out["summary"]}
-    (out_dir / "ceiling.json").write_text(json.dumps(summary, indent=2))
     print(f"ceiling      {len(rows)} spectra ({args.rows}); R2_max overall {summary['overall']['r2_max']:.3f}")
     for name, b in summary["per_snr_bin"].items():
         if b["n"]:

@@ -23,7 +23,7 @@ from .catalog import good_pixel_mask
 from .config import FitConfig, GatesConfig
 from .experts import expert_specs, experts_dataset, fit_experts
 from .features import FEATURE_NAMES, block_features, snr_estimate
-from .gates import GATE_SPECS
+from .gates import GATE_SPECS, fit_gate
 from .mixture import gate_inputs, physical_names, predict_block
 from .pca import pca_from_stats
 from .split import id_hash
@@ -203,8 +203,6 @@ class SNRMoERegressor(RegressorMixin, BaseEstimator):
         table = gate_inputs(feats, proj[:, len(specs):])
         spec = GATE_SPECS[self.gate]
         members = model.members(spec.family)
-        from .gates import fit_gate
-
         gate = fit_gate(spec, table, model.class_labels(spec.family, s_b[rows], p_b[rows]),
                         proj[:, members], y[rows], n_classes=len(members), l2=gcfg.l2, logreg_c=gcfg.logreg_c,
                         max_iter=gcfg.max_iter, seed=self.random_state)

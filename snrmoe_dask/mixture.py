@@ -23,11 +23,10 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .catalog import good_pixel_mask
+from .evaluate import predict_block as project_block
 from .evaluate import r2_score
 from .features import FEATURE_NAMES, LINE_NAMES, QUALITY_FEATURES, block_features
 from .gates import GATE_SPECS, Gate, fit_gate, mixture, mixture_sigma
-from .stats import impute_bad_pixels
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import GatesConfig
@@ -139,9 +138,7 @@ def predict_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, 
     predictions and the ``too_many_masked`` flag.
     """
     feats = block_features(flux, error, mask, wavelength)
-    good = good_pixel_mask(flux, error, mask)
-    x = impute_bad_pixels(flux, good).astype(np.float64)
-    proj = x @ proj_coef.T + proj_intercept
+    proj = project_block(flux, error, mask, proj_coef, proj_intercept)
     pred, pca = proj[:, :n_experts], proj[:, n_experts:]
     out = apply_gate(gate, gate_inputs(feats, pca), pred[:, members], pred[:, global_index], resid_var[members],
                      float(resid_var[global_index]), tau)
