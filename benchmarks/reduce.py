@@ -73,8 +73,8 @@ def measure(path: Path, client, fit: FitConfig, blas_threads: int = 0) -> dict:
     out["blas_s"] = blas_floor(ds, np.flatnonzero(train))
     out["floor_s"] = out["read_s"] + out["blas_s"]
 
-    stats, feats = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=fit.flush_rows,
-                            precision=fit.precision, blas_threads=blas_threads or max(1, threads // chains))
+    stats, feats, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=fit.flush_rows,
+                               precision=fit.precision, blas_threads=blas_threads or max(1, threads // chains))
     rows_counted = dask.delayed(lambda s: float(s.n.sum()))(stats)
     base = PeakRSS.current()
     with PeakRSS() as peak:

@@ -146,6 +146,8 @@ class FitConfig(_Strict):
     flush_rows: int = Field(1024, ge=1)
     chains: int | None = Field(None, ge=1)
     memory_budget: str = "8GB"
+    baselines: list[Literal["whitened", "conditional"]] = Field(
+        default_factory=lambda: ["whitened", "conditional"])
 
     @field_validator("alphas_relative")
     @classmethod

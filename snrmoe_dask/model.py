@@ -9,6 +9,9 @@ Model store (``MODEL_DIR/``)::
                     train flux: pca_mean (wavelength), pca_components (pc,
                     wavelength) -- numbers only
     gates.zarr      one group per gate: parameters and input scalers
+    baselines.zarr  the whitened and conditional control baselines: coef
+                    (baseline, wavelength), term_coef (term), intercept, alpha
+    baseline_stats/ their sufficient statistics (whitened.zarr, cross.zarr)
     gate_table.zarr the val rows' gate inputs, expert predictions and labels
     stats.zarr      the summed sufficient statistics (refit / append without
                     re-reading old rows)
@@ -32,6 +35,7 @@ import numpy as np
 import xarray as xr
 from dask.utils import parse_bytes
 
+from .baselines import BASELINES, TERM_NAMES, baseline_predictions, baselines_dataset, solve_baselines
 from .bins import cell_index, phys_bin, phys_bin_names, snr_bin
 from .catalog import CatalogError, bin_edges, open_catalog
 from .ceiling import efficiency
@@ -59,9 +63,11 @@ class ModelError(ValueError):
 class Model:
     """A loaded model store: experts and gates as arrays plus their JSON description."""
 
-    def __init__(self, experts: xr.Dataset, meta: dict[str, Any], gates: dict[str, Gate] | None = None):
+    def __init__(self, experts: xr.Dataset, meta: dict[str, Any], gates: dict[str, Gate] | None = None,
+                 baselines: xr.Dataset | None = None):
         self.experts = experts
         self.meta = meta
+        self.baselines = baselines
         fields = ("name", "family", "member", "parent", "shrink")
         self.specs = [ExpertSpec(cells=tuple(s["cells"]), **{k: s[k] for k in fields}) for s in meta["experts"]]
         self.index = {s.name: i for i, s in enumerate(self.specs)}
@@ -137,6 +143,12 @@ def _save_stats(stats: SufficientStats, path: str) -> dict:
     return {"n_per_cell": stats.n.tolist(), "meta": stats.meta}
 
 
+def _fit_and_save_baselines(stats: SufficientStats, bstats, relative_alphas, max_df_fraction, search_precision,
+                            path: str) -> dict:
+    bstats.to_zarr(path)
+    return solve_baselines(stats, bstats, relative_alphas, max_df_fraction, search_precision)
+
+
 def save_gates(path: Path, gates: dict[str, Gate]) -> None:
     """One xarray group per gate in ``gates.zarr`` (plain arrays, no pickle)."""
     for name, gate in gates.items():
@@ -169,11 +181,14 @@ def load_gates(path: Path, gates_meta: dict) -> dict[str, Gate]:
     return out
 
 
-def save_model(model_dir: Path, experts: xr.Dataset, meta: dict, gates: dict[str, Gate] | None = None) -> None:
-    """Write ``experts.zarr``, ``gates.zarr`` and then ``model.json`` (the completion marker)."""
+def save_model(model_dir: Path, experts: xr.Dataset, meta: dict, gates: dict[str, Gate] | None = None,
+               baselines: xr.Dataset | None = None) -> None:
+    """Write ``experts.zarr``, ``gates.zarr``, ``baselines.zarr`` and then ``model.json`` (the completion marker)."""
     experts.to_zarr(model_dir / "experts.zarr", mode="w", zarr_format=3, consolidated=False)
     if gates:
         save_gates(model_dir / "gates.zarr", gates)
+    if baselines is not None:
+        baselines.to_zarr(model_dir / "baselines.zarr", mode="w", zarr_format=3, consolidated=False)
     (model_dir / "model.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -209,7 +224,26 @@ def load_model(model_dir: str | Path) -> Model:
         if not np.all(np.isfinite(experts[name].values)):
             raise ModelError(f"{model_dir}: experts.zarr '{name}' has non-finite values")
     gates = load_gates(model_dir / "gates.zarr", meta.get("gates", {}))
-    return Model(experts, meta, gates)
+    return Model(experts, meta, gates, _load_baselines(model_dir, meta))
+
+
+def _load_baselines(model_dir: Path, meta: dict) -> xr.Dataset | None:
+    """Read and validate ``baselines.zarr`` if ``model.json`` lists baselines."""
+    names = meta.get("baselines", {}).get("fitted", [])
+    if not names:
+        return None
+    try:
+        ds = xr.open_zarr(model_dir / "baselines.zarr", consolidated=False).load()
+        stored = json.loads(ds.attrs["baseline"])
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{model_dir}/baselines.zarr unreadable: {exc}") from None
+    if stored != names or ds["coef"].shape != (len(names), meta["n_pixels"]):
+        raise ModelError(f"{model_dir}/baselines.zarr holds {stored} with coef {ds['coef'].shape}; model.json "
+                         f"expects {names} over {meta['n_pixels']} pixels")
+    for name in ("coef", "intercept", "term_coef"):
+        if not np.all(np.isfinite(ds[name].values)):
+            raise ModelError(f"{model_dir}/baselines.zarr '{name}' has non-finite values")
+    return ds
 
 
 # ---------------------------------------------------------------------- fit
@@ -248,7 +282,7 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     if "snr" in ds:
         snr_route, snr_source = np.asarray(ds["snr"].values, np.float64), "snr (true S/N label)"
     else:  # real data: route training cells by the estimate -> features first (an extra pass)
-        _, fblocks = one_pass(ds, np.zeros(n), np.full(n, -1), n_cells=1, chains=1)
+        _, fblocks, _ = one_pass(ds, np.zeros(n), np.full(n, -1), n_cells=1, chains=1)
         t0 = time.perf_counter()
         (feature_blocks,) = compute(fblocks, client=client, label="features (S/N estimate)", progress=progress)
         timings["features_pass_s"] = time.perf_counter() - t0
@@ -261,22 +295,30 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
 
     n_chunks = len(ds["flux"].chunks[0])
     threads = _n_threads(client)
-    chains = cfg.fit.chains or auto_chains(threads, n_chunks, n_cells, p, cfg.fit.flush_rows, cfg.fit.precision,
-                                           parse_bytes(cfg.fit.memory_budget))
+    baselines = tuple(cfg.fit.baselines)
+    # the whitened baseline's accumulator is one more cell in every chain
+    chains = cfg.fit.chains or auto_chains(threads, n_chunks, n_cells + ("whitened" in baselines), p,
+                                           cfg.fit.flush_rows, cfg.fit.precision, parse_bytes(cfg.fit.memory_budget))
     meta_stats = {"n_snr": n_snr, "n_phys": len(phys_names), "bin_edges": edges, "catalog": str(catalog)}
-    stats_d, feats_d = one_pass(ds, y, cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows,
-                                precision=cfg.fit.precision, min_good_fraction=cfg.catalog.min_good_fraction,
-                                meta=meta_stats, blas_threads=max(1, threads // chains))
+    stats_d, feats_d, bstats_d = one_pass(
+        ds, y, cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows, precision=cfg.fit.precision,
+        min_good_fraction=cfg.catalog.min_good_fraction, meta=meta_stats, blas_threads=max(1, threads // chains),
+        baselines=baselines)
     specs = expert_specs(snr_names, phys_names)
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
                          cfg.fit.alpha_search_precision)
     saved_d = dask.delayed(_save_stats)(stats_d, str(model_dir / "stats.zarr"))
     pca_d = dask.delayed(pca_from_stats)(stats_d, cfg.gates.n_pca) if cfg.gates.n_pca else dask.delayed(None)
+    base_d = dask.delayed(None)
+    if baselines:
+        base_d = dask.delayed(_fit_and_save_baselines)(stats_d, bstats_d, cfg.fit.alphas_relative,
+                                                       cfg.fit.max_df_fraction, cfg.fit.alpha_search_precision,
+                                                       str(model_dir / "baseline_stats"))
     t0 = time.perf_counter()
     want_feats = feats_d if feature_blocks is None else []
-    feats, fits, saved, pca = compute(want_feats, fits_d, saved_d, pca_d, client=client,
-                                 label=f"one pass ({chains} accumulator chain(s)) + {len(specs)} experts",
-                                 progress=progress)
+    feats, fits, saved, pca, base_fits = compute(
+        want_feats, fits_d, saved_d, pca_d, base_d, client=client, progress=progress,
+        label=f"one pass ({chains} accumulator chain(s)) + {len(specs)} experts + {len(baselines)} baselines")
     timings["pass_and_fit_s"] = time.perf_counter() - t0
     feature_blocks = feature_blocks if feature_blocks is not None else feats
 
@@ -293,6 +335,7 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         experts["pca_mean"] = ("wavelength", pca["mean"])
         experts["pca_components"] = (("pc", "wavelength"), pca["components"])
         experts["pca_explained_variance"] = ("pc", pca["explained_variance"])
+    baselines_ds = baselines_dataset(base_fits, ds["wavelength"].values) if base_fits else None
     from .pipeline import versions  # local import: pipeline imports this module
 
     meta = {
@@ -307,6 +350,9 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         "snr_routing_source": snr_source,
         "experts": [{**asdict(s), "cells": list(s.cells), "fallback": fits[s.name]["fallback"]} for s in specs],
         "alpha_at_grid_edge": edge_hits,
+        "baselines": {"fitted": [b for b in BASELINES if b in (base_fits or {})], "terms": list(TERM_NAMES),
+                      "alpha": {b: f["alpha"] for b, f in (base_fits or {}).items()},
+                      "at_grid_edge": {b: f["at_grid_edge"] for b, f in (base_fits or {}).items()}},
         "train_rows": int((cell >= 0).sum()),
         "train_rows_excluded_unusable": saved["meta"].get("train_rows_excluded_unusable", 0),
         "rows_per_cell": saved["n_per_cell"],
@@ -322,8 +368,8 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     gates, meta["gates"] = _fit_gate_stage(model, ds, features, y, snr_route, edges, cfg, model_dir, client, progress)
     timings["gates_s"] = time.perf_counter() - t0
     meta["timings"] = {**timings, "total_s": time.perf_counter() - t_start}
-    save_model(model_dir, experts, meta, gates)
-    return Model(experts, meta, gates)
+    save_model(model_dir, experts, meta, gates, baselines_ds)
+    return Model(experts, meta, gates, baselines_ds)
 
 
 def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.ndarray, snr_route: np.ndarray,
@@ -418,8 +464,9 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     pred_d = expert_predictions(ds, coef, icpt, rows)
     sub = ds.isel(spectrum=rows)
     feats_d = feature_table(sub, cfg.catalog.min_good_fraction)
-    proj, feats = compute(pred_d, feats_d, client=client, label=f"predict {rows.size} test rows",
-                          progress=progress)
+    base_d = baseline_predictions(ds, model.baselines, rows) if model.baselines is not None else dask.delayed(None)
+    proj, feats, base_pred = compute(pred_d, feats_d, base_d, client=client, label=f"predict {rows.size} test rows",
+                                     progress=progress)
     usable = feats["usable"].values
     y = np.asarray(sub[target].values, np.float64)
     snr_values = np.asarray(sub["snr"].values if "snr" in sub else feats["snr_est"].values, np.float64)
@@ -427,6 +474,7 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     n_exp = len(model.specs)
     table = gate_inputs(np.column_stack([feats[c].values for c in FEATURE_NAMES])[usable], proj[usable, n_exp:])
     pred, y, s_b, p_b = proj[usable, :n_exp], y[usable], s_b[usable], p_b[usable]
+    base_names = json.loads(model.baselines.attrs["baseline"]) if model.baselines is not None else []
     metrics: dict[str, Any] = {
         "n_test": int(usable.sum()),
         "n_test_excluded_unusable": int((~usable).sum()),
@@ -438,6 +486,10 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     for family in FAMILIES:
         yhat = route_oracle(pred, model.family_index(family, s_b, p_b))
         metrics["models"][family] = regression_metrics(y, yhat, s_b, p_b, model.snr_names, model.phys_names)
+    for j, name in enumerate(base_names):
+        metrics["models"][name] = regression_metrics(y, base_pred[usable, j], s_b, p_b, model.snr_names,
+                                                     model.phys_names)
+        metrics["models"][name]["baseline"] = True
     if model.gates:
         metrics["default_gate"] = model.default_gate
         metrics["gate_entropy_by_snr_bin"] = {}

@@ -28,6 +28,7 @@ import xarray as xr
 from dask.base import tokenize
 from threadpoolctl import threadpool_limits
 
+from .baselines import BaselineAccumulator, BaselineStats
 from .catalog import good_pixel_mask
 from .features import FEATURE_NAMES, PIXEL_COUNTS, block_features
 from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, map_cells, memory_bytes, symmetrize_lower
@@ -43,37 +44,50 @@ def shift_from_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | Non
     return x.mean(axis=0, dtype=np.float64)
 
 
-def _init(shift, n_cells, flush_rows, precision, meta):
+def _init(shift, n_cells, flush_rows, precision, meta, baselines=()):
     acc = CellAccumulator(n_cells, shift, flush_rows=flush_rows, precision=precision, meta=meta)
     acc.excluded_unusable = 0
+    # the baselines use the experts' shift exactly (their conditional cross terms pair with these sums)
+    acc.baselines = (BaselineAccumulator(baselines, acc.stats.shift, flush_rows, precision) if baselines
+                     else None)
     return acc
 
 
 def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good: int,
-          blas_threads: int) -> CellAccumulator:
+          blas_threads: int, features=None) -> CellAccumulator:
     if index in acc.chunks_done:  # a retried task must not count a chunk twice
         return acc
     good = good_pixel_mask(flux, error, mask)
     usable = good.sum(axis=1) >= min_good
     acc.excluded_unusable += int(((cell >= 0) & ~usable).sum())
+    keep = np.where(usable, cell, -1)
     # the nanny pins BLAS to 1 thread per task; a chain may use its share of the worker's cores
     with threadpool_limits(limits=blas_threads, user_api="blas"):
-        acc.add(impute_bad_pixels(flux, good), y, np.where(usable, cell, -1))
+        x = impute_bad_pixels(flux, good)
+        acc.add(x, y, keep)
+        if acc.baselines is not None:
+            acc.baselines.add(x, flux, error, good, features, y, keep >= 0)
     acc.chunks_done.append(index)
     return acc
 
 
-def _finalize(threads: int, *accs: CellAccumulator) -> SufficientStats:
+def _finalize(threads: int, *accs: CellAccumulator) -> tuple[SufficientStats, BaselineStats | None]:
     # nothing else runs at this point: spread the independent cells over the worker's threads,
     # each with single-threaded BLAS
     excluded = sum(acc.excluded_unusable for acc in accs)
+    baselines = None
+    for acc in accs:
+        if acc.baselines is not None:
+            part = acc.baselines.finalize()
+            baselines = part if baselines is None else baselines + part
+            acc.baselines = None
     with threadpool_limits(limits=1, user_api="blas"):
         total = accs[0].finalize(symmetrize=False, workers=threads)
         for acc in accs[1:]:
             acc.finalize(into=total, workers=threads)  # folds straight into the first chain's totals
         map_cells(lambda k: symmetrize_lower(total.xtx[k]), total.n_cells, threads)
     total.meta["train_rows_excluded_unusable"] = int(excluded)
-    return total
+    return total, baselines
 
 
 def _features(flux, error, mask, wavelength) -> np.ndarray:
@@ -90,7 +104,7 @@ def auto_chains(n_threads: int, n_chunks: int, n_cells: int, n_features: int, fl
 
 def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, chains: int = 1,
              flush_rows: int = 1024, precision: str = "float32", min_good_fraction: float = 0.5,
-             meta: dict | None = None, blas_threads: int = 1):
+             meta: dict | None = None, blas_threads: int = 1, baselines: tuple[str, ...] = ()):
     """Build the lazy one-pass graph.
 
     Parameters
@@ -107,6 +121,9 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         Stored with the statistics.
     blas_threads : int
         BLAS threads inside each fold (threads per worker / chains).
+    baselines : tuple of str
+        Baselines (:data:`~snrmoe_dask.baselines.BASELINES`) whose statistics
+        the same folds accumulate.
 
     Returns
     -------
@@ -115,6 +132,9 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         cluster (compute only small things that depend on it).
     features : list of dask.delayed.Delayed
         One (rows, len(FEATURE_NAMES)) block per chunk, in order.
+    baseline_stats : dask.delayed.Delayed
+        The summed :class:`~snrmoe_dask.baselines.BaselineStats` (``None``
+        without baselines).
     """
     n, p = ds.sizes["spectrum"], ds.sizes["wavelength"]
     if y.shape != (n,) or cell.shape != (n,):
@@ -125,25 +145,27 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
     mblocks = ds["mask"].data.to_delayed().ravel() if "mask" in ds else [None] * len(fblocks)
     starts = np.r_[0, np.cumsum(ds["flux"].chunks[0])]
     chains = max(1, min(chains, len(fblocks)))
+    baselines = tuple(baselines)
     tok = tokenize(ds["flux"].data.name, ds["error"].data.name, y, cell, n_cells, chains, flush_rows, precision,
-                   min_good)
+                   min_good, baselines)
 
     wave = dask.delayed(np.asarray(ds["wavelength"].values, np.float64), name=f"wavelength-{tok}")
     shift = dask.delayed(shift_from_block, pure=True)(fblocks[0], eblocks[0], mblocks[0], min_good)
     init = dask.delayed(_init, pure=True)
     fold = dask.delayed(_fold, pure=True)
-    accs = [init(shift, n_cells, flush_rows, precision, dict(meta or {}), dask_key_name=f"acc-init-{tok}-{c}")
-            for c in range(chains)]
+    accs = [init(shift, n_cells, flush_rows, precision, dict(meta or {}), baselines,
+                 dask_key_name=f"acc-init-{tok}-{c}") for c in range(chains)]
     feats = []
     for i, (fb, eb, mb) in enumerate(zip(fblocks, eblocks, mblocks)):
         lo, hi = int(starts[i]), int(starts[i + 1])
         c = i % chains
+        feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, wave, dask_key_name=f"features-{tok}-{i}"))
         if (cell[lo:hi] >= 0).any():
             accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_threads,
-                           dask_key_name=f"acc-fold-{tok}-{c}-{i}")
-        feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, wave, dask_key_name=f"features-{tok}-{i}"))
-    stats = dask.delayed(_finalize, pure=True)(blas_threads * chains, *accs, dask_key_name=f"stats-finalize-{tok}")
-    return stats, feats
+                           feats[-1] if baselines else None, dask_key_name=f"acc-fold-{tok}-{c}-{i}")
+    both = dask.delayed(_finalize, pure=True, nout=2)(blas_threads * chains, *accs,
+                                                      dask_key_name=f"stats-finalize-{tok}")
+    return both[0], feats, both[1]
 
 
 def features_dataset(blocks: list[np.ndarray], ds: xr.Dataset, min_good_fraction: float) -> xr.Dataset:

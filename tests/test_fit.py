@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import Ridge
 
+from snrmoe_dask.baselines import BASELINES
 from snrmoe_dask.bins import cell_index, phys_bin, snr_bin
 from snrmoe_dask.catalog import bin_edges, good_pixel_mask, open_catalog
 from snrmoe_dask.cli import main
@@ -61,7 +62,7 @@ def _stats(ds, chunk, chains, precision="float64"):
     cells = cell_index(phys_bin(ds["teff"].values, ds["mh"].values, edges["teff_edges"], edges["mh_edges"]),
                        snr_bin(ds["snr"].values, edges["snr_edges"]), 4)
     cells = np.where(ds["split"].values == TRAIN, cells, -1)
-    stats, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=64,
+    stats, _, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=64,
                         precision=precision)
     with dask.config.set(scheduler="threads"):
         return stats.compute()
@@ -95,7 +96,7 @@ def test_statistics_of_two_halves_add_up(fit_catalog):
         cells = cell_index(phys_bin(sub["teff"].values, sub["mh"].values, edges["teff_edges"], edges["mh_edges"]),
                            snr_bin(sub["snr"].values, edges["snr_edges"]), 4)
         cells = np.where(sub["split"].values == TRAIN, cells, -1)
-        stats, _ = one_pass(sub, sub["logg"].values, cells, n_cells=36, chains=1, precision="float64")
+        stats, _, _ = one_pass(sub, sub["logg"].values, cells, n_cells=36, chains=1, precision="float64")
         with dask.config.set(scheduler="threads"):
             return stats.compute()
 
@@ -139,7 +140,7 @@ def test_metrics_contract_and_model_store(fit_catalog, fitted):
     with dask.config.set(scheduler="threads"):
         metrics = evaluate_model(model, fit_catalog, cfg, progress=False)
     assert metrics["n_test"] == 250
-    assert set(metrics["models"]) == set(FAMILIES) | set(GATE_SPECS)
+    assert set(metrics["models"]) == set(FAMILIES) | set(GATE_SPECS) | set(BASELINES)
     assert set(metrics["gate_entropy_by_snr_bin"]) == set(GATE_SPECS)
     for name in GATE_SPECS:
         m = metrics["models"][name]
