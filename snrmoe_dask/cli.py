@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="one pass over the catalog, then every Ridge expert family")
     p.add_argument("catalog", help="catalog store (zarr) with labels")
     p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted pass from MODEL_DIR/checkpoints")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="score a model on the catalog's frozen test subset")
@@ -90,8 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole chain from one YAML config (batch job)")
     p.add_argument("run_config", nargs="?", help="YAML config (default: config/small.yaml)")
     p.add_argument("--out", help="run directory (overrides run.out)")
-    p.add_argument("--overwrite", action="store_true", help="redo every stage")
+    p.add_argument("--overwrite", action="store_true", help="redo every stage, the simulation included")
+    p.add_argument("--resume", action="store_true",
+                   help="skip stages that completed with unchanged inputs; continue an interrupted pass from its "
+                        "checkpoints")
     p.add_argument("--scheduler", help="local (default) | tcp://host:port | slurm | pbs | threads | synchronous")
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.md and its PNG figures from the run's results")
+    p.add_argument("run_dir", help="a run directory (or one seed's directory) written by `snrmoe run`")
     return ap
 
 
@@ -174,7 +181,7 @@ def _cmd_fit(args) -> int:
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
     with dask_session(cfg.cluster) as client:
-        model = fit_model(args.catalog, args.out, cfg, client=client)
+        model = fit_model(args.catalog, args.out, cfg, client=client, resume=args.resume)
     meta = model.meta
     print(f"fitted       {len(meta['experts'])} experts from {meta['train_rows']} train rows "
           f"in {meta['timings']['total_s']:.1f} s -> {args.out}")
@@ -274,9 +281,18 @@ def _cmd_run(args) -> int:
     path = args.run_config or (config_dir() / "small.yaml")
     cfg = load_config(path, {"run": {"out": args.out}, "cluster": {"scheduler": args.scheduler}})
     with dask_session(cfg.cluster) as client:
-        record = run_pipeline(cfg, client=client, overwrite=args.overwrite)
+        record = run_pipeline(cfg, client=client, overwrite=args.overwrite, resume=args.resume)
     print(f"run          {cfg.run.out}  (config {path})")
-    sim = record["stages"].get("simulate", {})
+    if "seed_summary" in record:
+        from .report import format_mean_std
+
+        summ = record["seed_summary"]
+        print(f"seeds        {', '.join(summ['seeds'])}: R² mean ± std")
+        for name, m in summ["models"].items():
+            print(f"  {name:<22} {format_mean_std(m['r2'])}")
+        print(f"wrote        {Path(cfg.run.out) / 'seeds.json'}, {Path(cfg.run.out) / 'report.md'}")
+        return 0
+    sim = record["stages"].get("catalog", {})
     if "snr" in sim:
         print(f"simulated    {sim['n']} spectra in {sim['seconds']:.1f} s")
         _print_snr(sim["snr"])
@@ -288,7 +304,20 @@ def _cmd_run(args) -> int:
         print(f"fit          {fit['n_experts']} experts, {fit['train_rows']} train rows, {fit['seconds']:.1f} s")
         print(f"frozen test  {record['metrics']['n_test']} spectra")
         print(r2_table(record["metrics"]))
-    print(f"wrote        {Path(cfg.run.out) / 'run.json'}")
+    audit = record["stages"].get("audit", {}).get("passes")
+    if audit:
+        print("audit        " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in audit.items()))
+    print(f"wrote        {Path(cfg.run.out) / 'run.json'}" + (f", {Path(cfg.run.out) / 'report.md'}"
+                                                              if "report" in record["stages"] else ""))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    figures = write_report(args.run_dir)
+    print(f"wrote        {Path(args.run_dir) / 'report.md'} with {len(figures)} figures in "
+          f"{Path(args.run_dir) / 'figures'}")
     return 0
 
 
@@ -298,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"snrmoe: warning: {msg}\n"
     handlers = {"simulate": _cmd_simulate, "ingest": _cmd_ingest, "info": _cmd_info, "fit": _cmd_fit,
                 "evaluate": _cmd_evaluate, "predict": _cmd_predict, "ceiling": _cmd_ceiling, "audit": _cmd_audit,
-                "run": _cmd_run}
+                "run": _cmd_run, "report": _cmd_report}
     try:
         return handlers[args.command](args)
     except (ConfigError, CatalogError, ModelError, ValueError, FileExistsError, FileNotFoundError) as exc:

@@ -148,6 +148,7 @@ class FitConfig(_Strict):
     memory_budget: str = "8GB"
     baselines: list[Literal["whitened", "conditional"]] = Field(
         default_factory=lambda: ["whitened", "conditional"])
+    checkpoint_every: int | None = Field(None, ge=0)
 
     @field_validator("alphas_relative")
     @classmethod
@@ -213,6 +214,18 @@ class RunConfig(_Strict):
 
     out: str = "runs/default"
     catalog: str | None = None  # an existing catalog; null = simulate one
+    ingest: str | None = None  # HDF5/NPZ file or folder to ingest into OUT/catalog.zarr
+    seeds: list[int] | None = None  # repeat the study per seed (simulation seed and split salt)
+    audit: bool = True
+    report: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RunConfig:
+        if self.catalog is not None and self.ingest is not None:
+            raise ValueError("set at most one of run.catalog and run.ingest")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"run.seeds must be a non-empty list of distinct integers, got {self.seeds}")
+        return self
 
 
 class Config(_Strict):

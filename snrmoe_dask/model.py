@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict
@@ -39,6 +40,7 @@ from .baselines import BASELINES, TERM_NAMES, baseline_predictions, baselines_da
 from .bins import cell_index, phys_bin, phys_bin_names, snr_bin
 from .catalog import CatalogError, bin_edges, open_catalog
 from .ceiling import efficiency
+from .checkpoint import Checkpoint, plan_token
 from .cluster import compute
 from .config import Config
 from .evaluate import expert_predictions, regression_metrics, route_oracle
@@ -248,7 +250,7 @@ def _load_baselines(model_dir: Path, meta: dict) -> xr.Dataset | None:
 
 # ---------------------------------------------------------------------- fit
 def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client=None,
-              progress: bool = True) -> Model:
+              progress: bool = True, resume: bool = False) -> Model:
     """Features + sufficient statistics in one pass, then every expert family.
 
     Parameters
@@ -260,6 +262,10 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         Output model store (created).
     cfg : Config
     client : distributed.Client, optional
+    resume : bool
+        Continue the pass from ``MODEL_DIR/checkpoints`` if they belong to the
+        same plan (same catalog layout, cells and settings); otherwise they
+        are discarded.
 
     Returns
     -------
@@ -300,10 +306,12 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     chains = cfg.fit.chains or auto_chains(threads, n_chunks, n_cells + ("whitened" in baselines), p,
                                            cfg.fit.flush_rows, cfg.fit.precision, parse_bytes(cfg.fit.memory_budget))
     meta_stats = {"n_snr": n_snr, "n_phys": len(phys_names), "bin_edges": edges, "catalog": str(catalog)}
+    checkpoint = _checkpoint(model_dir, cfg, catalog, ds, y, cell, n_cells, chains, baselines, resume)
+    features_resumed = len(checkpoint.features_done()) if checkpoint else 0
     stats_d, feats_d, bstats_d = one_pass(
         ds, y, cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows, precision=cfg.fit.precision,
         min_good_fraction=cfg.catalog.min_good_fraction, meta=meta_stats, blas_threads=max(1, threads // chains),
-        baselines=baselines)
+        baselines=baselines, checkpoint=checkpoint)
     specs = expert_specs(snr_names, phys_names)
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
                          cfg.fit.alpha_search_precision)
@@ -356,7 +364,11 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         "train_rows": int((cell >= 0).sum()),
         "train_rows_excluded_unusable": saved["meta"].get("train_rows_excluded_unusable", 0),
         "rows_per_cell": saved["n_per_cell"],
-        "accumulation": {"chains": chains, "precision": cfg.fit.precision, "flush_rows": cfg.fit.flush_rows},
+        "accumulation": {"chains": chains, "precision": cfg.fit.precision, "flush_rows": cfg.fit.flush_rows,
+                         "checkpoint_every": checkpoint.every if checkpoint else 0,
+                         "chunks_from_checkpoint": saved["meta"].get("chunks_from_checkpoint", 0),
+                         "chunks_folded": saved["meta"].get("chunks_folded", 0),
+                         "feature_blocks_from_checkpoint": features_resumed},
         "catalog": str(catalog),
         "catalog_rows": n,
         "min_good_fraction": cfg.catalog.min_good_fraction,
@@ -369,7 +381,25 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     timings["gates_s"] = time.perf_counter() - t0
     meta["timings"] = {**timings, "total_s": time.perf_counter() - t_start}
     save_model(model_dir, experts, meta, gates, baselines_ds)
+    if checkpoint is not None:
+        checkpoint.clear()  # the statistics are in stats.zarr now
     return Model(experts, meta, gates, baselines_ds)
+
+
+def _checkpoint(model_dir: Path, cfg: Config, catalog, ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, n_cells: int,
+                chains: int, baselines: tuple[str, ...], resume: bool) -> Checkpoint | None:
+    """The pass's checkpoint directory (``None`` if ``fit.checkpoint_every`` is 0)."""
+    per_chain = max(1, -(-len(ds["flux"].chunks[0]) // chains))
+    every = cfg.fit.checkpoint_every if cfg.fit.checkpoint_every is not None else max(1, -(-per_chain // 4))
+    if every == 0:
+        shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)
+        return None
+    token = plan_token(catalog=str(Path(catalog).resolve()), shape=list(ds["flux"].shape),
+                       chunks=[int(c) for c in ds["flux"].chunks[0]], ids=np.asarray(ds["spectrum"].values),
+                       y=y, cell=cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows,
+                       precision=cfg.fit.precision, min_good=cfg.catalog.min_good_fraction,
+                       baselines=list(baselines), every=every)
+    return Checkpoint(str(model_dir / "checkpoints"), every, token).open(resume)
 
 
 def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.ndarray, snr_route: np.ndarray,
@@ -452,8 +482,14 @@ def predict_catalog(model: Model, catalog: str | Path, out: str | Path, cfg: Con
     return xr.open_zarr(out, consolidated=False)
 
 
-def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=None, progress: bool = True) -> dict:
-    """Score every family on the frozen test subset; returns the metrics dict."""
+def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=None, progress: bool = True,
+                   predictions_out: str | Path | None = None) -> dict:
+    """Score every family on the frozen test subset; returns the metrics dict.
+
+    With ``predictions_out``, the usable test rows' labels, bins and every
+    model's prediction are written there (zarr; the report's scatter and
+    heatmap figures read it).
+    """
     target = model.meta["target"]
     ds = open_catalog(catalog, require_labels=(target, "teff", "mh"), config=cfg.catalog)
     check_grid(model, ds, catalog)
@@ -483,28 +519,48 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
         "snr_routing_source": "snr (true S/N label)" if "snr" in sub else "snr_est",
         "models": {},
     }
+    yhats: dict[str, np.ndarray] = {}
     for family in FAMILIES:
-        yhat = route_oracle(pred, model.family_index(family, s_b, p_b))
-        metrics["models"][family] = regression_metrics(y, yhat, s_b, p_b, model.snr_names, model.phys_names)
+        yhats[family] = route_oracle(pred, model.family_index(family, s_b, p_b))
+        metrics["models"][family] = regression_metrics(y, yhats[family], s_b, p_b, model.snr_names,
+                                                       model.phys_names)
     for j, name in enumerate(base_names):
-        metrics["models"][name] = regression_metrics(y, base_pred[usable, j], s_b, p_b, model.snr_names,
-                                                     model.phys_names)
+        yhats[name] = base_pred[usable, j]
+        metrics["models"][name] = regression_metrics(y, yhats[name], s_b, p_b, model.snr_names, model.phys_names)
         metrics["models"][name]["baseline"] = True
     if model.gates:
         metrics["default_gate"] = model.default_gate
         metrics["gate_entropy_by_snr_bin"] = {}
         for name, gate in model.gates.items():
-            m, entropy_by_bin = gate_metrics(model, name, gate, table, pred, y, s_b, p_b, metrics["models"])
+            m, entropy_by_bin, yhats[name] = gate_metrics(model, name, gate, table, pred, y, s_b, p_b,
+                                                          metrics["models"])
             metrics["models"][name] = m
             metrics["gate_entropy_by_snr_bin"][name] = entropy_by_bin
+    crlb = None
     if cfg.ceiling.enabled and str(ds.attrs.get("simulated", "")).lower() == "true":
+        t0 = time.perf_counter()
         ceiling = ceiling_stage(sub.isel(spectrum=np.flatnonzero(usable)), cfg, client=client, progress=progress)
+        metrics["ceiling_seconds"] = time.perf_counter() - t0
         metrics["ceiling"] = ceiling["summary"]
+        crlb = ceiling["crlb"]
         for m in metrics["models"].values():
             m["efficiency"] = efficiency(m, ceiling["summary"])
     g = metrics["models"]["global"]["r2"]
     metrics["delta_r2_vs_global"] = {f: (m["r2"] - g if m["r2"] is not None and g is not None else None)
                                      for f, m in metrics["models"].items()}
+    if predictions_out is not None:
+        keep = np.flatnonzero(usable)
+        names = list(yhats)
+        out = xr.Dataset(
+            {"logg": ("spectrum", y), "yhat": (("spectrum", "model"), np.column_stack([yhats[k] for k in names])),
+             "snr_bin": ("spectrum", s_b), "phys_bin": ("spectrum", p_b),
+             "snr_est": ("spectrum", feats["snr_est"].values[keep]),
+             **({"snr": ("spectrum", np.asarray(sub["snr"].values)[keep])} if "snr" in sub else {}),
+             **({"crlb": ("spectrum", crlb)} if crlb is not None else {})},
+            coords={"spectrum": sub["spectrum"].values[keep]},
+            attrs={"model": json.dumps(names), "snr_bin_names": json.dumps(model.snr_names),
+                   "phys_bin_names": json.dumps(model.phys_names)})
+        out.to_zarr(predictions_out, mode="w", zarr_format=3, consolidated=False)
     return metrics
 
 
@@ -533,8 +589,8 @@ def rho(r2_deploy: float | None, r2_global: float | None, r2_oracle: float | Non
 
 
 def gate_metrics(model: Model, name: str, gate: Gate, table: dict, pred: np.ndarray, y: np.ndarray,
-                 s_b: np.ndarray, p_b: np.ndarray, family_metrics: dict) -> tuple[dict, dict]:
-    """The ``metrics.json`` block of one gate, and its mean entropy per S/N bin."""
+                 s_b: np.ndarray, p_b: np.ndarray, family_metrics: dict) -> tuple[dict, dict, np.ndarray]:
+    """The ``metrics.json`` block of one gate, its mean entropy per S/N bin, and its predictions."""
     out = apply_model_gate(model, gate, table, pred, model.meta["gates"]["fallback_tau"])
     m = regression_metrics(y, out["yhat"], s_b, p_b, model.snr_names, model.phys_names)
     oracle = ORACLE_OF[gate.spec.family]
@@ -555,4 +611,4 @@ def gate_metrics(model: Model, name: str, gate: Gate, table: dict, pred: np.ndar
     m["gate"] = {"family": gate.spec.family, "inputs": list(gate.spec.inputs), "training": gate.spec.training}
     ent = entropy(out["weights"])
     by_bin = {b: (float(ent[s_b == i].mean()) if (s_b == i).any() else None) for i, b in enumerate(model.snr_names)}
-    return m, by_bin
+    return m, by_bin, out["yhat"]

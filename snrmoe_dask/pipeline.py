@@ -1,7 +1,14 @@
 """The batch job behind ``snrmoe run``: the stages of SPEC section 3 in order.
 
-Each stage writes its artefact under the run directory and is recorded with
-its wall time in ``run.json``.
+Stages: ``catalog`` (simulate, ingest or an existing store), ``audit``,
+``fit`` (the one pass -- features and statistics -- then experts, baselines
+and gates), ``evaluate`` (with the Fisher ceiling) and ``report``. Each writes
+its artefact under the run directory and is recorded in ``run.json`` with its
+wall time and a *fingerprint*: a hash of the config sections it reads and of
+the fingerprints of the stages it reads from. ``run.json`` is rewritten after
+every stage. With ``resume``, a stage whose fingerprint is unchanged and whose
+outputs exist is skipped, and an unfinished fit continues its pass from the
+checkpoints in ``MODEL_DIR/checkpoints``.
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ import xarray as xr
 
 from .bins import snr_bin
 from .catalog import open_catalog, pixel_quality, quality_totals, summarize_catalog
+from .checkpoint import plan_token
 from .cluster import compute
 from .config import CatalogConfig, Config, SimulateConfig, StorageConfig
 from .simulate import simulate_catalog, write_catalog
 
-__all__ = ["run_simulate", "snr_distribution", "catalog_info", "run_pipeline", "versions"]
+__all__ = ["run_simulate", "snr_distribution", "catalog_info", "run_study", "run_pipeline", "seed_config",
+           "versions", "STAGES"]
 
 
 def snr_distribution(snr: np.ndarray, cfg: CatalogConfig) -> dict[str, Any]:
@@ -77,43 +86,178 @@ def _simulated_with(path: Path, sim: SimulateConfig) -> bool:
     return ds.attrs.get("simulate_config") == json.dumps(sim.model_dump(mode="json"), sort_keys=True)
 
 
-def run_pipeline(cfg: Config, *, client=None, overwrite: bool = False) -> dict[str, Any]:
-    """Run every implemented stage for ``cfg``; returns and writes ``run.json``."""
-    out = Path(cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {
-        "config": cfg.model_dump(mode="json"),
-        "versions": versions(),
-        "stages": {},
-    }
-    catalog = Path(cfg.run.catalog) if cfg.run.catalog else out / "catalog.zarr"
-    if cfg.run.catalog is None:
-        if not overwrite and _simulated_with(catalog, cfg.simulate):
-            record["stages"]["simulate"] = {"skipped": "catalog with the same simulate config exists"}
-        else:
-            t0 = time.perf_counter()
-            sim = run_simulate(cfg.simulate, catalog, cfg.storage, client=client, overwrite=True)
-            record["stages"]["simulate"] = {"seconds": time.perf_counter() - t0, **sim}
-    from .model import evaluate_model, fit_model
+# ----------------------------------------------------------------- stages
+#: Stages of a run in order, and the config sections each one depends on
+#: (besides the stages before it, through their fingerprints).
+STAGES: dict[str, tuple[str, ...]] = {
+    "catalog": ("simulate", "storage"),
+    "audit": ("catalog", "audit"),
+    "fit": ("catalog", "fit", "gates"),
+    "evaluate": ("catalog", "ceiling"),
+    "report": (),
+}
+_UPSTREAM = {"catalog": (), "audit": ("catalog",), "fit": ("catalog",), "evaluate": ("fit",),
+             "report": ("audit", "evaluate")}
 
+
+def _fingerprint(cfg: Config, stage: str, done: dict[str, dict]) -> str:
+    sections = {name: getattr(cfg, name).model_dump(mode="json") for name in STAGES[stage]}
+    if stage == "catalog":
+        sections["source"] = {"catalog": cfg.run.catalog, "ingest": cfg.run.ingest}
+    upstream = {u: done.get(u, {}).get("fingerprint") for u in _UPSTREAM[stage]}
+    return plan_token(sections=sections, upstream=upstream, package=version("snrmoe"))
+
+
+def _outputs_exist(out: Path, stage: str, cfg: Config) -> bool:
+    want = {"catalog": [], "audit": ["audit/audit.json"], "fit": ["model/model.json"],
+            "evaluate": ["metrics.json", "predictions.zarr"], "report": ["report.md"]}[stage]
+    return all((out / w).exists() for w in want)
+
+
+class _Run:
+    """Bookkeeping of one study directory: ``run.json`` is rewritten after every stage."""
+
+    def __init__(self, out: Path, cfg: Config, resume: bool):
+        self.out, self.cfg, self.resume = out, cfg, resume
+        old = {}
+        if resume and (out / "run.json").is_file():
+            old = json.loads((out / "run.json").read_text()).get("stages", {})
+        self.previous = old
+        self.record: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "versions": versions(), "stages": {}}
+
+    def skip(self, stage: str) -> bool:
+        """True if ``stage`` finished before with the same inputs (``--resume``); records it."""
+        fp = _fingerprint(self.cfg, stage, self.record["stages"])
+        prev = self.previous.get(stage, {})
+        if self.resume and prev.get("fingerprint") == fp and prev.get("done") and _outputs_exist(self.out, stage,
+                                                                                               self.cfg):
+            self.record["stages"][stage] = {**prev, "skipped": "complete, inputs unchanged"}
+            print(f"[{stage}] skipped: complete, inputs unchanged", file=sys.stderr, flush=True)
+            return True
+        return False
+
+    def done(self, stage: str, t0: float, **info) -> None:
+        fp = _fingerprint(self.cfg, stage, self.record["stages"])
+        self.record["stages"][stage] = {"seconds": time.perf_counter() - t0, **info, "fingerprint": fp, "done": True}
+        self.write()
+
+    def write(self) -> None:
+        self.record["total_seconds"] = sum(s.get("seconds", 0.0) for s in self.record["stages"].values()
+                                           if "skipped" not in s)
+        (self.out / "run.json").write_text(json.dumps(self.record, indent=2))
+
+
+def _catalog_stage(run: _Run, client, overwrite: bool) -> Path:
+    cfg, out = run.cfg, run.out
+    if cfg.run.catalog:
+        catalog = Path(cfg.run.catalog)
+        open_catalog(catalog, require_labels=(), config=cfg.catalog)  # fail early, naming the problem
+        run.record["stages"]["catalog"] = {"source": str(catalog), "fingerprint": _fingerprint(cfg, "catalog", {}),
+                                           "done": True, "seconds": 0.0}
+        return catalog
+    catalog = out / "catalog.zarr"
+    if run.skip("catalog"):
+        return catalog
     t0 = time.perf_counter()
-    model = fit_model(catalog, out / "model", cfg, client=client)
-    record["stages"]["fit"] = {"seconds": time.perf_counter() - t0, "n_experts": len(model.meta["experts"]),
-                               "train_rows": model.meta["train_rows"], **model.meta["timings"]}
+    if cfg.run.ingest:
+        from .catalog import REQUIRED_LABELS
+        from .ingest import ingest
+
+        rep = ingest(cfg.run.ingest, catalog, storage=cfg.storage, require_labels=REQUIRED_LABELS)
+        run.done("catalog", t0, source=str(cfg.run.ingest), ingested_rows=rep["rows"])
+    elif not overwrite and _simulated_with(catalog, cfg.simulate):
+        run.done("catalog", t0, skipped="catalog with the same simulate config exists")
+    else:
+        sim = run_simulate(cfg.simulate, catalog, cfg.storage, client=client, overwrite=True)
+        run.done("catalog", t0, **sim)
+    return catalog
+
+
+def run_study(cfg: Config, out: Path, *, client=None, overwrite: bool = False, resume: bool = False) -> dict:
+    """One study (one seed) into ``out``: catalog, audit, fit, evaluate (+ ceiling), report."""
+    from .audit import audit_catalog, write_audit
+    from .model import evaluate_model, fit_model, load_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(out, cfg, resume and not overwrite)
+    catalog = _catalog_stage(run, client, overwrite)
+    run.record["catalog"] = str(catalog)
+    run.write()
+
+    if cfg.run.audit and not run.skip("audit"):
+        t0 = time.perf_counter()
+        ds = open_catalog(catalog, require_labels=("logg", "snr", "mag"), config=cfg.catalog)
+        result = audit_catalog(ds, cfg, client=client, n_groups=cfg.audit.n_mag_groups, seed=cfg.audit.seed)
+        doc = write_audit(result, out / "audit", ds, cfg)
+        run.done("audit", t0, passes={k: v["pass"] for k, v in doc["representations"].items()})
+
+    if run.skip("fit"):
+        model = load_model(out / "model")
+    else:
+        t0 = time.perf_counter()
+        model = fit_model(catalog, out / "model", cfg, client=client, resume=run.resume)
+        acc = model.meta["accumulation"]
+        run.done("fit", t0, n_experts=len(model.meta["experts"]), train_rows=model.meta["train_rows"],
+                 chunks_from_checkpoint=acc["chunks_from_checkpoint"], chunks_folded=acc["chunks_folded"],
+                 **model.meta["timings"])
     # the catalog summary comes from the fit's feature table: the same read of the cube
-    t0 = time.perf_counter()
     features = xr.open_zarr(out / "model" / "features.zarr", consolidated=False).load()
     ds = open_catalog(catalog, require_labels=(), config=cfg.catalog)
     info = summarize_catalog(ds, quality_totals(features), cfg.catalog)
-    record["stages"]["info"] = {"seconds": time.perf_counter() - t0}
     (out / "catalog_summary.json").write_text(json.dumps(info, indent=2))
-    record["catalog"] = str(catalog)
-    record["summary"] = info
+    run.record["summary"] = info
 
-    t0 = time.perf_counter()
-    metrics = evaluate_model(model, catalog, cfg, client=client)
-    record["stages"]["evaluate"] = {"seconds": time.perf_counter() - t0}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    record["metrics"] = metrics
+    if run.skip("evaluate"):
+        metrics = json.loads((out / "metrics.json").read_text())
+    else:
+        t0 = time.perf_counter()
+        metrics = evaluate_model(model, catalog, cfg, client=client, predictions_out=out / "predictions.zarr")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        run.done("evaluate", t0, ceiling_seconds=metrics.get("ceiling_seconds"))
+    run.record["metrics"] = metrics
+
+    if cfg.run.report and not run.skip("report"):
+        from .report import write_report
+
+        t0 = time.perf_counter()
+        figures = write_report(out)
+        run.done("report", t0, figures=figures)
+    run.write()
+    return run.record
+
+
+def seed_config(cfg: Config, seed: int) -> Config:
+    """The study config of one seed: simulation seed and split salt set to ``seed``."""
+    data = cfg.model_dump(mode="json")
+    data["simulate"]["seed"] = seed
+    data["catalog"]["split_salt"] = seed
+    data["run"]["seeds"] = None
+    data["run"]["out"] = str(Path(cfg.run.out) / f"seed-{seed}")
+    return Config.model_validate(data)
+
+
+def run_pipeline(cfg: Config, *, client=None, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run the study for ``cfg`` (once, or once per ``run.seeds``); returns and writes ``run.json``."""
+    out = Path(cfg.run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.run.seeds:
+        return run_study(cfg, out, client=client, overwrite=overwrite, resume=resume)
+    from .report import seed_summary, write_seeds_report
+
+    records = {}
+    for seed in cfg.run.seeds:
+        print(f"=== seed {seed} ===", file=sys.stderr, flush=True)
+        scfg = seed_config(cfg, seed)
+        records[seed] = run_study(scfg, Path(scfg.run.out), client=client, overwrite=overwrite, resume=resume)
+    summary = seed_summary({s: r["metrics"] for s, r in records.items()})
+    (out / "seeds.json").write_text(json.dumps(summary, indent=2))
+    record = {"config": cfg.model_dump(mode="json"), "versions": versions(), "seeds": list(cfg.run.seeds),
+              "studies": {str(s): str(Path(cfg.run.out) / f"seed-{s}") for s in cfg.run.seeds},
+              "stage_seconds": {str(s): {k: v.get("seconds") for k, v in r["stages"].items()}
+                                for s, r in records.items()},
+              "summary": records[cfg.run.seeds[0]]["summary"], "metrics": records[cfg.run.seeds[0]]["metrics"],
+              "seed_summary": summary}
+    if cfg.run.report:
+        write_seeds_report(out, summary, {str(s): Path(cfg.run.out) / f"seed-{s}" for s in cfg.run.seeds})
     (out / "run.json").write_text(json.dumps(record, indent=2))
     return record

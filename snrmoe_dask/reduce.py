@@ -30,6 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from .baselines import BaselineAccumulator, BaselineStats
 from .catalog import good_pixel_mask
+from .checkpoint import Checkpoint
 from .features import FEATURE_NAMES, PIXEL_COUNTS, block_features
 from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, map_cells, memory_bytes, symmetrize_lower
 
@@ -44,9 +45,17 @@ def shift_from_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | Non
     return x.mean(axis=0, dtype=np.float64)
 
 
-def _init(shift, n_cells, flush_rows, precision, meta, baselines=()):
+def _init(shift, n_cells, flush_rows, precision, meta, baselines=(), checkpoint: Checkpoint | None = None,
+          chain: int = 0):
+    if checkpoint is not None:
+        acc = checkpoint.load_chain(chain, flush_rows, precision, baselines)
+        if acc is not None:
+            acc.stats.meta = meta
+            return acc
     acc = CellAccumulator(n_cells, shift, flush_rows=flush_rows, precision=precision, meta=meta)
     acc.excluded_unusable = 0
+    acc.folds = 0
+    acc.resumed_chunks = 0
     # the baselines use the experts' shift exactly (their conditional cross terms pair with these sums)
     acc.baselines = (BaselineAccumulator(baselines, acc.stats.shift, flush_rows, precision) if baselines
                      else None)
@@ -54,7 +63,7 @@ def _init(shift, n_cells, flush_rows, precision, meta, baselines=()):
 
 
 def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good: int,
-          blas_threads: int, features=None) -> CellAccumulator:
+          blas_threads: int, features=None, checkpoint: Checkpoint | None = None, chain: int = 0) -> CellAccumulator:
     if index in acc.chunks_done:  # a retried task must not count a chunk twice
         return acc
     good = good_pixel_mask(flux, error, mask)
@@ -68,6 +77,9 @@ def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good
         if acc.baselines is not None:
             acc.baselines.add(x, flux, error, good, features, y, keep >= 0)
     acc.chunks_done.append(index)
+    acc.folds += 1
+    if checkpoint is not None and acc.folds % checkpoint.every == 0:
+        checkpoint.save_chain(chain, acc)
     return acc
 
 
@@ -75,6 +87,8 @@ def _finalize(threads: int, *accs: CellAccumulator) -> tuple[SufficientStats, Ba
     # nothing else runs at this point: spread the independent cells over the worker's threads,
     # each with single-threaded BLAS
     excluded = sum(acc.excluded_unusable for acc in accs)
+    resumed = sum(acc.resumed_chunks for acc in accs)
+    folded = sum(len(acc.chunks_done) for acc in accs) - resumed
     baselines = None
     for acc in accs:
         if acc.baselines is not None:
@@ -87,11 +101,16 @@ def _finalize(threads: int, *accs: CellAccumulator) -> tuple[SufficientStats, Ba
             acc.finalize(into=total, workers=threads)  # folds straight into the first chain's totals
         map_cells(lambda k: symmetrize_lower(total.xtx[k]), total.n_cells, threads)
     total.meta["train_rows_excluded_unusable"] = int(excluded)
+    total.meta["chunks_from_checkpoint"] = int(resumed)
+    total.meta["chunks_folded"] = int(folded)
     return total, baselines
 
 
-def _features(flux, error, mask, wavelength) -> np.ndarray:
-    return block_features(flux, error, mask, wavelength)
+def _features(flux, error, mask, wavelength, checkpoint: Checkpoint | None = None, index: int = 0) -> np.ndarray:
+    out = block_features(flux, error, mask, wavelength)
+    if checkpoint is not None:
+        checkpoint.save_features(index, out)
+    return out
 
 
 def auto_chains(n_threads: int, n_chunks: int, n_cells: int, n_features: int, flush_rows: int, precision: str,
@@ -104,7 +123,8 @@ def auto_chains(n_threads: int, n_chunks: int, n_cells: int, n_features: int, fl
 
 def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, chains: int = 1,
              flush_rows: int = 1024, precision: str = "float32", min_good_fraction: float = 0.5,
-             meta: dict | None = None, blas_threads: int = 1, baselines: tuple[str, ...] = ()):
+             meta: dict | None = None, blas_threads: int = 1, baselines: tuple[str, ...] = (),
+             checkpoint: Checkpoint | None = None):
     """Build the lazy one-pass graph.
 
     Parameters
@@ -124,6 +144,10 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
     baselines : tuple of str
         Baselines (:data:`~snrmoe_dask.baselines.BASELINES`) whose statistics
         the same folds accumulate.
+    checkpoint : Checkpoint, optional
+        An opened :class:`~snrmoe_dask.checkpoint.Checkpoint`: chunks it holds
+        are neither read nor folded again, and every chain saves its state
+        every ``checkpoint.every`` folds.
 
     Returns
     -------
@@ -150,19 +174,28 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
                    min_good, baselines)
 
     wave = dask.delayed(np.asarray(ds["wavelength"].values, np.float64), name=f"wavelength-{tok}")
-    shift = dask.delayed(shift_from_block, pure=True)(fblocks[0], eblocks[0], mblocks[0], min_good)
+    states = [checkpoint.chain_state(c) if checkpoint else None for c in range(chains)]
+    done = [set(st["chunks_done"]) if st else set() for st in states]
+    feats_done = checkpoint.features_done() if checkpoint else set()
+    shift = (dask.delayed(shift_from_block, pure=True)(fblocks[0], eblocks[0], mblocks[0], min_good)
+             if not all(states) else None)
     init = dask.delayed(_init, pure=True)
     fold = dask.delayed(_fold, pure=True)
-    accs = [init(shift, n_cells, flush_rows, precision, dict(meta or {}), baselines,
+    accs = [init(shift, n_cells, flush_rows, precision, dict(meta or {}), baselines, checkpoint, c,
                  dask_key_name=f"acc-init-{tok}-{c}") for c in range(chains)]
     feats = []
     for i, (fb, eb, mb) in enumerate(zip(fblocks, eblocks, mblocks)):
         lo, hi = int(starts[i]), int(starts[i + 1])
         c = i % chains
-        feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, wave, dask_key_name=f"features-{tok}-{i}"))
-        if (cell[lo:hi] >= 0).any():
+        if i in feats_done:
+            feats.append(dask.delayed(checkpoint.load_features, pure=True)(i, dask_key_name=f"features-{tok}-{i}"))
+        else:
+            feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, wave, checkpoint, i,
+                                                            dask_key_name=f"features-{tok}-{i}"))
+        if (cell[lo:hi] >= 0).any() and i not in done[c]:
             accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_threads,
-                           feats[-1] if baselines else None, dask_key_name=f"acc-fold-{tok}-{c}-{i}")
+                           feats[-1] if baselines else None, checkpoint, c,
+                           dask_key_name=f"acc-fold-{tok}-{c}-{i}")
     both = dask.delayed(_finalize, pure=True, nout=2)(blas_threads * chains, *accs,
                                                       dask_key_name=f"stats-finalize-{tok}")
     return both[0], feats, both[1]

@@ -261,6 +261,30 @@ class CellAccumulator:
         self.rows_seen = 0
         self.chunks_done: list[int] = []
 
+    def flush_all(self) -> SufficientStats:
+        """Flush every buffer and fold every partial into the float64 totals.
+
+        Returns the totals (lower triangle, not symmetrised; shared with the
+        accumulator). A fresh :meth:`resume` of them continues bit-identically,
+        because both start from empty buffers and zero partials.
+        """
+        for k in range(self.stats.n_cells):
+            self._flush(k)
+            self._fold(k)
+        return self.stats
+
+    @classmethod
+    def resume(cls, stats: SufficientStats, *, flush_rows: int = 1024, precision: str = "float32",
+               fold_every: int = 64) -> CellAccumulator:
+        """An accumulator that continues from totals written by :meth:`flush_all`."""
+        acc = cls(stats.n_cells, stats.shift, flush_rows=flush_rows, precision=precision, fold_every=fold_every,
+                  meta=stats.meta)
+        if not np.array_equal(acc.stats.shift, stats.shift):
+            raise ValueError("checkpoint shift is not representable in the working precision")
+        acc.stats = stats
+        acc._folded[:] = True
+        return acc
+
     def add(self, x: np.ndarray, y: np.ndarray, cell: np.ndarray) -> None:
         """Add rows ``x`` (n, P) with targets ``y`` (n,) to cells ``cell`` (n,).
 

@@ -41,11 +41,11 @@ def test_run_from_config_and_config_typo(tmp_path, capsys):
     assert main(["run", str(cfg)]) == 0
     rec = json.loads((tmp_path / "run" / "run.json").read_text())
     assert rec["summary"]["n_spectra"] == 300
-    assert "seconds" in rec["stages"]["simulate"]
+    assert "seconds" in rec["stages"]["catalog"]
     # a second run reuses the catalog simulated with the same config
     assert main(["run", str(cfg)]) == 0
     rec = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert "skipped" in rec["stages"]["simulate"]
+    assert "skipped" in rec["stages"]["catalog"]
     cfg.write_text("simulate: {nn: 3}\n")
     assert main(["run", str(cfg)]) == 2
     assert "unknown key 'simulate.nn'" in capsys.readouterr().err
