@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -60,3 +62,51 @@ def test_missing_profile(tmp_path):
     with pytest.raises(ValueError, match="no 'pbs' profile"):
         load_jobqueue_profile("pbs", f)
     assert np.isclose(load_jobqueue_profile("slurm", f)["cores"], 2)
+
+
+def test_tls_profile_puts_certificates_in_worker_job_scripts(tmp_path):
+    pytest.importorskip("dask_jobqueue")
+    pytest.importorskip("cryptography")
+    import yaml
+
+    from snrmoe_dask.cluster import jobqueue_cluster
+
+    prof = yaml.safe_load(Path(_jobqueue_file()).read_text())
+    prof["slurm"].update(security=True, shared_temp_directory=str(tmp_path), walltime="01:30:00", memory="48GB")
+    f = tmp_path / "jq.yaml"
+    f.write_text(yaml.safe_dump(prof))
+    cluster = jobqueue_cluster("slurm", ClusterConfig(scheduler="slurm", jobqueue_file=str(f)))
+    try:
+        script = cluster.job_script()
+        assert cluster.scheduler_address.startswith("tls://")
+    finally:
+        cluster.close()
+    assert "#SBATCH -t 01:30:00" in script
+    assert "--memory-limit 44.70GiB" in script or "--memory-limit 48" in script
+    for flag in ("--tls-ca-file", "--tls-cert", "--tls-key"):
+        assert flag in script
+    assert str(tmp_path) in script  # the certificates are read from the shared directory
+
+
+def test_profiles_bind_the_dashboard_to_localhost():
+    for kind in ("slurm", "pbs"):
+        assert load_jobqueue_profile(kind)["scheduler_options"]["dashboard_address"].startswith("127.0.0.1:")
+
+
+def test_batch_script_runs_the_study_with_resume():
+    import subprocess
+
+    script = Path(_jobqueue_file()).with_name("snrmoe-slurm.sbatch")
+    text = script.read_text()
+    assert text.startswith("#!/bin/bash") and "#SBATCH --requeue" in text
+    assert 'snrmoe run "$CONFIG" --scheduler slurm --resume' in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # valid shell syntax
+    readme = script.with_name("README.md").read_text()
+    for topic in ("SSH tunnel", "TLS", "adaptive", "spill"):
+        assert topic in readme
+
+
+def _jobqueue_file():
+    from snrmoe_dask.cluster import _default_jobqueue_file
+
+    return _default_jobqueue_file()
