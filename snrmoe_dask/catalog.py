@@ -172,6 +172,79 @@ def validate_catalog(ds: xr.Dataset, require_labels: Sequence[str] = REQUIRED_LA
             _fail(f"label '{name}' has {int(bad.sum())} NaN/inf values (first at spectrum id {first})")
 
 
+class _CheckedArray:
+    """Array-like over one stored zarr array whose failed reads name the chunk.
+
+    A truncated or corrupt chunk makes the codec raise deep inside zarr; this
+    wrapper turns that into a :class:`CatalogError` naming the variable, the
+    chunk and its rows. A chunk file that is missing (zarr would silently
+    return the fill value, NaN) is reported the same way for stores on a
+    local filesystem.
+    """
+
+    def __init__(self, path: str, name: str):
+        import zarr
+
+        self.path, self.name = str(path), name
+        self._z = zarr.open_array(Path(path) / name, mode="r")
+        self.shape, self.dtype, self.ndim = self._z.shape, self._z.dtype, self._z.ndim
+        self._rows = int(self._z.chunks[0])
+
+    def __reduce__(self):
+        return type(self), (self.path, self.name)
+
+    def _where(self, key) -> tuple[int, int, int, int]:
+        rows = key[0] if isinstance(key, tuple) else key
+        lo = int(rows.start or 0) if isinstance(rows, slice) else 0
+        hi = int(rows.stop if isinstance(rows, slice) and rows.stop is not None else self.shape[0])
+        return lo, hi, lo // self._rows, max(lo, hi - 1) // self._rows
+
+    def _missing_chunks(self, first: int, last: int) -> list[int]:
+        root = Path(self.path) / self.name
+        if not root.is_dir():  # not a local directory store: cannot tell
+            return []
+        nd = self.ndim
+        return [i for i in range(first, last + 1)
+                if not (root / "c" / str(i) / "/".join(["0"] * (nd - 1))).exists()
+                and not (root / ".".join([str(i)] + ["0"] * (nd - 1))).exists()]
+
+    def __getitem__(self, key):
+        try:
+            out = self._z[key]
+        except Exception as exc:  # noqa: BLE001 - any codec/IO failure means the same to the user
+            lo, hi, first, last = self._where(key)
+            raise CatalogError(
+                f"{self.path}: '{self.name}' chunk {first}{'' if last == first else f'..{last}'} along spectrum "
+                f"(rows {lo}-{hi}) is unreadable -- the store is truncated or corrupt "
+                f"({type(exc).__name__}: {exc})") from None
+        if out.dtype.kind == "f" and out.size and np.isnan(out).all():
+            lo, hi, first, last = self._where(key)
+            missing = self._missing_chunks(first, last)
+            if missing:
+                raise CatalogError(f"{self.path}: '{self.name}' chunk file(s) {missing} along spectrum (rows "
+                                   f"{lo}-{hi}) are missing from the store -- it is incomplete")
+        return out
+
+
+def _checked_cube(ds: xr.Dataset, path: Path) -> xr.Dataset:
+    """Swap the cube variables' dask arrays for reads through :class:`_CheckedArray`."""
+    from dask.base import tokenize
+
+    for name in ("flux", "error", "mask"):
+        if name in ds and ds[name].chunks is not None:
+            try:
+                arr = _CheckedArray(str(path), name)
+            except Exception:  # noqa: BLE001 - not a plain zarr array (e.g. a v2 group layout): keep xarray's
+                continue
+            if arr.shape != ds[name].shape or arr.dtype != ds[name].dtype:
+                continue  # encoded on disk (scale/offset): keep xarray's decoding
+            data = da.from_array(arr, chunks=ds[name].data.chunks, lock=False, asarray=True,
+                                 name=f"{name}-{tokenize(str(path.resolve()), name, arr.shape, str(arr.dtype))}",
+                                 meta=np.empty((0,) * arr.ndim, arr.dtype))
+            ds[name] = ds[name].copy(data=data)
+    return ds
+
+
 def open_catalog(
     path: str | Path,
     *,
@@ -212,6 +285,7 @@ def open_catalog(
     except Exception as exc:  # zarr raises several types for a non-store
         raise CatalogError(f"{path} is not a readable zarr catalog: {type(exc).__name__}: {exc}") from None
     validate_catalog(ds, require_labels)
+    ds = _checked_cube(ds, path)
     if chunk_size is not None:
         ds = ds.chunk({"spectrum": chunk_size})
     ids = ds["spectrum"].values

@@ -68,7 +68,7 @@ def _fig_r2_models(metrics: dict, path: Path) -> None:
     models = metrics["models"]
     names = list(models)
     colors = {"global": "0.4", "oracle": "tab:blue", "deployed gate": "tab:orange", "baseline": "tab:green"}
-    fig, ax = plt.subplots(figsize=(7, 0.28 * len(names) + 1.2))
+    fig, ax = plt.subplots(figsize=(8.5, 0.28 * len(names) + 1.2))
     y = np.arange(len(names))[::-1]
     vals = [_r2(models[n]["r2"]) for n in names]
     ax.barh(y, vals, color=[colors[_kind(n, models[n])] for n in names])
@@ -82,7 +82,7 @@ def _fig_r2_models(metrics: dict, path: Path) -> None:
     ax.set_xlabel("R² (frozen test)")
     ax.set_xlim(min(0.0, np.nanmin(vals)), max(1.0 if not np.isfinite(np.nanmax(vals)) else np.nanmax(vals) + 0.12,
                                               metrics.get("ceiling", {}).get("overall", {}).get("r2_max", 0) + 0.05))
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     ax.set_title(f"R² per model (n_test = {metrics['n_test']})")
     fig.tight_layout()
     fig.savefig(path)
@@ -160,7 +160,7 @@ def _fig_delta_heatmap(pred, metrics: dict, path: Path) -> None:
     shape = (len(phys_names), len(snr_names))
     base = _cell_r2(y, pred["yhat"].values[:, names.index("global")], pb, sb, *shape)
     panels = [_best_oracle(metrics["models"])] + ([_deployed(metrics)] if _deployed(metrics) else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1, 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.6, 4.6), squeeze=False, sharey=True)
     lim = 0.0
     deltas = []
     for name in panels:
@@ -174,10 +174,11 @@ def _fig_delta_heatmap(pred, metrics: dict, path: Path) -> None:
             ax.text(j, i, "–" if not np.isfinite(v) else f"{v:+.2f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(snr_names)), snr_names)
         ax.set_yticks(range(len(phys_names)), phys_names)
+        ax.tick_params(axis="y", labelleft=ax is axes[0][0])
         ax.set_xlabel("S/N bin")
         ax.set_title(f"{name} − global", fontsize=9)
         ax.grid(False)
-    axes[0][0].set_ylabel("Teff × [M/H] bin (T: Teff tertile, M: [M/H] tertile)")
+    axes[0][0].set_ylabel("Teff × [M/H] bin (T: Teff, M: [M/H] tertile)")
     fig.colorbar(im, ax=axes[0].tolist(), label="ΔR² (cells with ≥ 10 test spectra)")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -261,6 +261,17 @@ class CellAccumulator:
         self.rows_seen = 0
         self.chunks_done: list[int] = []
 
+    def __getstate__(self) -> dict:
+        # the BLAS routine is a Fortran object that cannot be pickled: a chain that dask moves to
+        # another worker (or spills) looks it up again from its precision
+        state = self.__dict__.copy()
+        state.pop("_syrk", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._syrk = blas.ssyrk if self.dtype == np.float32 else blas.dsyrk
+
     def flush_all(self) -> SufficientStats:
         """Flush every buffer and fold every partial into the float64 totals.
 

@@ -1,0 +1,177 @@
+"""Whole-study scaling benchmark, with scikit-learn and dask-ml as peers on the same data.
+
+For each N: simulate (or reuse) an N x 4096 catalog, then in the same run
+
+* the reduce pass against its floor (``benchmarks/reduce.py``'s measurement:
+  zarr read + in-memory BLAS X.T@X of the train rows);
+* the whole ``snrmoe run`` study (``config/full-1m.yaml`` settings with
+  ``simulate.n = N``): wall time per stage and the peak resident memory of the
+  process tree (client + workers);
+* peers at ``min(N, --peer-max-n)`` train rows loaded in memory (float64):
+  ``sklearn.linear_model.Ridge`` for the global model and for the four oracle
+  S/N experts as separate fits (what the seeds did), and
+  ``dask_ml.linear_model.LinearRegression(penalty="l2")`` for the global
+  model, each at our GCV alpha, scored on the same frozen test.
+
+Results go to ``benchmarks/results/scale_<N>.json``; a summary table prints.
+
+    python benchmarks/scale.py --n 100000 250000 --peer-max-n 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PeakRSS, ensure_catalog  # noqa: E402
+from reduce import measure  # noqa: E402
+
+from snrmoe_dask.bins import snr_bin  # noqa: E402
+from snrmoe_dask.catalog import good_pixel_mask, open_catalog  # noqa: E402
+from snrmoe_dask.cluster import dask_session  # noqa: E402
+from snrmoe_dask.config import load_config  # noqa: E402
+from snrmoe_dask.pipeline import run_study  # noqa: E402
+from snrmoe_dask.split import TRAIN  # noqa: E402
+from snrmoe_dask.stats import impute_bad_pixels  # noqa: E402
+
+
+def _r2(y, yhat) -> float:
+    return float(1 - np.sum((y - yhat) ** 2) / np.sum((y - y.mean()) ** 2))
+
+
+def _load(ds, rows: np.ndarray) -> np.ndarray:
+    out = np.empty((rows.size, ds.sizes["wavelength"]), np.float64)
+    for lo in range(0, rows.size, 8192):
+        r = rows[lo:lo + 8192]
+        f, e = ds["flux"].data[r].compute(), ds["error"].data[r].compute()
+        out[lo:lo + r.size] = impute_bad_pixels(f, good_pixel_mask(f, e))
+    return out
+
+
+def peers(catalog: Path, model_dir: Path, max_train: int, client) -> dict:
+    """sklearn Ridge (global + 4 oracle S/N fits) and dask-ml, on in-memory train rows."""
+    from sklearn.linear_model import Ridge
+
+    meta = json.loads((model_dir / "model.json").read_text())
+    cfg = load_config(overrides={"catalog": meta["config"]["catalog"]})
+    ds = open_catalog(catalog, config=cfg.catalog)
+    import xarray as xr
+
+    experts = xr.open_zarr(model_dir / "experts.zarr", consolidated=False)
+    names = [e["name"] for e in meta["experts"]]
+    alpha = {n: float(a) for n, a in zip(names, experts["alpha"].values)}
+    train = np.flatnonzero(ds["split"].values == TRAIN)[:max_train]
+    test = np.flatnonzero(ds["frozen_test"].values)
+    t0 = time.perf_counter()
+    x, xt = _load(ds, train), _load(ds, test)
+    load_s = time.perf_counter() - t0
+    y, yt = ds["logg"].values[train], ds["logg"].values[test]
+    sb = snr_bin(ds["snr"].values[train], cfg.catalog.snr_edges)
+    sbt = snr_bin(ds["snr"].values[test], cfg.catalog.snr_edges)
+    out = {"train_rows": int(train.size), "load_s": load_s, "x_gb": x.nbytes / 1e9}
+
+    t0 = time.perf_counter()
+    glob = Ridge(alpha=alpha["global"]).fit(x, y)
+    out["sklearn_global"] = {"seconds": time.perf_counter() - t0, "r2": _r2(yt, glob.predict(xt))}
+    t0 = time.perf_counter()
+    yhat = np.empty_like(yt)
+    for i, b in enumerate(cfg.catalog.snr_bin_names):
+        m = Ridge(alpha=alpha[f"oracle_snr/{b}"]).fit(x[sb == i], y[sb == i])
+        yhat[sbt == i] = m.predict(xt[sbt == i])
+    out["sklearn_oracle_snr"] = {"seconds": time.perf_counter() - t0, "r2": _r2(yt, yhat), "fits": 4}
+
+    try:
+        import dask.array as da
+        from dask_ml.linear_model import LinearRegression
+
+        xd = da.from_array(x, chunks=(8192, x.shape[1]))
+        t0 = time.perf_counter()
+        # dask-ml's objective is sum(loss) + (1 / C) * penalty: C = 1 / alpha matches Ridge's alpha
+        lr = LinearRegression(penalty="l2", C=1.0 / alpha["global"], solver="lbfgs", max_iter=200)
+        lr.fit(xd, da.from_array(y, chunks=8192))
+        out["dask_ml_global"] = {"seconds": time.perf_counter() - t0,
+                                 "r2": _r2(yt, np.asarray(lr.predict(da.from_array(xt, chunks=8192))))}
+    except Exception as exc:  # noqa: BLE001 - a peer failing is a result to report, not a crash
+        out["dask_ml_global"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep: bool) -> dict:
+    catalog = data / f"sim_{n}.zarr"
+    cfg = load_config(cfg_path, {"simulate": {"n": n}, "run": {"out": str(runs / f"scale_{n}"), "report": False,
+                                                                "catalog": str(catalog)}})
+    res = {"n": n, "date": datetime.date.today().isoformat(), "machine": {
+        "cpus": os.cpu_count(), "platform": platform.platform(),
+        "memory_gb": round(__import__("psutil").virtual_memory().total / 1e9, 1)}}
+    with dask_session(cfg.cluster) as client:
+        t0 = time.perf_counter()
+        ensure_catalog(catalog, n, client)
+        res["simulate_s"] = time.perf_counter() - t0
+        res["catalog_gb"] = sum(f.stat().st_size for f in catalog.rglob("*") if f.is_file()) / 1e9
+        res["reduce"] = measure(catalog, client, cfg.fit)
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            record = run_study(cfg, Path(cfg.run.out), client=client)
+            res["study_s"] = time.perf_counter() - t0
+        res["peak_rss_gb"] = peak.peak / 1e9
+        res["stages_s"] = {k: v.get("seconds") for k, v in record["stages"].items()}
+        res["fit_timings"] = json.loads((Path(cfg.run.out) / "model" / "model.json").read_text())["timings"]
+        m = record["metrics"]["models"]
+        res["ours"] = {k: {"r2": m[k]["r2"]} for k in ("global", "oracle_snr", "hierarchical",
+                                                         record["metrics"].get("default_gate") or "global")}
+        n_experts = len(json.loads((Path(cfg.run.out) / "model" / "model.json").read_text())["experts"])
+        res["ours"]["fit_s"] = res["stages_s"]["fit"]
+        res["ours"]["experts"] = n_experts
+        res["ours"]["seconds_per_expert"] = res["stages_s"]["fit"] / n_experts
+        res["peers"] = peers(catalog, Path(cfg.run.out) / "model", peer_max, client)
+    p = res["peers"]
+    res["ratios"] = {
+        "reduce_vs_floor": res["reduce"]["ratio_vs_floor"],
+        "sklearn_s_per_fit_vs_ours_per_expert": (p["sklearn_global"]["seconds"] / res["ours"]["seconds_per_expert"]),
+        "dask_ml_s_vs_ours_fit_s": (p["dask_ml_global"].get("seconds", float("nan")) / res["ours"]["fit_s"]),
+    }
+    if not keep:
+        shutil.rmtree(catalog, ignore_errors=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[100_000, 250_000, 500_000, 1_000_000])
+    ap.add_argument("--peer-max-n", type=int, default=100_000, help="train rows the in-memory peers get")
+    ap.add_argument("--config", default="config/full-1m.yaml")
+    ap.add_argument("--data", default="benchmarks/data")
+    ap.add_argument("--runs", default="benchmarks/runs")
+    ap.add_argument("--keep", action="store_true", help="keep the simulated catalogs")
+    args = ap.parse_args()
+    out_dir = Path("benchmarks/results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for n in args.n:
+        res = one_size(n, Path(args.data), Path(args.runs), args.peer_max_n, args.config, args.keep)
+        (out_dir / f"scale_{n}.json").write_text(json.dumps(res, indent=2))
+        p = res["peers"]
+        stages = {k: round(v or 0) for k, v in res["stages_s"].items()}
+        print(f"N={n}: study {res['study_s']:.0f} s, stages {json.dumps(stages)}")
+        print(f"  reduce {res['reduce']['ours_s']:.1f} s vs floor {res['reduce']['floor_s']:.1f} s = "
+              f"{res['reduce']['ratio_vs_floor']:.2f} x; peak RSS {res['peak_rss_gb']:.2f} GB")
+        print(f"  ours: global R2 {res['ours']['global']['r2']:.3f}, fit {res['ours']['fit_s']:.0f} s for "
+              f"{res['ours']['experts']} experts = {res['ours']['seconds_per_expert']:.1f} s/expert")
+        print(f"  sklearn Ridge ({p['train_rows']} rows in memory): global {p['sklearn_global']['seconds']:.1f} s "
+              f"R2 {p['sklearn_global']['r2']:.3f}; 4 oracle S/N fits {p['sklearn_oracle_snr']['seconds']:.1f} s "
+              f"R2 {p['sklearn_oracle_snr']['r2']:.3f}")
+        print(f"  dask-ml: {json.dumps(p['dask_ml_global'])}")
+
+
+if __name__ == "__main__":
+    main()
