@@ -179,3 +179,20 @@ def test_run_config_errors_name_the_key(tmp_path):
     bad.write_text("run:\n  catalog: a.zarr\n  ingest: b.h5\n")
     with pytest.raises(ConfigError, match="at most one"):
         load_config(bad)
+
+
+def test_run_ingests_files_and_skips_the_audit_without_its_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    n, p = 1500, 64
+    flux = rng.normal(100, 10, (n, p)).astype(np.float32)
+    logg = flux[:, :4].astype(np.float64) @ rng.normal(size=4) / 40
+    src = tmp_path / "survey.npz"
+    np.savez(src, flux=flux, error=np.full((n, p), 10.0, np.float32), wavelength=np.linspace(8000, 8800, p),
+             logg=logg, teff=rng.uniform(3500, 6500, n), mh=rng.uniform(-2.5, 0.75, n), snr=rng.uniform(1, 9, n))
+    cfg = load_config(_cfg(tmp_path, run={"out": str(tmp_path / "run"), "ingest": str(src)}))
+    record = run_pipeline(cfg)
+    assert record["stages"]["catalog"]["ingested_rows"] == n
+    assert "no mag" in record["stages"]["audit"]["skipped"]
+    assert record["metrics"]["models"]["global"]["r2"] > 0.9
+    assert "ceiling" not in record["metrics"]  # not a simulated catalog
+    assert (tmp_path / "run" / "report.md").is_file()
