@@ -59,7 +59,7 @@ def _load(ds, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def peers(catalog: Path, model_dir: Path, max_train: int, client) -> dict:
+def peers(catalog: Path, model_dir: Path, max_train: int, client, save=None) -> dict:
     """sklearn Ridge (global + 4 oracle S/N fits) and dask-ml, on in-memory train rows."""
     from sklearn.linear_model import Ridge
 
@@ -90,23 +90,30 @@ def peers(catalog: Path, model_dir: Path, max_train: int, client) -> dict:
         m = Ridge(alpha=alpha[f"oracle_snr/{b}"]).fit(x[sb == i], y[sb == i])
         yhat[sbt == i] = m.predict(xt[sbt == i])
     out["sklearn_oracle_snr"] = {"seconds": time.perf_counter() - t0, "r2": _r2(yt, yhat), "fits": 4}
+    if save:
+        save(out)
 
     try:
+        import dask
         import dask.array as da
         from dask_ml.linear_model import LinearRegression
+
+        max_iter = 100
 
         t0 = time.perf_counter()
         # dask-glm minimises sum((y - X b)^2) + (1 / C) * ||b||^2 / 2 and penalises its intercept column, so the
         # Ridge problem at alpha is C = 1 / (2 alpha) on centred data without an intercept
         xm, ym = x.mean(axis=0), y.mean()
-        xd = da.from_array(x - xm, chunks=(8192, x.shape[1]))
-        lr = LinearRegression(penalty="l2", C=0.5 / alpha["global"], solver="lbfgs", max_iter=500,
+        x -= xm  # in place: a second in-memory copy of X would not fit at the largest N
+        xd = da.from_array(x, chunks=(8192, x.shape[1]))
+        lr = LinearRegression(penalty="l2", C=0.5 / alpha["global"], solver="lbfgs", max_iter=max_iter,
                               fit_intercept=False)
-        lr.fit(xd, da.from_array(y - ym, chunks=8192))
+        with dask.config.set(scheduler="threads"):  # X is in this process: never ship it to the cluster
+            lr.fit(xd, da.from_array(y - ym, chunks=8192))
         coef = np.asarray(lr.coef_)
         ref = glob.coef_
         out["dask_ml_global"] = {"seconds": time.perf_counter() - t0, "r2": _r2(yt, (xt - xm) @ coef + ym),
-                                 "solver": "lbfgs", "coef_rel_err_vs_sklearn": float(
+                                 "solver": "lbfgs", "max_iter": max_iter, "coef_rel_err_vs_sklearn": float(
                                      np.abs(coef - ref).max() / np.abs(ref).max())}
     except Exception as exc:  # noqa: BLE001 - a peer failing is a result to report, not a crash
         out["dask_ml_global"] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -151,15 +158,19 @@ def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep:
         res["ours"]["seconds_per_expert"] = res["stages_s"]["fit"] / n_experts
         _save(res, False)
         res["peers"] = peers(catalog, Path(cfg.run.out) / "model", peer_max, client)
+    res["ratios"] = _ratios(res)
+    if not keep:
+        shutil.rmtree(catalog, ignore_errors=True)
+    return res
+
+
+def _ratios(res: dict) -> dict:
     p = res["peers"]
-    res["ratios"] = {
+    return {
         "reduce_vs_floor": res["reduce"]["ratio_vs_floor"],
         "sklearn_s_per_fit_vs_ours_per_expert": (p["sklearn_global"]["seconds"] / res["ours"]["seconds_per_expert"]),
         "dask_ml_s_vs_ours_fit_s": (p["dask_ml_global"].get("seconds", float("nan")) / res["ours"]["fit_s"]),
     }
-    if not keep:
-        shutil.rmtree(catalog, ignore_errors=True)
-    return res
 
 
 def main() -> None:
@@ -170,7 +181,24 @@ def main() -> None:
     ap.add_argument("--data", default="benchmarks/data")
     ap.add_argument("--runs", default="benchmarks/runs")
     ap.add_argument("--keep", action="store_true", help="keep the simulated catalogs")
+    ap.add_argument("--peers-only", action="store_true",
+                    help="rerun only the peers against an existing study in RUNS/scale_N (merged into the results)")
     args = ap.parse_args()
+    if args.peers_only:
+        for n in args.n:
+            path = Path("benchmarks/results") / f"scale_{n}.json"
+            res = json.loads(path.read_text())
+            res.pop("complete", None)
+
+            def save(partial, res=res):
+                _save({**res, "peers": partial}, False)
+
+            res["peers"] = peers(Path(args.data) / f"sim_{n}.zarr", Path(args.runs) / f"scale_{n}" / "model",
+                                 args.peer_max_n, None, save)
+            res["ratios"] = _ratios(res)
+            _save(res, True)
+            print(json.dumps({"peers": res["peers"], "ratios": res["ratios"]}, indent=1))
+        return
     for n in args.n:
         res = one_size(n, Path(args.data), Path(args.runs), args.peer_max_n, args.config, args.keep)
         _save(res, True)
