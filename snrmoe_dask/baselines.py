@@ -30,12 +30,13 @@ import numpy as np
 import xarray as xr
 
 from .catalog import good_pixel_mask
-from .features import FEATURE_NAMES, LINE_NAMES, block_features
+from .features import FEATURE_NAMES, LINE_NAMES
 from .ridge import eigen, ridge_alphas, solve_ridge
 from .stats import CellAccumulator, CenteredStats, SufficientStats, impute_bad_pixels
 
 __all__ = ["BASELINES", "TERM_NAMES", "whiten", "conditional_terms", "CrossStats", "BaselineStats",
-           "BaselineAccumulator", "solve_baselines", "baselines_dataset", "baseline_predict_block"]
+           "BaselineAccumulator", "solve_baselines", "baselines_dataset", "baseline_predict_block",
+           "baseline_predictions", "add_conditional_terms"]
 
 BASELINES = ("whitened", "conditional")
 TERM_NAMES = ("snr_est", *(f"snr_est*{name}" for name in LINE_NAMES))
@@ -235,30 +236,40 @@ def baselines_dataset(fits: dict, wavelength: np.ndarray) -> xr.Dataset:
 
 
 def baseline_predict_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, *,
-                           wavelength: np.ndarray, coef: np.ndarray, intercept: np.ndarray,
-                           term_coef: np.ndarray, names: Sequence[str]) -> np.ndarray:
-    """Predictions of each baseline in ``names`` for one block, shape (n, len(names))."""
+                           coef: np.ndarray, intercept: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """The pixel part of each baseline in ``names`` for one block, shape (n, len(names)).
+
+    ``conditional`` still needs its S/N terms added (:func:`add_conditional_terms`),
+    from the feature table that the caller computes anyway.
+    """
     good = good_pixel_mask(flux, error, mask)
     out = np.empty((flux.shape[0], len(names)))
     for j, name in enumerate(names):
-        if name == "whitened":
-            out[:, j] = whiten(flux, error, good).astype(np.float64) @ coef[j] + intercept[j]
-        else:
-            z = conditional_terms(block_features(flux, error, mask, wavelength))
-            out[:, j] = impute_bad_pixels(flux, good).astype(np.float64) @ coef[j] + z @ term_coef + intercept[j]
+        x = whiten(flux, error, good) if name == "whitened" else impute_bad_pixels(flux, good)
+        out[:, j] = x.astype(np.float64) @ coef[j] + intercept[j]
     return out
 
 
+def add_conditional_terms(pred: np.ndarray, features: np.ndarray, baselines: xr.Dataset) -> np.ndarray:
+    """Complete :func:`baseline_predict_block` output with the conditional model's S/N terms (in place)."""
+    names = json.loads(baselines.attrs["baseline"])
+    if "conditional" in names:
+        pred[:, names.index("conditional")] += conditional_terms(features) @ baselines["term_coef"].values
+    return pred
+
+
 def baseline_predictions(ds: xr.Dataset, baselines: xr.Dataset, rows: np.ndarray | None = None):
-    """Lazy predictions of every stored baseline for ``rows``: dask array (len(rows), B)."""
+    """Lazy pixel parts of every stored baseline for ``rows``: dask array (len(rows), B).
+
+    Add the conditional terms with :func:`add_conditional_terms` once the
+    rows' features are known.
+    """
     import dask.array as da
 
     sub = ds if rows is None else ds.isel(spectrum=np.asarray(rows))
     names = json.loads(baselines.attrs["baseline"])
-    params = {"wavelength": np.asarray(sub["wavelength"].values, np.float64),
-              "coef": np.asarray(baselines["coef"].values, np.float64),
-              "intercept": np.asarray(baselines["intercept"].values, np.float64),
-              "term_coef": np.asarray(baselines["term_coef"].values, np.float64), "names": names}
+    params = {"coef": np.asarray(baselines["coef"].values, np.float64),
+              "intercept": np.asarray(baselines["intercept"].values, np.float64), "names": names}
     flux = sub["flux"].data
     args = [flux, sub["error"].data] + ([sub["mask"].data] if "mask" in sub else [])
 

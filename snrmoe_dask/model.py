@@ -36,7 +36,14 @@ import numpy as np
 import xarray as xr
 from dask.utils import parse_bytes
 
-from .baselines import BASELINES, TERM_NAMES, baseline_predictions, baselines_dataset, solve_baselines
+from .baselines import (
+    BASELINES,
+    TERM_NAMES,
+    add_conditional_terms,
+    baseline_predictions,
+    baselines_dataset,
+    solve_baselines,
+)
 from .bins import cell_index, phys_bin, phys_bin_names, snr_bin
 from .catalog import CatalogError, bin_edges, open_catalog
 from .ceiling import efficiency
@@ -508,9 +515,12 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     snr_values = np.asarray(sub["snr"].values if "snr" in sub else feats["snr_est"].values, np.float64)
     s_b, p_b = _routing_bins(sub, model.edges, np.nan_to_num(snr_values, nan=0.0))
     n_exp = len(model.specs)
-    table = gate_inputs(np.column_stack([feats[c].values for c in FEATURE_NAMES])[usable], proj[usable, n_exp:])
+    feat_rows = np.column_stack([feats[c].values for c in FEATURE_NAMES])[usable]
+    table = gate_inputs(feat_rows, proj[usable, n_exp:])
     pred, y, s_b, p_b = proj[usable, :n_exp], y[usable], s_b[usable], p_b[usable]
     base_names = json.loads(model.baselines.attrs["baseline"]) if model.baselines is not None else []
+    if base_names:  # the conditional model's S/N terms come from the features computed above (no second kernel)
+        base_pred = add_conditional_terms(base_pred[usable], feat_rows, model.baselines).T
     metrics: dict[str, Any] = {
         "n_test": int(usable.sum()),
         "n_test_excluded_unusable": int((~usable).sum()),
@@ -525,7 +535,7 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
         metrics["models"][family] = regression_metrics(y, yhats[family], s_b, p_b, model.snr_names,
                                                        model.phys_names)
     for j, name in enumerate(base_names):
-        yhats[name] = base_pred[usable, j]
+        yhats[name] = base_pred[j]
         metrics["models"][name] = regression_metrics(y, yhats[name], s_b, p_b, model.snr_names, model.phys_names)
         metrics["models"][name]["baseline"] = True
     if model.gates:

@@ -88,3 +88,15 @@ def fitted(fit_catalog, tmp_path_factory):
     with dask.config.set(scheduler="threads"):
         model = fit_model(fit_catalog, model_dir, cfg, progress=False)
     return model, cfg, model_dir
+
+
+def train_cells(ds):
+    """Oracle cell of every train row of a catalog (``-1`` elsewhere), 4 S/N bins."""
+    from snrmoe_dask.bins import cell_index, phys_bin, snr_bin
+    from snrmoe_dask.catalog import bin_edges
+    from snrmoe_dask.split import TRAIN
+
+    e = bin_edges(ds)
+    cells = cell_index(phys_bin(ds["teff"].values, ds["mh"].values, e["teff_edges"], e["mh_edges"]),
+                       snr_bin(ds["snr"].values, e["snr_edges"]), 4)
+    return np.where(ds["split"].values == TRAIN, cells, -1)

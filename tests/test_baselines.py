@@ -7,13 +7,12 @@ import json
 import dask
 import numpy as np
 import pytest
-from conftest import fit_cfg
+from conftest import fit_cfg, train_cells
 from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 
 from snrmoe_dask.baselines import TERM_NAMES, BaselineStats, conditional_terms
-from snrmoe_dask.bins import cell_index, phys_bin, snr_bin
-from snrmoe_dask.catalog import bin_edges, good_pixel_mask, open_catalog
+from snrmoe_dask.catalog import good_pixel_mask, open_catalog
 from snrmoe_dask.features import block_features
 from snrmoe_dask.model import ModelError, evaluate_model, load_model
 from snrmoe_dask.reduce import one_pass
@@ -104,10 +103,7 @@ def test_evaluate_scores_both_baselines(fit_catalog, fitted, arrays):
 
 def _stats(ds, chunk, chains):
     ds = ds.chunk({"spectrum": chunk})
-    e = bin_edges(ds)
-    cells = cell_index(phys_bin(ds["teff"].values, ds["mh"].values, e["teff_edges"], e["mh_edges"]),
-                       snr_bin(ds["snr"].values, e["snr_edges"]), 4)
-    cells = np.where(ds["split"].values == TRAIN, cells, -1)
+    cells = train_cells(ds)
     stats, _, bstats = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=64,
                                 precision="float64", baselines=("whitened", "conditional"))
     with dask.config.set(scheduler="threads"):

@@ -5,7 +5,7 @@ import json
 import dask
 import numpy as np
 import pytest
-from conftest import fit_cfg, small_sim_config, write_raw, write_sim
+from conftest import fit_cfg, small_sim_config, train_cells, write_raw, write_sim
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import Ridge
@@ -58,10 +58,7 @@ def test_every_expert_matches_sklearn(fit_catalog, fitted):
 
 def _stats(ds, chunk, chains, precision="float64"):
     ds = ds.chunk({"spectrum": chunk})
-    edges = bin_edges(ds)
-    cells = cell_index(phys_bin(ds["teff"].values, ds["mh"].values, edges["teff_edges"], edges["mh_edges"]),
-                       snr_bin(ds["snr"].values, edges["snr_edges"]), 4)
-    cells = np.where(ds["split"].values == TRAIN, cells, -1)
+    cells = train_cells(ds)
     stats, _, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=64,
                         precision=precision)
     with dask.config.set(scheduler="threads"):

@@ -10,21 +10,13 @@ import time
 import dask
 import numpy as np
 import pytest
-from conftest import clean_arrays, fit_cfg, small_sim_config, write_raw, write_sim
+from conftest import clean_arrays, fit_cfg, small_sim_config, train_cells, write_raw, write_sim
 
-from snrmoe_dask.bins import cell_index, phys_bin, snr_bin
-from snrmoe_dask.catalog import CatalogError, bin_edges, open_catalog
+from snrmoe_dask.catalog import CatalogError, open_catalog
 from snrmoe_dask.cli import main
 from snrmoe_dask.model import fit_model, load_model
 from snrmoe_dask.reduce import one_pass
 from snrmoe_dask.split import TRAIN
-
-
-def _cells(ds):
-    e = bin_edges(ds)
-    cells = cell_index(phys_bin(ds["teff"].values, ds["mh"].values, e["teff_edges"], e["mh_edges"]),
-                       snr_bin(ds["snr"].values, e["snr_edges"]), 4)
-    return np.where(ds["split"].values == TRAIN, cells, -1)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def test_killing_a_worker_mid_reduction_gives_identical_statistics(kill_catalog)
     from distributed import Client, LocalCluster
 
     ds = open_catalog(kill_catalog)
-    cells = _cells(ds)
+    cells = train_cells(ds)
 
     def graph():
         stats, _, bstats = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=2, flush_rows=64,
