@@ -47,7 +47,7 @@ _LI = [FEATURE_NAMES.index(name) for name in LINE_NAMES]
 def whiten(flux: np.ndarray, error: np.ndarray, good: np.ndarray) -> np.ndarray:
     """``flux / error`` on good pixels, 0 elsewhere (float32)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(good, np.asarray(flux, np.float32) / np.asarray(error, np.float32), 0.0).astype(np.float32)
+        return np.where(good, np.asarray(flux, np.float32) / np.asarray(error, np.float32), np.float32(0.0))
 
 
 def conditional_terms(features: np.ndarray) -> np.ndarray:

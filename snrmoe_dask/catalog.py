@@ -70,6 +70,15 @@ def pixel_counts(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None = 
     Columns: non-finite flux, bad error (non-finite or <= 0), mask set, good.
     A pixel bad for several reasons counts once under each reason.
     """
+    n, p = flux.shape
+    if mask is None or not np.any(mask):
+        # fast path for clean blocks: nothing non-finite and no error <= 0 means every pixel is good
+        with np.errstate(invalid="ignore"):
+            clean = bool(np.isfinite(flux).all() and (error > 0).all() and np.isfinite(error).all())
+        if clean:
+            out = np.zeros((n, 4), np.int32)
+            out[:, 3] = p
+            return out
     bad_flux = ~np.isfinite(flux)
     bad_err = ~(np.isfinite(error) & (error > 0))
     masked = np.zeros_like(bad_flux) if mask is None else np.asarray(mask, dtype=bool)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -24,7 +25,8 @@ from dask.callbacks import Callback
 
 from .config import ClusterConfig
 
-__all__ = ["dask_session", "compute", "jobqueue_cluster", "load_jobqueue_profile", "local_cluster_kwargs"]
+__all__ = ["dask_session", "compute", "jobqueue_cluster", "load_jobqueue_profile", "local_cluster_kwargs",
+           "worker_environ"]
 
 
 def local_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
@@ -47,6 +49,13 @@ def local_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     if cfg.processes:  # in-process clusters talk over inproc://, nothing listens on the network
         kwargs["host"] = "127.0.0.1"
     return kwargs
+
+
+def worker_environ(cfg: ClusterConfig) -> dict[str, str]:
+    """``distributed.nanny.pre-spawn-environ`` with ``cfg.worker_env`` on top (read at nanny start)."""
+    env = {k: str(v) for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}).items()}
+    env.update({k: str(v) for k, v in (cfg.worker_env or {}).items()})
+    return env
 
 
 def _default_jobqueue_file() -> Path:
@@ -73,7 +82,12 @@ def jobqueue_cluster(kind: str, cfg: ClusterConfig):
     except ImportError as exc:  # pragma: no cover - depends on extras
         raise RuntimeError("--scheduler slurm|pbs needs dask-jobqueue: pip install 'snrmoe[cluster]'") from exc
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
-    return cls(**load_jobqueue_profile(kind, cfg.jobqueue_file))
+    profile = load_jobqueue_profile(kind, cfg.jobqueue_file)
+    if cfg.worker_env:  # the nanny on the node reads its spawn environment from dask config
+        env = json.dumps(worker_environ(cfg), sort_keys=True)
+        profile["job_script_prologue"] = [*profile.get("job_script_prologue", []),
+                                          f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{env}'"]
+    return cls(**profile)
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -98,7 +112,8 @@ def dask_session(cfg: ClusterConfig | None = None, *, quiet: bool = False) -> It
     from distributed import Client, LocalCluster
 
     if sched == "local":
-        cluster = LocalCluster(**local_cluster_kwargs(cfg))
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(cfg)}):
+            cluster = LocalCluster(**local_cluster_kwargs(cfg))
     elif sched.startswith(("tcp://", "tls://")):
         cluster = None
     elif sched in ("slurm", "pbs"):

@@ -66,10 +66,15 @@ def line_indices(flux: np.ndarray, good: np.ndarray, wavelength: np.ndarray,
         has no good pixel or the continuum is not positive.
     """
     win = index_windows(wavelength) if windows is None else windows
-    f = np.where(good, flux, 0.0).astype(np.float64)
+    # only the pixels inside some window matter (a few hundred of the P)
+    cols = np.flatnonzero(win.any(axis=(0, 1)))
+    if cols.size == 0:  # the grid misses every window
+        return np.full((flux.shape[0], win.shape[0]), np.nan)
+    good = good[:, cols]
+    f = np.where(good, flux[:, cols], 0.0).astype(np.float64)
     g = good.astype(np.float64)
-    # window sums as one matrix product: (n, P) @ (P, 3 * n_indices)
-    w = win.reshape(-1, win.shape[-1]).T.astype(np.float64)
+    # window sums as one matrix product: (n, P_win) @ (P_win, 3 * n_indices)
+    w = win[:, :, cols].reshape(-1, cols.size).T.astype(np.float64)
     sums = (f @ w).reshape(f.shape[0], *win.shape[:2])
     counts = (g @ w).reshape(f.shape[0], *win.shape[:2])
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -72,7 +72,7 @@ def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good
     keep = np.where(usable, cell, -1)
     # the nanny pins BLAS to 1 thread per task; a chain may use its share of the worker's cores
     with threadpool_limits(limits=blas_threads, user_api="blas"):
-        x = impute_bad_pixels(flux, good)
+        x = impute_bad_pixels(flux, good, copy=False)  # the block is shared with the features task
         acc.add(x, y, keep)
         if acc.baselines is not None:
             acc.baselines.add(x, flux, error, good, features, y, keep >= 0)

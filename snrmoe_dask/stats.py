@@ -169,21 +169,29 @@ class SufficientStats:
         return cls(**arrs, meta=json.loads(ds.attrs.get("meta", "{}")))
 
 
-def impute_bad_pixels(flux: np.ndarray, good: np.ndarray) -> np.ndarray:
+def impute_bad_pixels(flux: np.ndarray, good: np.ndarray, copy: bool = True) -> np.ndarray:
     """Replace bad pixels by the spectrum's median good flux (float32 copy).
 
     A linear model needs a value at every pixel; the row median is the local
     continuum level, so an imputed pixel adds no line signal. Rows with no good
-    pixel become all zeros (they are excluded from training upstream).
+    pixel become all zeros (they are excluded from training upstream). With
+    ``copy=False`` a float32 ``flux`` without bad pixels is returned as is, so
+    the caller must not write to the result.
     """
+    bad_rows = np.flatnonzero(~good.all(axis=1))
+    if bad_rows.size == 0 and not copy:
+        return np.asarray(flux, dtype=np.float32)  # nothing to impute: may be ``flux`` itself (read only!)
     out = np.array(flux, dtype=np.float32, copy=True)
-    if good.all():
+    if bad_rows.size == 0:
         return out
+    # only rows with a bad pixel are touched: no block-sized temporaries (fresh pages are not free)
+    sub, gsub = out[bad_rows], good[bad_rows]
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-bad rows: handled below
-        med = np.nanmedian(np.where(good, out, np.nan), axis=1)
+        med = np.nanmedian(np.where(gsub, sub, np.nan), axis=1)
     med = np.where(np.isfinite(med), med, 0.0).astype(np.float32)
-    return np.where(good, out, med[:, None]).astype(np.float32)
+    out[bad_rows] = np.where(gsub, sub, med[:, None])
+    return out
 
 
 def memory_bytes(n_cells: int, n_features: int, flush_rows: int, precision: str = "float32") -> int:
@@ -301,26 +309,32 @@ class CellAccumulator:
 
         Rows with ``cell < 0`` are skipped (not train, or unusable).
         """
-        keep = cell >= 0
-        if not keep.any():
+        cell = np.asarray(cell)
+        keep = np.flatnonzero(cell >= 0)
+        if keep.size == 0:
             return
-        x, y, cell = x[keep], np.asarray(y, np.float64)[keep], cell[keep]
-        order = np.argsort(cell, kind="stable")
-        x, y, cell = x[order], y[order], cell[order]
-        bounds = np.flatnonzero(np.diff(cell)) + 1
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, cell.size]):
-            self._push(int(cell[lo]), x[lo:hi], y[lo:hi])
-        self.rows_seen += int(keep.sum())
+        # rows are gathered cell by cell straight into the buffers: no sorted copy of the block
+        order = keep[np.argsort(cell[keep], kind="stable")]
+        sorted_cells = cell[order]
+        y = np.asarray(y, np.float64)
+        bounds = np.flatnonzero(np.diff(sorted_cells)) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, order.size]):
+            self._push(int(sorted_cells[lo]), x, y, order[lo:hi])
+        self.rows_seen += int(keep.size)
 
-    def _push(self, k: int, x: np.ndarray, y: np.ndarray) -> None:
-        while x.shape[0]:
-            room = self.flush_rows - self._fill[k]
-            take = min(room, x.shape[0])
-            f = self._fill[k]
-            np.subtract(x[:take], self._shift, out=self._buf[k, f:f + take], casting="unsafe")
-            self._ybuf[k, f:f + take] = y[:take]
+    def _push(self, k: int, x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> None:
+        while rows.size:
+            f = int(self._fill[k])
+            take = min(self.flush_rows - f, rows.size)
+            dst = self._buf[k, f:f + take]
+            if x.dtype == dst.dtype and x.flags.c_contiguous:
+                np.take(x, rows[:take], axis=0, out=dst)
+                dst -= self._shift
+            else:
+                np.subtract(x[rows[:take]], self._shift, out=dst, casting="unsafe")
+            self._ybuf[k, f:f + take] = y[rows[:take]]
             self._fill[k] += take
-            x, y = x[take:], y[take:]
+            rows = rows[take:]
             if self._fill[k] == self.flush_rows:
                 self._flush(k)
 

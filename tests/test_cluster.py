@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import pytest
 
-from snrmoe_dask.cluster import compute, dask_session, load_jobqueue_profile, local_cluster_kwargs
-from snrmoe_dask.config import ClusterConfig
+from snrmoe_dask.cluster import compute, dask_session, load_jobqueue_profile, local_cluster_kwargs, worker_environ
+from snrmoe_dask.config import WORKER_MALLOC_ENV, ClusterConfig
 
 
 def test_local_kwargs_bind_to_localhost_and_size_to_machine():
@@ -54,6 +56,22 @@ def test_jobqueue_profiles_generate_job_scripts(kind, directive):
     assert directive in script
     assert "distributed.cli.dask_worker" in script or "dask worker" in script or "dask-worker" in script
     assert f"--nthreads {prof['cores'] // prof['processes']}" in script
+    # the worker nanny on the node spawns with the configured malloc settings (parsed as dask does)
+    line = next(ln for ln in script.splitlines() if "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON" in ln)
+    env = json.loads(line.split("=", 1)[1].strip("'"))
+    assert env["MALLOC_MMAP_THRESHOLD_"] == WORKER_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
+    assert env["OPENBLAS_NUM_THREADS"] == "1"  # distributed's own defaults are kept
+
+
+def test_local_worker_processes_get_the_spawn_environment():
+    cfg = ClusterConfig(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0",
+                        worker_env={"MALLOC_TRIM_THRESHOLD_": "123456789", "SNRMOE_PROBE": "x"})
+    with dask_session(cfg, quiet=True) as client:
+        env = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "SNRMOE_PROBE",
+                                                                  "OMP_NUM_THREADS")})
+    (got,) = env.values()
+    assert got == {"MALLOC_TRIM_THRESHOLD_": "123456789", "SNRMOE_PROBE": "x", "OMP_NUM_THREADS": "1"}
+    assert worker_environ(ClusterConfig(worker_env=None))["MALLOC_TRIM_THRESHOLD_"] == "65536"  # distributed's
 
 
 def test_missing_profile(tmp_path):
