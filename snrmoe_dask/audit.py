@@ -36,6 +36,7 @@ from .catalog import good_pixel_mask
 from .evaluate import r2_score
 from .features import QUALITY_FEATURES, block_features
 from .lines import LINE_INDICES
+from .pacing import PacedReads
 from .stats import SufficientStats, impute_bad_pixels
 
 __all__ = ["REPRESENTATIONS", "TARGETS", "AuditAccumulator", "representations_block", "ridge_small",
@@ -173,7 +174,8 @@ def _fold(acc: AuditAccumulator, index: int, flux, error, mask, targets, group, 
     return acc
 
 
-def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int = 5, seed: int = 0) -> dict:
+def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int = 5, seed: int = 0,
+                  read_ahead: int = 4) -> dict:
     """Run the audit on a catalog (one pass over the train and frozen-test rows).
 
     Returns
@@ -182,6 +184,7 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int 
     ``importance_by_region`` and ``thresholds``.
     """
     import dask
+    from dask.base import tokenize
 
     from .bins import tertile_edges
     from .cluster import compute
@@ -214,14 +217,15 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int 
     template = np.median(reps0["full"], axis=0)
     acc = dask.delayed(AuditAccumulator, pure=True)(n_groups, p, reps0["full"].mean(0), reps0["S1"].mean(0))
     fold = dask.delayed(_fold, pure=True)
-    starts = np.r_[0, np.cumsum(ds["flux"].chunks[0])]
-    fblocks = ds["flux"].data.to_delayed().ravel()
-    eblocks = ds["error"].data.to_delayed().ravel()
-    mblocks = ds["mask"].data.to_delayed().ravel() if "mask" in ds else [None] * len(fblocks)
-    for i, (fb, eb, mb) in enumerate(zip(fblocks, eblocks, mblocks)):
+    # the chain is the bottleneck: reads wait for it instead of piling up in memory
+    reads = PacedReads(ds, ("flux", "error", "mask"), read_ahead,
+                       tokenize(ds["flux"].data.name, ds["error"].data.name, targets, group, is_test))
+    starts = reads.starts
+    for i in range(len(starts) - 1):
         lo, hi = int(starts[i]), int(starts[i + 1])
         if (group[lo:hi] >= 0).any() or is_test[lo:hi].any():
-            acc = fold(acc, i, fb, eb, mb, targets[lo:hi], group[lo:hi], is_test[lo:hi], template)
+            acc = fold(acc, i, *reads.read(i), targets[lo:hi], group[lo:hi], is_test[lo:hi], template)
+            reads.folded(acc, i)
     (acc,) = compute(acc, client=client, label=f"audit pass ({int(train.sum())} train, {int(is_test.sum())} test)",
                      progress=progress)
     cat = {k: np.concatenate(v) for k, v in acc.small.items()}

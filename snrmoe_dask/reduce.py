@@ -13,7 +13,9 @@ Graph plan (all lazy; nothing computes here)::
   the number of chunks: peak ≈ C × accumulator + in-flight chunks,
   whatever N is.
 * **One read.** Features and folds depend on the same chunk-read tasks, so
-  computing them together reads the cube once.
+  computing them together reads the cube once. Reads are paced by the chain
+  (:class:`~snrmoe_dask.pacing.PacedReads`): at most ``read_ahead`` chunks
+  per chain wait in memory for their fold.
 * **Fault tolerance.** A chain is a plain dependency chain: if a worker dies,
   dask recomputes the lost chain from its start, giving the same sums.
 """
@@ -32,6 +34,7 @@ from .baselines import BaselineAccumulator, BaselineStats
 from .catalog import good_pixel_mask
 from .checkpoint import Checkpoint
 from .features import FEATURE_NAMES, PIXEL_COUNTS, block_features
+from .pacing import PacedReads
 from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, map_cells, memory_bytes, symmetrize_lower
 
 __all__ = ["auto_chains", "one_pass", "shift_from_block"]
@@ -124,7 +127,7 @@ def auto_chains(n_threads: int, n_chunks: int, n_cells: int, n_features: int, fl
 def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, chains: int = 1,
              flush_rows: int = 1024, precision: str = "float32", min_good_fraction: float = 0.5,
              meta: dict | None = None, blas_threads: int = 1, baselines: tuple[str, ...] = (),
-             checkpoint: Checkpoint | None = None):
+             checkpoint: Checkpoint | None = None, read_ahead: int = 4):
     """Build the lazy one-pass graph.
 
     Parameters
@@ -148,6 +151,10 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         An opened :class:`~snrmoe_dask.checkpoint.Checkpoint`: chunks it holds
         are neither read nor folded again, and every chain saves its state
         every ``checkpoint.every`` folds.
+    read_ahead : int
+        Chunks per chain that may be read before the chain has folded them
+        (:class:`~snrmoe_dask.pacing.PacedReads`): bounds the blocks waiting
+        in memory, whatever N is.
 
     Returns
     -------
@@ -164,29 +171,28 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
     if y.shape != (n,) or cell.shape != (n,):
         raise ValueError(f"y and cell must have shape ({n},), got {y.shape} and {cell.shape}")
     min_good = int(np.ceil(min_good_fraction * p))
-    fblocks = ds["flux"].data.to_delayed().ravel()
-    eblocks = ds["error"].data.to_delayed().ravel()
-    mblocks = ds["mask"].data.to_delayed().ravel() if "mask" in ds else [None] * len(fblocks)
     starts = np.r_[0, np.cumsum(ds["flux"].chunks[0])]
-    chains = max(1, min(chains, len(fblocks)))
+    n_chunks = len(starts) - 1
+    chains = max(1, min(chains, n_chunks))
     baselines = tuple(baselines)
     tok = tokenize(ds["flux"].data.name, ds["error"].data.name, y, cell, n_cells, chains, flush_rows, precision,
                    min_good, baselines)
+    reads = PacedReads(ds, ("flux", "error", "mask"), read_ahead * chains, tok)
 
     wave = dask.delayed(np.asarray(ds["wavelength"].values, np.float64), name=f"wavelength-{tok}")
     states = [checkpoint.chain_state(c) if checkpoint else None for c in range(chains)]
     done = [set(st["chunks_done"]) if st else set() for st in states]
     feats_done = checkpoint.features_done() if checkpoint else set()
-    shift = (dask.delayed(shift_from_block, pure=True)(fblocks[0], eblocks[0], mblocks[0], min_good)
-             if not all(states) else None)
+    shift = (dask.delayed(shift_from_block, pure=True)(*reads.read(0), min_good) if not all(states) else None)
     init = dask.delayed(_init, pure=True)
     fold = dask.delayed(_fold, pure=True)
     accs = [init(shift, n_cells, flush_rows, precision, dict(meta or {}), baselines, checkpoint, c,
                  dask_key_name=f"acc-init-{tok}-{c}") for c in range(chains)]
     feats = []
-    for i, (fb, eb, mb) in enumerate(zip(fblocks, eblocks, mblocks)):
+    for i in range(n_chunks):
         lo, hi = int(starts[i]), int(starts[i + 1])
         c = i % chains
+        fb, eb, mb = reads.read(i)
         if i in feats_done:
             feats.append(dask.delayed(checkpoint.load_features, pure=True)(i, dask_key_name=f"features-{tok}-{i}"))
         else:
@@ -196,6 +202,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
             accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_threads,
                            feats[-1] if baselines else None, checkpoint, c,
                            dask_key_name=f"acc-fold-{tok}-{c}-{i}")
+            reads.folded(accs[c], i)
     both = dask.delayed(_finalize, pure=True, nout=2)(blas_threads * chains, *accs,
                                                       dask_key_name=f"stats-finalize-{tok}")
     return both[0], feats, both[1]
