@@ -21,6 +21,8 @@ class PeakRSS:
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.peak = 0
+        self.t0 = time.perf_counter()
+        self.samples: list[tuple[float, int]] = []  # (seconds since start, bytes) every ~interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -37,10 +39,17 @@ class PeakRSS:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
+            now = self.current()
+            self.peak = max(self.peak, now)
+            self.samples.append((time.perf_counter() - self.t0, now))
             time.sleep(self.interval)
 
+    def peak_between(self, start: float, stop: float) -> int:
+        """Peak bytes sampled between ``start`` and ``stop`` seconds after entering."""
+        return max((b for t, b in self.samples if start <= t <= stop), default=0)
+
     def __enter__(self) -> PeakRSS:
+        self.t0 = time.perf_counter()
         self.peak = self.current()
         self._thread.start()
         return self
