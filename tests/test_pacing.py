@@ -20,7 +20,7 @@ def test_array_source_is_the_checked_zarr_array_and_none_after_rechunk(sim_catal
     assert isinstance(src, _CheckedArray)
     np.testing.assert_array_equal(np.asarray(src[128:256]), ds["flux"].values[128:256])
     assert array_source(ds.chunk({"spectrum": 100})["flux"].data) is None
-    assert array_source((ds["flux"].data + 1)) is None
+    assert array_source(ds["flux"].data + 1) is None
 
 
 class _Pile(Callback):
