@@ -59,7 +59,8 @@ def _load(ds, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def peers(catalog: Path, model_dir: Path, max_train: int, client, save=None) -> dict:
+def peers(catalog: Path, model_dir: Path, max_train: int, client, save=None, admm_rows: int = 0,
+          admm_cap_s: float = 600.0) -> dict:
     """sklearn Ridge (global + 4 oracle S/N fits) and dask-ml, on in-memory train rows."""
     from sklearn.linear_model import Ridge
 
@@ -117,7 +118,29 @@ def peers(catalog: Path, model_dir: Path, max_train: int, client, save=None) -> 
                                      np.abs(coef - ref).max() / np.abs(ref).max())}
     except Exception as exc:  # noqa: BLE001 - a peer failing is a result to report, not a crash
         out["dask_ml_global"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if save:
+        save(out)
+    if admm_rows:
+        out["dask_ml_admm"] = daskml_capped(catalog, admm_rows, alpha["global"], "admm", admm_cap_s)
     return out
+
+
+def daskml_capped(catalog: Path, rows: int, alpha: float, solver: str, cap_s: float) -> dict:
+    """dask-ml's default solver in a subprocess killed after ``cap_s`` seconds (a result either way)."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "peer_daskml.py"), str(catalog), "--rows",
+           str(rows), "--alpha", str(alpha), "--solver", solver]
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=cap_s, check=True)
+    except subprocess.TimeoutExpired:
+        return {"solver": solver, "rows": rows, "finished": False, "cap_s": cap_s,
+                "note": f"not finished after {cap_s:.0f} s (data loading included)"}
+    except subprocess.CalledProcessError as exc:
+        return {"solver": solver, "rows": rows, "error": exc.stderr[-500:]}
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "finished": True,
+            "wall_s_with_loading": time.perf_counter() - t0}
 
 
 def _save(res: dict, complete: bool) -> None:
@@ -127,7 +150,8 @@ def _save(res: dict, complete: bool) -> None:
     out.write_text(json.dumps({**res, "complete": complete}, indent=2))
 
 
-def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep: bool) -> dict:
+def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep: bool, admm_rows: int = 0,
+             admm_cap_s: float = 600.0) -> dict:
     catalog = data / f"sim_{n}.zarr"
     cfg = load_config(cfg_path, {"simulate": {"n": n}, "run": {"out": str(runs / f"scale_{n}"), "report": False,
                                                                 "catalog": str(catalog)}})
@@ -163,8 +187,8 @@ def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep:
         res["ours"]["seconds_per_expert"] = res["stages_s"]["fit"] / n_experts
         _save(res, False)
     # the peers run after the cluster is closed: dask-ml on the threads scheduler must not find a client
-    res["peers"] = peers(catalog, Path(cfg.run.out) / "model", peer_max, None, lambda p: _save({**res, "peers": p},
-                                                                                             False))
+    res["peers"] = peers(catalog, Path(cfg.run.out) / "model", peer_max, None,
+                         lambda p: _save({**res, "peers": p}, False), admm_rows, admm_cap_s)
     res["ratios"] = _ratios(res)
     if not keep:
         shutil.rmtree(catalog, ignore_errors=True)
@@ -190,6 +214,9 @@ def main() -> None:
     ap.add_argument("--data", default="benchmarks/data")
     ap.add_argument("--runs", default="benchmarks/runs")
     ap.add_argument("--keep", action="store_true", help="keep the simulated catalogs")
+    ap.add_argument("--admm-rows", type=int, default=0,
+                    help="also fit dask-ml's default solver (admm) on this many train rows (0: skip)")
+    ap.add_argument("--admm-cap", type=float, default=600.0, help="seconds before the admm fit is stopped")
     ap.add_argument("--peers-only", action="store_true",
                     help="rerun only the peers against an existing study in RUNS/scale_N (merged into the results)")
     args = ap.parse_args()
@@ -203,13 +230,14 @@ def main() -> None:
                 _save({**res, "peers": partial}, False)
 
             res["peers"] = peers(Path(args.data) / f"sim_{n}.zarr", Path(args.runs) / f"scale_{n}" / "model",
-                                 args.peer_max_n, None, save)
+                                 args.peer_max_n, None, save, args.admm_rows, args.admm_cap)
             res["ratios"] = _ratios(res)
             _save(res, True)
             print(json.dumps({"peers": res["peers"], "ratios": res["ratios"]}, indent=1))
         return
     for n in args.n:
-        res = one_size(n, Path(args.data), Path(args.runs), args.peer_max_n, args.config, args.keep)
+        res = one_size(n, Path(args.data), Path(args.runs), args.peer_max_n, args.config, args.keep,
+                       args.admm_rows, args.admm_cap)
         _save(res, True)
         p = res["peers"]
         stages = {k: round(v or 0) for k, v in res["stages_s"].items()}
@@ -223,6 +251,8 @@ def main() -> None:
               f"R2 {p['sklearn_global']['r2']:.3f}; 4 oracle S/N fits {p['sklearn_oracle_snr']['seconds']:.1f} s "
               f"R2 {p['sklearn_oracle_snr']['r2']:.3f}")
         print(f"  dask-ml: {json.dumps(p['dask_ml_global'])}")
+        if "dask_ml_admm" in p:
+            print(f"  dask-ml admm: {json.dumps(p['dask_ml_admm'])}")
 
 
 if __name__ == "__main__":
