@@ -198,9 +198,12 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         else:
             feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, wave, checkpoint, i,
                                                             dask_key_name=f"features-{tok}-{i}"))
+        # the fold takes the chunk's feature rows even when no baseline needs them: then the chunk's
+        # block is released as soon as it is folded (independent features tasks were scheduled late,
+        # holding dozens of read blocks in memory)
         if (cell[lo:hi] >= 0).any() and i not in done[c]:
             accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_threads,
-                           feats[-1] if baselines else None, checkpoint, c,
+                           feats[-1], checkpoint, c,
                            dask_key_name=f"acc-fold-{tok}-{c}-{i}")
             reads.folded(accs[c], i)
     both = dask.delayed(_finalize, pure=True, nout=2)(blas_threads * chains, *accs,

@@ -6,7 +6,7 @@ import time
 
 import dask
 import numpy as np
-from conftest import train_cells
+from conftest import small_sim_config, train_cells, write_sim
 from dask.callbacks import Callback
 
 from snrmoe_dask.catalog import _CheckedArray, open_catalog
@@ -28,17 +28,21 @@ class _Pile(Callback):
 
     def __init__(self):
         super().__init__()
-        self.read, self.folded, self.max_pile = set(), set(), 0
+        self.read, self.folded, self.featured, self.max_pile, self.max_alive = set(), set(), set(), 0, 0
 
     def _posttask(self, key, result, dsk, state, worker_id):
         name = key if isinstance(key, str) else str(key)
         i = name.rsplit("-", 1)[-1]
         if name.startswith("read-flux-"):
             self.read.add(i)
+        elif name.startswith("features-"):
+            self.featured.add(i)
         elif name.startswith("acc-fold-"):
             self.folded.add(i)
             time.sleep(0.02)  # a chain slower than the reads, as on real data
         self.max_pile = max(self.max_pile, len(self.read - self.folded))
+        # a block stays in memory until both its features task and its fold are done
+        self.max_alive = max(self.max_alive, len(self.read - (self.folded & self.featured)))
 
 
 def test_reads_never_run_more_than_read_ahead_chunks_before_the_chain(sim_catalog):
@@ -53,6 +57,7 @@ def test_reads_never_run_more_than_read_ahead_chunks_before_the_chain(sim_catalo
         paced, paced_feats = dask.compute(stats, feats)
     assert len(pile.read) == n_chunks
     assert pile.max_pile <= 2  # the chunk being folded + read_ahead
+    assert pile.max_alive <= 2  # features are not left behind holding blocks either
 
     # the unpaced path (a rechunked catalog reads through its dask blocks) gives the same sums
     other = ds.chunk({"spectrum": 100})
@@ -67,3 +72,40 @@ def test_reads_never_run_more_than_read_ahead_chunks_before_the_chain(sim_catalo
         np.testing.assert_allclose(a.gram, b.gram, rtol=1e-9, atol=1e-9 * np.abs(a.gram).max())
         np.testing.assert_allclose(a.xty, b.xty, rtol=1e-9, atol=1e-9 * np.abs(a.xty).max())
     np.testing.assert_array_equal(np.concatenate(paced_feats), np.concatenate(unpaced_feats))
+
+
+def test_on_a_local_cluster_blocks_are_released_as_the_chain_folds(tmp_path, monkeypatch):
+    """distributed's scheduler ran independent feature tasks late, keeping their blocks alive (grew with N)."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    import snrmoe_dask.reduce as reduce_mod
+
+    fold = reduce_mod._fold
+
+    def slow_fold(*args, **kw):  # the chain is the slow part at real scale (P = 4096)
+        time.sleep(0.05)
+        return fold(*args, **kw)
+
+    monkeypatch.setattr(reduce_mod, "_fold", slow_fold)
+    cat = write_sim(tmp_path / "many_chunks.zarr", small_sim_config(n=3000, n_pixels=96, chunk_size=50))
+    ds = open_catalog(cat)
+    assert len(ds["flux"].chunks[0]) == 60
+    stats, feats, _ = one_pass(ds, ds["logg"].values, train_cells(ds), n_cells=36, chains=1, flush_rows=32,
+                               precision="float64", read_ahead=2)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client, get_task_stream(client) as ts:
+        client.compute([stats, *feats], sync=True)
+    done = {}
+    for rec in ts.data:
+        key = rec["key"] if isinstance(rec["key"], str) else str(rec["key"])
+        done[key] = max(s["stop"] for s in rec["startstops"] if s["action"] == "compute")
+
+    def ends(prefix):
+        return {k.rsplit("-", 1)[1]: t for k, t in done.items() if k.startswith(prefix)}
+
+    read, feat, fold = ends("read-flux-"), ends("features-"), ends("acc-fold-")
+    assert len(read) == 60
+    # a block lives from its read until both its features task and its fold have run
+    events = sorted([(t, 1) for t in read.values()] + [(max(feat[i], fold[i]), -1) for i in read])
+    alive = np.cumsum([d for _, d in events])
+    assert alive.max() <= 2 + 2  # read_ahead + the chunk being folded + one being read
