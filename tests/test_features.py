@@ -46,6 +46,17 @@ def test_snr_estimate_all_good_fast_path():
     np.testing.assert_allclose(snr_estimate(flux, err, good), np.median(flux / err.astype(np.float64), axis=1))
 
 
+@pytest.mark.parametrize("p", [300, 301])
+def test_snr_estimate_mixes_selection_and_sort_paths_exactly(p):
+    """Clean rows take a partition, rows with bad pixels a sort: both equal NumPy's median (even and odd P)."""
+    flux, err, good = _data(7, n=30, p=p)
+    good[::2] = True  # every other row clean
+    s = snr_estimate(flux, err, good)
+    ref = [np.median(flux[i, good[i]] / err[i, good[i]].astype(np.float64)) for i in range(flux.shape[0])]
+    np.testing.assert_array_equal(s[::2], np.asarray(ref)[::2])  # same two order statistics, same arithmetic
+    np.testing.assert_allclose(s, ref, rtol=1e-12)
+
+
 def test_snr_estimate_and_empty_rows():
     flux, err, good = _data(1)
     good[5] = False
