@@ -151,30 +151,38 @@ def _save(res: dict, complete: bool) -> None:
 
 
 def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep: bool, admm_rows: int = 0,
-             admm_cap_s: float = 600.0) -> dict:
+             admm_cap_s: float = 600.0, resume: bool = False) -> dict:
     catalog = data / f"sim_{n}.zarr"
     cfg = load_config(cfg_path, {"simulate": {"n": n}, "run": {"out": str(runs / f"scale_{n}"), "report": False,
                                                                 "catalog": str(catalog)}})
     res = {"n": n, "date": datetime.date.today().isoformat(), "machine": {
         "cpus": os.cpu_count(), "platform": platform.platform(),
         "memory_gb": round(__import__("psutil").virtual_memory().total / 1e9, 1)}}
+    saved = Path("benchmarks/results") / f"scale_{n}.json"
+    earlier = json.loads(saved.read_text()) if resume and saved.exists() else {}
     with dask_session(cfg.cluster) as client:
-        t0 = time.perf_counter()
-        ensure_catalog(catalog, n, client)
-        res["simulate_s"] = time.perf_counter() - t0
-        res["catalog_gb"] = sum(f.stat().st_size for f in catalog.rglob("*") if f.is_file()) / 1e9
-        _save(res, False)
-        res["reduce"] = measure(catalog, client, cfg.fit)
-        _save(res, False)
+        if "reduce" in earlier:  # --resume: keep the simulate and reduce figures of the interrupted run
+            res.update({k: earlier[k] for k in ("date", "simulate_s", "catalog_gb", "reduce")})
+        else:
+            t0 = time.perf_counter()
+            ensure_catalog(catalog, n, client)
+            res["simulate_s"] = time.perf_counter() - t0
+            res["catalog_gb"] = sum(f.stat().st_size for f in catalog.rglob("*") if f.is_file()) / 1e9
+            _save(res, False)
+            res["reduce"] = measure(catalog, client, cfg.fit)
+            _save(res, False)
         with PeakRSS() as peak:
             t0 = time.perf_counter()
-            record = run_study(cfg, Path(cfg.run.out), client=client)
+            record = run_study(cfg, Path(cfg.run.out), client=client, resume=resume)
             res["study_s"] = time.perf_counter() - t0
+        res["resumed_stages"] = [k for k, v in record["stages"].items() if v.get("skipped")]
         res["peak_rss_gb"] = peak.peak / 1e9
         res["stages_s"] = {k: v.get("seconds") for k, v in record["stages"].items()}
         # stages run back to back: their cumulative seconds bound each stage's share of the memory timeline
         res["peak_rss_gb_by_stage"], t = {}, 0.0
         for k, sec in res["stages_s"].items():
+            if k in res["resumed_stages"]:  # ran in the interrupted run: not in this timeline
+                continue
             res["peak_rss_gb_by_stage"][k] = peak.peak_between(t, t + (sec or 0.0) + 1.0) / 1e9
             t += sec or 0.0
         res["fit_timings"] = json.loads((Path(cfg.run.out) / "model" / "model.json").read_text())["timings"]
@@ -217,6 +225,8 @@ def main() -> None:
     ap.add_argument("--admm-rows", type=int, default=0,
                     help="also fit dask-ml's default solver (admm) on this many train rows (0: skip)")
     ap.add_argument("--admm-cap", type=float, default=600.0, help="seconds before the admm fit is stopped")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted size: reuse its reduce figures and the study's finished stages")
     ap.add_argument("--peers-only", action="store_true",
                     help="rerun only the peers against an existing study in RUNS/scale_N (merged into the results)")
     args = ap.parse_args()
@@ -237,7 +247,7 @@ def main() -> None:
         return
     for n in args.n:
         res = one_size(n, Path(args.data), Path(args.runs), args.peer_max_n, args.config, args.keep,
-                       args.admm_rows, args.admm_cap)
+                       args.admm_rows, args.admm_cap, args.resume)
         _save(res, True)
         p = res["peers"]
         stages = {k: round(v or 0) for k, v in res["stages_s"].items()}
