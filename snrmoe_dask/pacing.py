@@ -66,8 +66,10 @@ class PacedReads:
     """
 
     def __init__(self, ds: xr.Dataset, names, ahead: int, token: str):
+        if int(ahead) < 1:
+            raise ValueError(f"read_ahead must be at least 1 chunk per chain, got {ahead}")
         self.names = tuple(names)
-        self.ahead = max(1, int(ahead))
+        self.ahead = int(ahead)
         self.token = token
         self.starts = np.r_[0, np.cumsum(ds[self.names[0]].chunks[0])]
         self._sources, self._blocks = {}, {}

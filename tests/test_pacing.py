@@ -109,3 +109,11 @@ def test_on_a_local_cluster_blocks_are_released_as_the_chain_folds(tmp_path, mon
     events = sorted([(t, 1) for t in read.values()] + [(max(feat[i], fold[i]), -1) for i in read])
     alive = np.cumsum([d for _, d in events])
     assert alive.max() <= 2 + 2  # read_ahead + the chunk being folded + one being read
+
+
+def test_read_ahead_below_one_is_refused(sim_catalog):
+    import pytest
+
+    ds = open_catalog(sim_catalog)
+    with pytest.raises(ValueError, match="read_ahead must be at least 1"):
+        one_pass(ds, ds["logg"].values, train_cells(ds), n_cells=36, read_ahead=0)
