@@ -32,7 +32,7 @@ from snrmoe_dask.bins import cell_index, phys_bin, snr_bin
 from snrmoe_dask.catalog import bin_edges, open_catalog
 from snrmoe_dask.cluster import compute, dask_session
 from snrmoe_dask.config import ClusterConfig, FitConfig
-from snrmoe_dask.reduce import auto_chains, one_pass
+from snrmoe_dask.reduce import auto_chains, fold_blas_threads, one_pass
 from snrmoe_dask.split import TRAIN
 
 
@@ -74,7 +74,8 @@ def measure(path: Path, client, fit: FitConfig, blas_threads: int = 0) -> dict:
     out["floor_s"] = out["read_s"] + out["blas_s"]
 
     stats, feats, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=fit.flush_rows,
-                               precision=fit.precision, blas_threads=blas_threads or max(1, threads // chains))
+                               precision=fit.precision, blas_threads=blas_threads or fold_blas_threads(threads, chains),
+                               finalize_threads=threads)
     rows_counted = dask.delayed(lambda s: float(s.n.sum()))(stats)
     base = PeakRSS.current()
     with PeakRSS() as peak:
@@ -97,7 +98,7 @@ def main() -> None:
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--chains", type=int, default=None)
     ap.add_argument("--memory-budget", default="8GB")
-    ap.add_argument("--blas-threads", type=int, default=0, help="BLAS threads per fold (0: threads / chains)")
+    ap.add_argument("--blas-threads", type=int, default=0, help="BLAS threads per fold (0: as the fit does)")
     ap.add_argument("--json", default="benchmarks/results/reduce.json")
     args = ap.parse_args()
     fit = FitConfig(precision=args.precision, chains=args.chains, memory_budget=args.memory_budget)

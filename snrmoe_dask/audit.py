@@ -30,8 +30,8 @@ is summed over sky-line pixels and stellar line windows.
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import blas
 
+from .blas import syrk_update
 from .catalog import good_pixel_mask
 from .evaluate import r2_score
 from .features import QUALITY_FEATURES, block_features
@@ -92,7 +92,7 @@ class AuditAccumulator:
                 self.sx[r][k] += xc.sum(0)
                 self.xty[r][k] += xc.T @ y
                 c = self.xtx[r][k].T  # F-ordered view: syrk updates it in place (upper of F = lower of C)
-                blas.dsyrk(1.0, xc.T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
+                syrk_update(c, np.ascontiguousarray(xc))
 
     def stats(self, rep: str, target: str) -> SufficientStats:
         """Per-group statistics of one representation and target (shares the Gram arrays)."""

@@ -56,7 +56,7 @@ from .features import FEATURE_NAMES, QUALITY_FEATURES, feature_table
 from .gates import GATE_SPECS, ORACLE_OF, Gate, entropy
 from .mixture import apply_model_gate, fit_gates, gate_inputs, physical_names
 from .pca import pca_from_stats
-from .reduce import auto_chains, features_dataset, one_pass
+from .reduce import auto_chains, features_dataset, fold_blas_threads, one_pass
 from .split import TRAIN, VAL, id_hash
 from .stats import SufficientStats
 
@@ -317,8 +317,9 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     features_resumed = len(checkpoint.features_done()) if checkpoint else 0
     stats_d, feats_d, bstats_d = one_pass(
         ds, y, cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows, precision=cfg.fit.precision,
-        min_good_fraction=cfg.catalog.min_good_fraction, meta=meta_stats, blas_threads=max(1, threads // chains),
-        baselines=baselines, checkpoint=checkpoint)
+        min_good_fraction=cfg.catalog.min_good_fraction, meta=meta_stats,
+        blas_threads=fold_blas_threads(threads, chains), finalize_threads=threads, baselines=baselines,
+        checkpoint=checkpoint)
     specs = expert_specs(snr_names, phys_names)
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
                          cfg.fit.alpha_search_precision)

@@ -37,7 +37,7 @@ from .features import FEATURE_NAMES, PIXEL_COUNTS, block_features
 from .pacing import PacedReads
 from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, map_cells, memory_bytes, symmetrize_lower
 
-__all__ = ["auto_chains", "one_pass", "shift_from_block"]
+__all__ = ["auto_chains", "fold_blas_threads", "one_pass", "shift_from_block"]
 
 
 def shift_from_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, min_good: int) -> np.ndarray:
@@ -124,10 +124,22 @@ def auto_chains(n_threads: int, n_chunks: int, n_cells: int, n_features: int, fl
     return max(1, min(n_threads, by_memory, math.ceil(n_chunks / 4)))
 
 
+def fold_blas_threads(threads: int, chains: int) -> int:
+    """BLAS threads per fold: the worker's threads minus one, shared by the chains.
+
+    The spare thread reads chunks and computes features while the chains
+    fold (a fold's ``syrk`` releases the GIL). On 2 cores with one chain,
+    1 BLAS thread gave a 100k pass of 26-28 s against 30-31 s with 2: the
+    second BLAS thread stole the core the reads and features needed (README,
+    "One-pass statistics").
+    """
+    return max(1, (threads - 1) // max(1, chains))
+
+
 def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, chains: int = 1,
              flush_rows: int = 1024, precision: str = "float32", min_good_fraction: float = 0.5,
              meta: dict | None = None, blas_threads: int = 1, baselines: tuple[str, ...] = (),
-             checkpoint: Checkpoint | None = None, read_ahead: int = 4):
+             checkpoint: Checkpoint | None = None, read_ahead: int = 4, finalize_threads: int | None = None):
     """Build the lazy one-pass graph.
 
     Parameters
@@ -143,7 +155,12 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
     meta : dict
         Stored with the statistics.
     blas_threads : int
-        BLAS threads inside each fold (threads per worker / chains).
+        BLAS threads inside each fold. One (the default) lets a worker's
+        other threads read and compute features while a chain folds (the
+        fold's ``syrk`` releases the GIL, :mod:`snrmoe_dask.blas`).
+    finalize_threads : int, optional
+        Threads that fold the partials into the totals at the end, when
+        nothing else runs (default ``blas_threads * chains``).
     baselines : tuple of str
         Baselines (:data:`~snrmoe_dask.baselines.BASELINES`) whose statistics
         the same folds accumulate.
@@ -206,7 +223,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
                            feats[-1], checkpoint, c,
                            dask_key_name=f"acc-fold-{tok}-{c}-{i}")
             reads.folded(accs[c], i)
-    both = dask.delayed(_finalize, pure=True, nout=2)(blas_threads * chains, *accs,
+    both = dask.delayed(_finalize, pure=True, nout=2)(finalize_threads or blas_threads * chains, *accs,
                                                       dask_key_name=f"stats-finalize-{tok}")
     return both[0], feats, both[1]
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.linalg import blas
+
+from .blas import syrk_update
 
 __all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "impute_bad_pixels", "memory_bytes",
            "symmetrize_lower", "map_cells"]
@@ -252,7 +253,6 @@ class CellAccumulator:
         if precision not in ("float32", "float64"):
             raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
         self.dtype = np.float32 if precision == "float32" else np.float64
-        self._syrk = blas.ssyrk if precision == "float32" else blas.dsyrk
         self.flush_rows = int(flush_rows)
         self.fold_every = int(fold_every)
         # the shift is applied in the working precision, so record exactly that value
@@ -268,17 +268,6 @@ class CellAccumulator:
         self._folded = np.zeros(n_cells, bool)  # has this chain's own float64 total been written?
         self.rows_seen = 0
         self.chunks_done: list[int] = []
-
-    def __getstate__(self) -> dict:
-        # the BLAS routine is a Fortran object that cannot be pickled: a chain that dask moves to
-        # another worker (or spills) looks it up again from its precision
-        state = self.__dict__.copy()
-        state.pop("_syrk", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._syrk = blas.ssyrk if self.dtype == np.float32 else blas.dsyrk
 
     def flush_all(self) -> SufficientStats:
         """Flush every buffer and fold every partial into the float64 totals.
@@ -356,9 +345,7 @@ class CellAccumulator:
         # C <- C + a^T a on C's upper triangle; a.T is Fortran-ordered, so nothing is copied.
         # C is Fortran-ordered, so as a C-ordered array (C.T) the data sit in the *lower* triangle:
         # that is the convention of the float64 totals (the float64 C is the total's own .T view).
-        out = self._syrk(1.0, a.T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
-        if not np.shares_memory(out, c):  # pragma: no cover - scipy copies non-F-contiguous c
-            c[...] = out
+        syrk_update(c, a)  # releases the GIL: the worker's other tasks run meanwhile
         # sum(x - c) and sum((x - c) y) in one GEMV in the working precision, added into float64
         w = np.empty((2, m), self.dtype)
         w[0] = 1.0

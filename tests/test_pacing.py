@@ -117,3 +117,16 @@ def test_read_ahead_below_one_is_refused(sim_catalog):
     ds = open_catalog(sim_catalog)
     with pytest.raises(ValueError, match="read_ahead must be at least 1"):
         one_pass(ds, ds["logg"].values, train_cells(ds), n_cells=36, read_ahead=0)
+
+
+def test_thread_split_leaves_the_reads_a_thread_and_never_zero():
+    from snrmoe_dask.reduce import auto_chains, fold_blas_threads
+
+    assert fold_blas_threads(2, 1) == 1  # this machine: one chain folds, the other core reads
+    assert fold_blas_threads(16, 1) == 15
+    assert fold_blas_threads(16, 4) == 3
+    assert fold_blas_threads(4, 4) == fold_blas_threads(1, 1) == 1
+    # chains are bounded by threads, chunks and memory (one 4096-pixel, 36-cell accumulator is ~7.8 GB)
+    assert auto_chains(2, 489, 36, 4096, 1024, "float32", 8e9) == 1
+    assert auto_chains(8, 489, 36, 4096, 1024, "float32", 64e9) == 8
+    assert auto_chains(8, 8, 36, 4096, 1024, "float32", 64e9) == 2

@@ -1,0 +1,98 @@
+"""Rank-k updates ``C <- C + A^T A`` that release the GIL.
+
+``scipy.linalg.blas.ssyrk`` is an f2py wrapper that holds the GIL for the
+whole BLAS call. In the one pass a fold's ``syrk`` is most of a chain's time,
+so while it ran no other task of the worker (chunk reads, features) could
+execute Python, and the two cores took turns instead of working together.
+
+SciPy's stable Cython BLAS API (:mod:`scipy.linalg.cython_blas`) exports the
+same routines as C function pointers (``__pyx_capi__``); calling one through
+:mod:`ctypes` releases the GIL for the duration of the call, as any ctypes
+foreign call does. It is the BLAS that SciPy itself links (OpenBLAS, MKL,
+Accelerate), so results equal the f2py wrapper's. If the capsule is missing or
+its C signature is not the one expected, :func:`syrk_update` falls back to
+the f2py wrapper (same result, GIL held) and :data:`GIL_FREE` says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+from scipy.linalg import blas as _f2py_blas
+
+__all__ = ["GIL_FREE", "syrk_update"]
+
+_C_TYPES = {"s": ctypes.c_float, "d": ctypes.c_double}
+
+
+def _capi_syrk(prefix: str):
+    """The ``?syrk`` function pointer of scipy.linalg.cython_blas, or None."""
+    try:
+        from scipy.linalg import cython_blas
+        capsule = cython_blas.__pyx_capi__[f"{prefix}syrk"]
+    except (ImportError, AttributeError, KeyError):  # pragma: no cover - depends on the SciPy build
+        return None
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    name = get_name(capsule)
+    # the Fortran ABI: uplo, trans, n, k, alpha, a, lda, beta, c, ldc; every argument by pointer, 32-bit ints
+    real = f"__pyx_t_5scipy_6linalg_11cython_blas_{prefix}"
+    expected = f"void (char *, char *, int *, int *, {real} *, {real} *, int *, {real} *, {real} *, int *)"
+    if name is None or name.decode() != expected:  # pragma: no cover - another ABI: use the f2py wrapper
+        return None
+    p_int, p_real, p_char = ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_char_p
+    proto = ctypes.CFUNCTYPE(None, p_char, p_char, p_int, p_int, ctypes.POINTER(_C_TYPES[prefix]), p_real, p_int,
+                             ctypes.POINTER(_C_TYPES[prefix]), p_real, p_int)
+    return proto(get_pointer(capsule, name))
+
+
+_SYRK = {np.dtype(np.float32): _capi_syrk("s"), np.dtype(np.float64): _capi_syrk("d")}
+_F2PY = {np.dtype(np.float32): _f2py_blas.ssyrk, np.dtype(np.float64): _f2py_blas.dsyrk}
+GIL_FREE: bool = all(f is not None for f in _SYRK.values())
+"""True when :func:`syrk_update` runs without holding the GIL."""
+
+_INT_MAX = 2**31 - 1
+
+
+def syrk_update(c: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``c += a.T @ a`` on the upper triangle of Fortran-ordered ``c``, in place.
+
+    Parameters
+    ----------
+    c : ndarray of shape (p, p), Fortran-contiguous, float32 or float64
+        Updated in place. Seen as the C-ordered array ``c.T``, the update lands
+        in the *lower* triangle; the other triangle is not touched.
+    a : ndarray of shape (m, p), C-contiguous, same dtype as ``c``
+        The rows to add (``m`` may be 0).
+
+    Returns
+    -------
+    c
+    """
+    if c.ndim != 2 or c.shape[0] != c.shape[1] or not c.flags.f_contiguous or not c.flags.writeable:
+        raise ValueError(f"c must be a writeable square Fortran-ordered matrix, got shape {c.shape}")
+    if a.ndim != 2 or a.shape[1] != c.shape[0] or not a.flags.c_contiguous:
+        raise ValueError(f"a must be a C-ordered (m, {c.shape[0]}) matrix, got shape {a.shape}")
+    if a.dtype != c.dtype or c.dtype not in _SYRK:
+        raise ValueError(f"a and c must share a float32 or float64 dtype, got {a.dtype} and {c.dtype}")
+    m, p = a.shape
+    if m == 0:
+        return c
+    if max(m, p) > _INT_MAX:  # pragma: no cover - 32-bit BLAS integers
+        raise ValueError(f"matrix too large for 32-bit BLAS: {a.shape}")
+    fn = _SYRK[c.dtype]
+    if fn is None:  # pragma: no cover - exercised only on SciPy builds without the Cython BLAS capsule
+        out = _F2PY[c.dtype](1.0, a.T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
+        if not np.shares_memory(out, c):
+            c[...] = out
+        return c
+    # a.T is the Fortran-ordered (p, m) matrix A: C <- 1 * A A^T + 1 * C, i.e. trans = "N", k = m, lda = p
+    real = _C_TYPES["s" if c.dtype == np.float32 else "d"]
+    n_, k_ = ctypes.c_int(p), ctypes.c_int(m)
+    one = real(1.0)
+    fn(b"U", b"N", ctypes.byref(n_), ctypes.byref(k_), ctypes.byref(one), a.ctypes.data, ctypes.byref(n_),
+       ctypes.byref(one), c.ctypes.data, ctypes.byref(n_))
+    return c
