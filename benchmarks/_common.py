@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: process-tree peak memory and catalog preparation."""
+"""Shared benchmark helpers: process-tree peak memory, catalog preparation, peer fits."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
-from snrmoe_dask.catalog import open_catalog
+from snrmoe_dask.catalog import good_pixel_mask, open_catalog
 from snrmoe_dask.cluster import compute
 from snrmoe_dask.config import SimulateConfig, StorageConfig
 from snrmoe_dask.simulate import simulate_catalog, write_catalog
+from snrmoe_dask.stats import impute_bad_pixels
 
 
 class PeakRSS:
@@ -72,3 +74,44 @@ def ensure_catalog(path: Path, n: int, client, seed: int = 0, chunk_size: int = 
     compute(write_catalog(simulate_catalog(cfg), path, StorageConfig(), overwrite=True), client=client,
             label=f"simulate {n}")
     return path
+
+
+def r2(y, yhat) -> float:
+    return float(1 - np.sum((y - yhat) ** 2) / np.sum((y - y.mean()) ** 2))
+
+
+def load_rows(ds, rows: np.ndarray) -> np.ndarray:
+    """Flux of ``rows`` in memory, float64, bad pixels imputed as the pass does."""
+    out = np.empty((rows.size, ds.sizes["wavelength"]), np.float64)
+    for lo in range(0, rows.size, 8192):
+        r = rows[lo:lo + 8192]
+        f, e = ds["flux"].data[r].compute(), ds["error"].data[r].compute()
+        out[lo:lo + r.size] = impute_bad_pixels(f, good_pixel_mask(f, e))
+    return out
+
+
+def daskml_ridge(x, y, xt, yt, alpha: float, solver: str, max_iter: int, ref_coef) -> dict:
+    """``dask_ml.linear_model.LinearRegression(penalty="l2")`` at the Ridge problem of ``alpha``.
+
+    dask-glm minimises sum((y - X b)^2) + ||b||^2 / (2 C) and penalises its
+    intercept column, so the Ridge problem is C = 1 / (2 alpha) on centred data
+    without an intercept. ``x`` is centred in place (a second in-memory copy
+    would not fit at the largest N); the seconds include the centring. Runs
+    on the threads scheduler: X is in this process and must not be shipped
+    to a cluster.
+    """
+    import dask
+    import dask.array as da
+    from dask_ml.linear_model import LinearRegression
+
+    t0 = time.perf_counter()
+    xm, ym = x.mean(axis=0), y.mean()
+    x -= xm
+    lr = LinearRegression(penalty="l2", C=0.5 / alpha, solver=solver, max_iter=max_iter, fit_intercept=False)
+    with dask.config.set(scheduler="threads"):
+        lr.fit(da.from_array(x, chunks=(8192, x.shape[1])), da.from_array(y - ym, chunks=8192))
+    seconds = time.perf_counter() - t0
+    coef = np.asarray(lr.coef_)
+    return {"solver": solver, "max_iter": max_iter, "rows": int(x.shape[0]), "seconds": seconds,
+            "r2": r2(yt, (xt - xm) @ coef + ym),
+            "coef_rel_err_vs_sklearn": float(np.abs(coef - ref_coef).max() / np.abs(ref_coef).max())}

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import _load, _r2  # noqa: E402
+from _common import daskml_ridge, load_rows, r2  # noqa: E402
 
 from snrmoe_dask.catalog import open_catalog  # noqa: E402
 from snrmoe_dask.split import TRAIN  # noqa: E402
@@ -36,30 +35,16 @@ def main() -> None:
     ap.add_argument("--max-iter", type=int, default=100, help="dask-ml's default is 100")
     args = ap.parse_args()
 
-    import dask
-    import dask.array as da
-    from dask_ml.linear_model import LinearRegression
     from sklearn.linear_model import Ridge
 
     ds = open_catalog(args.catalog)
     train = np.flatnonzero(ds["split"].values == TRAIN)[:args.rows]
     test = np.flatnonzero(ds["frozen_test"].values)
-    x, xt = _load(ds, train), _load(ds, test)
+    x, xt = load_rows(ds, train), load_rows(ds, test)
     y, yt = ds["logg"].values[train], ds["logg"].values[test]
     ref = Ridge(alpha=args.alpha).fit(x, y)
-    xm, ym = x.mean(axis=0), y.mean()
-    x -= xm
-    lr = LinearRegression(penalty="l2", C=0.5 / args.alpha, solver=args.solver, max_iter=args.max_iter,
-                          fit_intercept=False)
-    t0 = time.perf_counter()
-    with dask.config.set(scheduler="threads"):
-        lr.fit(da.from_array(x, chunks=(8192, x.shape[1])), da.from_array(y - ym, chunks=8192))
-    seconds = time.perf_counter() - t0
-    coef = np.asarray(lr.coef_)
-    print(json.dumps({"solver": args.solver, "max_iter": args.max_iter, "rows": int(train.size), "seconds": seconds,
-                      "r2": _r2(yt, (xt - xm) @ coef + ym),
-                      "sklearn_r2_same_rows": _r2(yt, ref.predict(xt)),
-                      "coef_rel_err_vs_sklearn": float(np.abs(coef - ref.coef_).max() / np.abs(ref.coef_).max())}))
+    res = daskml_ridge(x, y, xt, yt, args.alpha, args.solver, args.max_iter, ref.coef_)
+    print(json.dumps({**res, "sklearn_r2_same_rows": r2(yt, ref.predict(xt))}))
 
 
 if __name__ == "__main__":

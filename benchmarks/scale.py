@@ -34,29 +34,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PeakRSS, ensure_catalog  # noqa: E402
+from _common import PeakRSS, daskml_ridge, ensure_catalog, load_rows, r2  # noqa: E402
 from reduce import measure  # noqa: E402
 
 from snrmoe_dask.bins import snr_bin  # noqa: E402
-from snrmoe_dask.catalog import good_pixel_mask, open_catalog  # noqa: E402
+from snrmoe_dask.catalog import open_catalog  # noqa: E402
 from snrmoe_dask.cluster import dask_session  # noqa: E402
 from snrmoe_dask.config import load_config  # noqa: E402
 from snrmoe_dask.pipeline import run_study  # noqa: E402
 from snrmoe_dask.split import TRAIN  # noqa: E402
-from snrmoe_dask.stats import impute_bad_pixels  # noqa: E402
-
-
-def _r2(y, yhat) -> float:
-    return float(1 - np.sum((y - yhat) ** 2) / np.sum((y - y.mean()) ** 2))
-
-
-def _load(ds, rows: np.ndarray) -> np.ndarray:
-    out = np.empty((rows.size, ds.sizes["wavelength"]), np.float64)
-    for lo in range(0, rows.size, 8192):
-        r = rows[lo:lo + 8192]
-        f, e = ds["flux"].data[r].compute(), ds["error"].data[r].compute()
-        out[lo:lo + r.size] = impute_bad_pixels(f, good_pixel_mask(f, e))
-    return out
 
 
 def peers(catalog: Path, model_dir: Path, max_train: int, client, save=None, admm_rows: int = 0,
@@ -75,7 +61,7 @@ def peers(catalog: Path, model_dir: Path, max_train: int, client, save=None, adm
     train = np.flatnonzero(ds["split"].values == TRAIN)[:max_train]
     test = np.flatnonzero(ds["frozen_test"].values)
     t0 = time.perf_counter()
-    x, xt = _load(ds, train), _load(ds, test)
+    x, xt = load_rows(ds, train), load_rows(ds, test)
     load_s = time.perf_counter() - t0
     y, yt = ds["logg"].values[train], ds["logg"].values[test]
     sb = snr_bin(ds["snr"].values[train], cfg.catalog.snr_edges)
@@ -84,38 +70,18 @@ def peers(catalog: Path, model_dir: Path, max_train: int, client, save=None, adm
 
     t0 = time.perf_counter()
     glob = Ridge(alpha=alpha["global"]).fit(x, y)
-    out["sklearn_global"] = {"seconds": time.perf_counter() - t0, "r2": _r2(yt, glob.predict(xt))}
+    out["sklearn_global"] = {"seconds": time.perf_counter() - t0, "r2": r2(yt, glob.predict(xt))}
     t0 = time.perf_counter()
     yhat = np.empty_like(yt)
     for i, b in enumerate(cfg.catalog.snr_bin_names):
         m = Ridge(alpha=alpha[f"oracle_snr/{b}"]).fit(x[sb == i], y[sb == i])
         yhat[sbt == i] = m.predict(xt[sbt == i])
-    out["sklearn_oracle_snr"] = {"seconds": time.perf_counter() - t0, "r2": _r2(yt, yhat), "fits": 4}
+    out["sklearn_oracle_snr"] = {"seconds": time.perf_counter() - t0, "r2": r2(yt, yhat), "fits": 4}
     if save:
         save(out)
 
     try:
-        import dask
-        import dask.array as da
-        from dask_ml.linear_model import LinearRegression
-
-        max_iter = 500
-
-        t0 = time.perf_counter()
-        # dask-glm minimises sum((y - X b)^2) + (1 / C) * ||b||^2 / 2 and penalises its intercept column, so the
-        # Ridge problem at alpha is C = 1 / (2 alpha) on centred data without an intercept
-        xm, ym = x.mean(axis=0), y.mean()
-        x -= xm  # in place: a second in-memory copy of X would not fit at the largest N
-        xd = da.from_array(x, chunks=(8192, x.shape[1]))
-        lr = LinearRegression(penalty="l2", C=0.5 / alpha["global"], solver="lbfgs", max_iter=max_iter,
-                              fit_intercept=False)
-        with dask.config.set(scheduler="threads"):  # X is in this process: never ship it to the cluster
-            lr.fit(xd, da.from_array(y - ym, chunks=8192))
-        coef = np.asarray(lr.coef_)
-        ref = glob.coef_
-        out["dask_ml_global"] = {"seconds": time.perf_counter() - t0, "r2": _r2(yt, (xt - xm) @ coef + ym),
-                                 "solver": "lbfgs", "max_iter": max_iter, "coef_rel_err_vs_sklearn": float(
-                                     np.abs(coef - ref).max() / np.abs(ref).max())}
+        out["dask_ml_global"] = daskml_ridge(x, y, xt, yt, alpha["global"], "lbfgs", 500, glob.coef_)
     except Exception as exc:  # noqa: BLE001 - a peer failing is a result to report, not a crash
         out["dask_ml_global"] = {"error": f"{type(exc).__name__}: {exc}"}
     if save:
