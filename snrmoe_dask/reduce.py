@@ -131,7 +131,7 @@ def fold_blas_threads(threads: int, chains: int) -> int:
     fold (a fold's ``syrk`` releases the GIL). On 2 cores with one chain,
     1 BLAS thread gave a 100k pass of 26-28 s against 30-31 s with 2: the
     second BLAS thread stole the core the reads and features needed (README,
-    "One-pass statistics").
+    "The GIL").
     """
     return max(1, (threads - 1) // max(1, chains))
 
