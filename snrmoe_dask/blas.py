@@ -33,10 +33,11 @@ def _capi_syrk(prefix: str):
         capsule = cython_blas.__pyx_capi__[f"{prefix}syrk"]
     except (ImportError, AttributeError, KeyError):  # pragma: no cover - depends on the SciPy build
         return None
-    get_name = ctypes.pythonapi.PyCapsule_GetName
-    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    # private prototypes: setting restype/argtypes on ctypes.pythonapi's shared attributes would change them
+    # for every other user in the process
+    get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+    get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi))
     name = get_name(capsule)
     # the Fortran ABI: uplo, trans, n, k, alpha, a, lda, beta, c, ldc; every argument by pointer, 32-bit ints
     real = f"__pyx_t_5scipy_6linalg_11cython_blas_{prefix}"
@@ -84,7 +85,7 @@ def syrk_update(c: np.ndarray, a: np.ndarray) -> np.ndarray:
     if max(m, p) > _INT_MAX:  # pragma: no cover - 32-bit BLAS integers
         raise ValueError(f"matrix too large for 32-bit BLAS: {a.shape}")
     fn = _SYRK[c.dtype]
-    if fn is None:  # pragma: no cover - exercised only on SciPy builds without the Cython BLAS capsule
+    if fn is None:  # SciPy builds without the Cython BLAS capsule (tested by patching it away)
         out = _F2PY[c.dtype](1.0, a.T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
         if not np.shares_memory(out, c):
             c[...] = out

@@ -98,3 +98,17 @@ def test_the_update_releases_the_gil():
         free = _main_thread_progress(lambda: syrk_update(c, a))
     # with the GIL held, this thread runs only in the switch interval before the call starts
     assert free > 5 * max(held, 1), (free, held)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_without_the_capsule_the_f2py_fallback_gives_the_same_result(dtype, monkeypatch):
+    import snrmoe_dask.blas as blas_mod
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((50, 16)).astype(dtype)
+    c0 = _symmetric_f(16, dtype, rng)
+    with threadpool_limits(limits=1, user_api="blas"):
+        fast = syrk_update(c0.copy(order="F"), a)
+        monkeypatch.setitem(blas_mod._SYRK, np.dtype(dtype), None)
+        slow = syrk_update(c0.copy(order="F"), a)
+    np.testing.assert_array_equal(slow, fast)
