@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for audit.json, audit.md, pixel_importance.zarr")
     _add_common(p)
 
-    p = sub.add_parser("ceiling", help="Fisher/CRLB ceiling of logg for a simulated catalog")
+    p = sub.add_parser("ceiling", help="Bayes ceiling of logg (flux only; flux + oracle bins), simulated catalogs")
     p.add_argument("catalog", help="simulated catalog store (zarr)")
     p.add_argument("--out", required=True, help="directory for ceiling.json and ceiling.zarr")
     p.add_argument("--rows", choices=("test", "all"), default="test",
@@ -246,30 +246,30 @@ def _cmd_audit(args) -> int:
 def _cmd_ceiling(args) -> int:
     import numpy as np
 
-    from .catalog import open_catalog
+    from .catalog import bin_edges, open_catalog
+    from .ceiling import write_ceiling
     from .cluster import dask_session
     from .model import ceiling_stage
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
     ds = open_catalog(args.catalog, require_labels=("logg", "teff", "mh", "alpha_m", "mag", "snr"),
                       config=cfg.catalog)
+    edges = bin_edges(ds, cfg.catalog)
     rows = np.flatnonzero(ds["frozen_test"].values) if args.rows == "test" else np.arange(ds.sizes["spectrum"])
     sub = ds.isel(spectrum=rows)
     with dask_session(cfg.cluster) as client:
-        out = ceiling_stage(sub, cfg, client=client)
-    from .ceiling import write_ceiling
-
-    summary = write_ceiling(out, sub, args.out, {"catalog": str(args.catalog), "rows": args.rows})
-    out_dir = Path(args.out)
-    print(f"ceiling      {len(rows)} spectra ({args.rows}); R2_max overall {summary['overall']['r2_max']:.3f}")
-    for name, b in summary["per_snr_bin"].items():
-        if b["n"]:
-            print(f"  S/N bin {name}: R2_max {b['r2_max']:.3f}  median sigma(logg) {b['median_sigma_logg']:.2f} dex"
-                  f"  (n={b['n']})")
-    for b in summary["per_mag_bin"]:
-        if b["n"] > 1:
-            print(f"  mag {b['mag_lo']:.1f}-{b['mag_hi']:.1f}: R2_max {b['r2_max']:.3f}  (n={b['n']})")
-    print(f"wrote        {out_dir / 'ceiling.json'}")
+        out = ceiling_stage(sub, edges, cfg, client=client)
+    doc = write_ceiling(out["summary"], out["post"], out["spectrum"], args.out,
+                        {"catalog": str(args.catalog), "rows": args.rows, "bin_edges": edges})
+    for key, label in (("flux", "flux only"), ("flux_oracle_bins", "flux + oracle bins")):
+        c = doc[key]
+        print(f"ceiling ({label}): R2_max {c['overall']['r2_max']:.3f} +- {c['overall']['r2_max_se']:.3f} "
+              f"({c['overall']['n_sampled']} of {len(rows)} {args.rows} spectra sampled)")
+        for name, b in c["per_snr_bin"].items():
+            if b["r2_max"] is not None:
+                print(f"  S/N bin {name}: R2_max {b['r2_max']:.3f} +- {b['r2_max_se']:.3f}  (n={b['n']}, "
+                      f"sampled {b['n_sampled']}, median ESS {b['median_ess']:.0f})")
+    print(f"wrote        {Path(args.out) / 'ceiling.json'}")
     return 0
 
 

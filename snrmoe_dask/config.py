@@ -188,6 +188,7 @@ class GatesConfig(_Strict):
     max_iter: int = Field(500, ge=1)
     seed: int = Field(0, ge=0)
     snr_cliff: float = 2.0
+    calibration_min_rows: int = Field(50, ge=2)
 
     @field_validator("default")
     @classmethod
@@ -200,11 +201,23 @@ class GatesConfig(_Strict):
 
 
 class CeilingConfig(_Strict):
-    """The Fisher ceiling (SPEC section 5), for simulated catalogs."""
+    """The Bayes ceiling of logg (docs/method.md), for simulated catalogs."""
 
     enabled: bool = True
     mag_edges: list[float] = Field(default_factory=lambda: [20.5, 21.0, 21.5, 22.0, 22.5])
     block_rows: int = Field(1024, ge=1)
+    spectra_per_snr_bin: int = Field(150, ge=2)
+    samples: int = Field(768, ge=16)
+    prior_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    proposal_scale: float = Field(1.5, gt=0.0)
+    seed: int = Field(0, ge=0)
+
+
+class EvaluateConfig(_Strict):
+    """Standard errors of the frozen-test metrics."""
+
+    n_bootstrap: int = Field(200, ge=2)
+    seed: int = Field(0, ge=0)
 
 
 class AuditConfig(_Strict):
@@ -245,6 +258,7 @@ class Config(_Strict):
     fit: FitConfig = Field(default_factory=FitConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     ceiling: CeilingConfig = Field(default_factory=CeilingConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 

@@ -24,7 +24,7 @@ from .config import FitConfig, GatesConfig
 from .experts import expert_specs, experts_dataset, fit_experts
 from .features import FEATURE_NAMES, block_features, snr_estimate
 from .gates import GATE_SPECS, fit_gate
-from .mixture import gate_inputs, physical_names, predict_block
+from .mixture import gate_inputs, gate_tau, physical_names, predict_block
 from .pca import pca_from_stats
 from .split import id_hash
 from .stats import CellAccumulator, impute_bad_pixels
@@ -50,7 +50,10 @@ class SNRMoERegressor(RegressorMixin, BaseEstimator):
     gate_fraction : float, default=0.2
         Share of the rows held out of the experts to fit the gate on.
     fallback_tau : float, default=0.3
-        Predict with ``global`` where the largest gate weight is below this.
+        Classifier gates (``deploy_snr_logreg``, ``deploy_phys``, ``deploy_joint``,
+        ``deploy_dual_poe``) predict with ``global`` where their largest weight
+        is below this; MSE-trained gates are deployed as trained, softly
+        everywhere. A model from :meth:`from_model` keeps each gate's own.
     n_pca : int, default=4
         PCA projections among the physical gate inputs.
     min_good_fraction : float, default=0.5
@@ -206,6 +209,8 @@ class SNRMoERegressor(RegressorMixin, BaseEstimator):
         gate = fit_gate(spec, table, model.class_labels(spec.family, s_b[rows], p_b[rows]),
                         proj[:, members], y[rows], n_classes=len(members), l2=gcfg.l2, logreg_c=gcfg.logreg_c,
                         max_iter=gcfg.max_iter, seed=self.random_state)
+        # deployed as trained: an MSE-trained gate mixes softly everywhere, a classifier falls back below tau
+        gate.info["fallback_tau"] = self.fallback_tau if spec.training in ("logreg", "poe") else 0.0
         model.gates = {self.gate: gate}
         self._set_fitted(model)
         self.wavelength_ = wave
@@ -248,7 +253,8 @@ class SNRMoERegressor(RegressorMixin, BaseEstimator):
         return predict_block(x, error, None, wavelength=wave, proj_coef=coef, proj_intercept=icpt,
                              n_experts=len(model.specs), gate=self.gate_,
                              members=model.members(self.gate_.spec.family), global_index=model.index["global"],
-                             resid_var=model.experts["resid_var"].values, tau=self.fallback_tau,
+                             resid_var=model.experts["resid_var"].values, tau=gate_tau(model, self.gate_),
+                             sigma_scale=self.gate_.info.get("sigma_calibration"),
                              min_good=int(np.ceil(self.min_good_fraction * x.shape[1])),
                              snr_cliff=model.meta["gates"]["snr_cliff"])
 

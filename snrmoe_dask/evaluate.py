@@ -88,10 +88,15 @@ def _fmt(v: float | None) -> str:
     return "  n/a" if v is None else f"{v:6.3f}"
 
 
-def r2_table(metrics: dict) -> str:
-    """Markdown table of R² overall and per S/N bin, one row per model (from ``metrics.json``).
+def _pm(v: float | None, e: float | None) -> str:
+    return _fmt(v).strip() if v is None or e is None else f"{v:.3f} ± {e:.3f}"
 
-    Gates also show ρ against their oracle and the oracle's name.
+
+def r2_table(metrics: dict) -> str:
+    """Markdown table of R² (± bootstrap standard error) overall and per S/N bin, one row per model.
+
+    Gates also show ρ against their oracle (``null`` where the oracle does
+    not measurably beat global).
     """
     models = metrics["models"]
     bins = list(next(iter(models.values()))["per_snr_bin"])
@@ -99,7 +104,10 @@ def r2_table(metrics: dict) -> str:
                                                       for b in bins) + " | ρ (vs oracle) |"
     lines = [head, "|" + "---|" * (5 + len(bins))]
     for name, m in models.items():
-        cells = " | ".join(_fmt(m["per_snr_bin"][b]["r2"]) for b in bins)
-        rho = f"{_fmt(m.get('rho')).strip()} ({m['oracle']})" if "oracle" in m else ""
-        lines.append(f"| {name} | {_fmt(m['r2'])} | {m['mae']:.3f} | {m['rmse']:.3f} | {cells} | {rho} |")
+        cells = " | ".join(_pm(m["per_snr_bin"][b]["r2"], m["per_snr_bin"][b].get("r2_se")) for b in bins)
+        rho = ""
+        if "oracle" in m:
+            rho = f"{_pm(m.get('rho'), m.get('rho_se')) if m.get('rho') is not None else 'null'} ({m['oracle']})"
+        lines.append(f"| {name} | {_pm(m['r2'], m.get('r2_se'))} | {m['mae']:.3f} | {m['rmse']:.3f} | {cells} | "
+                     f"{rho} |")
     return "\n".join(lines)

@@ -7,7 +7,11 @@ A cell is ``phys * n_snr + snr``. Families (SPEC section 5):
 * ``oracle_phys``   one per Teff x [M/H] bin (sum over S/N bins);
 * ``oracle_joint``  one per cell;
 * ``hierarchical``  one per cell, ridge-shrunk toward its physical-bin parent:
-  ``min ||y - Xw||^2 + a ||w - w_parent||^2``.
+  ``min ||y - Xw||^2 + a ||w - w_parent||^2``, where ``w_parent`` is the
+  parent refitted without the cell's own rows (parent statistics minus the
+  cell's, at the parent's alpha). A parent that saw the cell's rows would
+  already fit them, so GCV would undercount the degrees of freedom the prior
+  spends and favour strong shrinkage.
 
 An expert whose rows number fewer than ``min_rows`` falls back to its parent
 (``global`` for the S/N and physical families, the physical-bin expert for
@@ -28,7 +32,8 @@ from dask.base import tokenize
 from .ridge import eigen, ridge_alphas, solve_ridge
 from .stats import SufficientStats
 
-__all__ = ["FAMILIES", "ExpertSpec", "expert_specs", "solve_expert", "fit_experts", "experts_dataset"]
+__all__ = ["FAMILIES", "ExpertSpec", "expert_specs", "leave_cells_out_prior", "solve_expert", "fit_experts",
+           "experts_dataset"]
 
 FAMILIES = ("global", "oracle_snr", "oracle_phys", "oracle_joint", "hierarchical")
 
@@ -69,14 +74,30 @@ def _as_dict(sol, n: float) -> dict:
             "resid_var": sol.resid_var, "df": sol.df, "n": n, "fallback": "", "at_grid_edge": sol.at_grid_edge}
 
 
+def leave_cells_out_prior(stats: SufficientStats, parent: dict, parent_cells: Sequence[int],
+                          cells: Sequence[int]) -> np.ndarray:
+    """The parent's coefficients refitted at its alpha without ``cells`` (additivity: no pass over rows).
+
+    Falls back to the parent's own coefficients if the parent is itself a
+    fallback or too few rows remain.
+    """
+    rest = tuple(c for c in parent_cells if c not in set(cells))
+    if parent.get("fallback") or not rest or float(stats.n[list(rest)].sum()) < 2:
+        return np.asarray(parent["coef"], np.float64)
+    return solve_ridge(stats.cells(rest), [], fixed_alpha=float(parent["alpha"])).coef
+
+
 def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequence[float], min_rows: int,
                  parent: dict | None = None, max_df_fraction: float = 1.0,
-                 twin: ExpertSpec | None = None, search_precision: str = "float32") -> dict:
+                 twin: ExpertSpec | None = None, search_precision: str = "float32",
+                 parent_cells: Sequence[int] | None = None) -> dict:
     """Fit one expert from the statistics (a small dict of arrays and numbers).
 
     With ``twin`` (an expert over the same cells that shrinks toward
     ``parent``), both are fitted from one eigendecomposition and the result
-    is ``{spec.name: fit, twin.name: fit}``.
+    is ``{spec.name: fit, twin.name: fit}``; the twin shrinks toward the
+    parent refitted without these cells (:func:`leave_cells_out_prior`) when
+    ``parent_cells`` is given.
     """
     n = float(stats.n[list(spec.cells)].sum())
     names = [spec.name] + ([twin.name] if twin is not None else [])
@@ -90,7 +111,10 @@ def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequ
     eig = eigen(cs, search_precision)
     out = {}
     for s in [spec] + ([twin] if twin is not None else []):
-        prior = np.asarray(parent["coef"]) if (s.shrink and parent is not None) else None
+        prior = None
+        if s.shrink and parent is not None:
+            prior = (leave_cells_out_prior(stats, parent, parent_cells, spec.cells) if parent_cells is not None
+                     else np.asarray(parent["coef"]))
         out[s.name] = _as_dict(solve_ridge(cs, alphas, prior=prior, max_df_fraction=max_df_fraction, eig=eig), n)
     return out if twin is not None else out[spec.name]
 
@@ -105,14 +129,16 @@ def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[fl
     solve = dask.delayed(solve_expert, pure=True)
     tok = tokenize(getattr(stats, "key", None), list(relative_alphas), min_rows, max_df_fraction, search_precision)
     twins = {(s.cells, s.parent): s for s in specs if s.shrink}
+    by_name = {s.name: s for s in specs}
     out: dict = {}
     for spec in specs:
         if spec.shrink:
             continue  # fitted with its joint twin
         parent = out.get(spec.parent) if spec.parent else None
         twin = twins.get((spec.cells, spec.parent)) if spec.family == "oracle_joint" else None
+        parent_cells = by_name[spec.parent].cells if (twin is not None and spec.parent) else None
         task = solve(stats, spec, list(relative_alphas), min_rows, parent, max_df_fraction, twin, search_precision,
-                     dask_key_name=f"expert-{tok}-{spec.name}")
+                     parent_cells, dask_key_name=f"expert-{tok}-{spec.name}")
         if twin is None:
             out[spec.name] = task
         else:

@@ -32,8 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import GatesConfig
     from .model import Model
 
-__all__ = ["FLAG_BITS", "pca_names", "physical_names", "gate_inputs", "apply_gate", "apply_model_gate", "fit_gates",
-           "predict_block", "predict_dataset"]
+__all__ = ["FLAG_BITS", "pca_names", "physical_names", "gate_inputs", "apply_gate", "apply_model_gate", "gate_tau",
+           "calibrate_sigma", "sigma_scale_of", "choose_fallback_tau", "fit_gates", "predict_block", "predict_dataset"]
 
 #: bits of the ``flags`` output of predict
 FLAG_BITS = {"snr_cliff": 1, "fallback": 2, "too_many_masked": 4}
@@ -56,8 +56,9 @@ def gate_inputs(features: np.ndarray, pca: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def apply_gate(gate: Gate, table: Mapping[str, np.ndarray], member_pred: np.ndarray, global_pred: np.ndarray,
-               member_var: np.ndarray, global_var: float, tau: float) -> dict[str, np.ndarray]:
-    """Soft mixture of one gate with the fallback rule.
+               member_var: np.ndarray, global_var: float, tau: float, snr_est: np.ndarray | None = None,
+               sigma_scale: Mapping | None = None) -> dict[str, np.ndarray]:
+    """Soft mixture of one gate with the fallback rule and the calibrated uncertainty.
 
     Parameters
     ----------
@@ -69,35 +70,103 @@ def apply_gate(gate: Gate, table: Mapping[str, np.ndarray], member_pred: np.ndar
     member_var, global_var
         Residual variances of the experts (K,) and of ``global``.
     tau : float
-        Fallback threshold on ``max p``.
+        Fallback threshold on ``max p`` (0 = the soft mixture everywhere).
+    snr_est, sigma_scale : optional
+        The rows' S/N estimates and the gate's calibration
+        (:func:`calibrate_sigma`): ``sigma`` is multiplied by the scale of
+        each row's S/N-estimate bin. Without them ``sigma`` is uncalibrated.
 
     Returns
     -------
-    dict with ``yhat``, ``sigma``, ``weights`` (n, K) and ``fallback`` (bool).
+    dict with ``yhat``, ``sigma``, ``soft`` (the mixture without fallback),
+    ``weights`` (n, K) and ``fallback`` (bool).
     """
     w = gate.weights(table)
     fallback = w.max(axis=1) < tau
-    yhat = np.where(fallback, global_pred, mixture(w, member_pred))
+    soft = mixture(w, member_pred)
+    yhat = np.where(fallback, global_pred, soft)
     sigma = np.where(fallback, np.sqrt(global_var), mixture_sigma(w, member_pred, member_var))
-    return {"yhat": yhat, "sigma": sigma, "weights": w, "fallback": fallback}
+    if sigma_scale is not None and snr_est is not None:
+        sigma = sigma * sigma_scale_of(sigma_scale, snr_est)
+    return {"yhat": yhat, "sigma": sigma, "soft": soft, "weights": w, "fallback": fallback}
 
 
-def apply_model_gate(model: Model, gate: Gate, table, pred: np.ndarray, tau: float) -> dict[str, np.ndarray]:
-    """:func:`apply_gate` with the experts of ``model``; ``pred`` holds every expert (n, E)."""
+def sigma_scale_of(calibration: Mapping, snr_est: np.ndarray) -> np.ndarray:
+    """Per-row scale of ``sigma`` from a calibration's S/N-estimate bins (NaN S/N -> the overall scale)."""
+    scale = np.asarray(calibration["scale"], np.float64)
+    snr = np.asarray(snr_est, np.float64)
+    idx = np.searchsorted(np.asarray(calibration["snr_edges"], np.float64), np.nan_to_num(snr, nan=0.0), side="left")
+    return np.where(np.isfinite(snr), scale[idx], float(calibration["overall"]))
+
+
+def calibrate_sigma(resid: np.ndarray, sigma: np.ndarray, snr_est: np.ndarray, snr_edges, min_rows: int) -> dict:
+    """Scales of ``sigma`` per S/N-estimate bin from held-out residuals (split conformal).
+
+    In each bin the scale is the 68.27 % quantile of ``|resid| / sigma``, so
+    ``scale * sigma`` covers 68.27 % of the calibration rows there; a bin
+    with fewer than ``min_rows`` rows takes the scale of all rows.
+    """
+    z = np.abs(np.asarray(resid, np.float64)) / np.asarray(sigma, np.float64)
+    ok = np.isfinite(z)
+    overall = float(np.quantile(z[ok], 0.6827)) if ok.any() else 1.0
+    bins = np.searchsorted(np.asarray(snr_edges, np.float64), np.nan_to_num(snr_est, nan=0.0), side="left")
+    scale, n = [], []
+    for b in range(len(snr_edges) + 1):
+        sel = ok & (bins == b) & np.isfinite(snr_est)
+        n.append(int(sel.sum()))
+        scale.append(float(np.quantile(z[sel], 0.6827)) if sel.sum() >= min_rows else overall)
+    return {"method": "split conformal: 68.27 % quantile of |residual| / sigma per S/N-estimate bin",
+            "snr_edges": [float(e) for e in snr_edges], "scale": scale, "n": n, "overall": overall}
+
+
+def choose_fallback_tau(gate: Gate, candidate: float, y: np.ndarray, out_soft: dict, global_pred: np.ndarray) -> float:
+    """The fallback threshold a gate is deployed with.
+
+    A gate trained on the MSE of the soft mixture is deployed as trained: no
+    fallback (0). A classifier gate keeps ``candidate`` only if the fallback
+    lowers the squared error on the given (held-out selection) rows.
+    """
+    if gate.spec.training not in ("logreg", "poe") or candidate <= 0:
+        return 0.0
+    fb = out_soft["weights"].max(axis=1) < candidate
+    if not fb.any():
+        return 0.0
+    gain = np.sum((out_soft["soft"][fb] - y[fb]) ** 2) - np.sum((global_pred[fb] - y[fb]) ** 2)
+    return float(candidate) if gain > 0 else 0.0
+
+
+def gate_tau(model: Model, gate: Gate) -> float:
+    """The fallback threshold ``gate`` was deployed with at fit time (older stores: the model-wide one)."""
+    if "fallback_tau" in gate.info:
+        return float(gate.info["fallback_tau"])
+    return float(model.meta["gates"]["fallback_tau"])
+
+
+def apply_model_gate(model: Model, gate: Gate, table, pred: np.ndarray, tau: float | None = None,
+                     snr_est: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """:func:`apply_gate` with the experts of ``model``; ``pred`` holds every expert (n, E).
+
+    ``tau`` defaults to the gate's own (:func:`gate_tau`); with ``snr_est``
+    the gate's sigma calibration is applied.
+    """
     members = model.members(gate.spec.family)
     g = model.index["global"]
     rv = model.experts["resid_var"].values
-    return apply_gate(gate, table, pred[:, members], pred[:, g], rv[members], float(rv[g]), tau)
+    return apply_gate(gate, table, pred[:, members], pred[:, g], rv[members], float(rv[g]),
+                      gate_tau(model, gate) if tau is None else tau, snr_est, gate.info.get("sigma_calibration"))
 
 
 def fit_gates(model: Model, table: Mapping[str, np.ndarray], pred: np.ndarray, y: np.ndarray, snr_b: np.ndarray,
               phys_b: np.ndarray, select: np.ndarray, cfg: GatesConfig) -> tuple[dict[str, Gate], dict, str]:
     """Fit every gate on the val rows not in ``select``; score all on ``select``.
 
+    Each gate's fallback threshold is chosen by :func:`choose_fallback_tau`
+    on the selection rows and kept in ``gate.info["fallback_tau"]``.
+
     Returns
     -------
     gates : dict name -> Gate
-    selection : dict name -> {"r2": R² on the selection rows, "n": rows}
+    selection : dict name -> {"r2": deployed R² on the selection rows, "soft_r2", "n": rows}
     default : str
         ``cfg.default``, or the gate with the best selection R² when "auto".
     """
@@ -116,8 +185,13 @@ def fit_gates(model: Model, table: Mapping[str, np.ndarray], pred: np.ndarray, y
                             n_classes=len(members), l2=cfg.l2, logreg_c=cfg.logreg_c, max_iter=cfg.max_iter,
                             seed=cfg.seed)
         sel_table = {k: v[select] for k, v in table.items()}
-        out = apply_model_gate(model, gate, sel_table, pred[select], cfg.fallback_tau)
-        selection[name] = {"r2": r2_score(y[select], out["yhat"]), "n": int(select.sum())}
+        out = apply_model_gate(model, gate, sel_table, pred[select], 0.0)
+        tau = choose_fallback_tau(gate, cfg.fallback_tau, y[select], out, pred[select][:, model.index["global"]])
+        gate.info["fallback_tau"] = tau
+        if tau > 0:
+            out = apply_model_gate(model, gate, sel_table, pred[select], tau)
+        selection[name] = {"r2": r2_score(y[select], out["yhat"]), "soft_r2": r2_score(y[select], out["soft"]),
+                           "fallback_tau": tau, "n": int(select.sum())}
         gates[name] = gate
     if cfg.default != "auto":
         default = cfg.default
@@ -130,7 +204,7 @@ def fit_gates(model: Model, table: Mapping[str, np.ndarray], pred: np.ndarray, y
 def predict_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, *, wavelength: np.ndarray,
                   proj_coef: np.ndarray, proj_intercept: np.ndarray, n_experts: int, gate: Gate,
                   members: np.ndarray, global_index: int, resid_var: np.ndarray, tau: float,
-                  min_good: int, snr_cliff: float) -> np.ndarray:
+                  min_good: int, snr_cliff: float, sigma_scale: Mapping | None = None) -> np.ndarray:
     """Everything ``predict`` writes for one block, packed as float64 columns.
 
     Columns: ``logg_pred``, ``logg_sigma``, ``snr_est``, ``flags``, then the
@@ -140,9 +214,9 @@ def predict_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, 
     feats = block_features(flux, error, mask, wavelength)
     proj = project_block(flux, error, mask, proj_coef, proj_intercept)
     pred, pca = proj[:, :n_experts], proj[:, n_experts:]
-    out = apply_gate(gate, gate_inputs(feats, pca), pred[:, members], pred[:, global_index], resid_var[members],
-                     float(resid_var[global_index]), tau)
     snr_est = feats[:, FEATURE_NAMES.index("snr_est")]
+    out = apply_gate(gate, gate_inputs(feats, pca), pred[:, members], pred[:, global_index], resid_var[members],
+                     float(resid_var[global_index]), tau, snr_est, sigma_scale)
     unusable = feats[:, FEATURE_NAMES.index("n_good")] < min_good
     flags = (np.where(~(snr_est > snr_cliff), FLAG_BITS["snr_cliff"], 0)
              | np.where(out["fallback"], FLAG_BITS["fallback"], 0)
@@ -170,7 +244,7 @@ def predict_dataset(model: Model, ds: xr.Dataset, gate_name: str | None = None) 
     kw = dict(wavelength=np.asarray(ds["wavelength"].values, np.float64), proj_coef=proj_coef,
               proj_intercept=proj_icpt, n_experts=len(model.specs), gate=gate, members=members,
               global_index=model.index["global"], resid_var=model.experts["resid_var"].values,
-              tau=model.meta["gates"]["fallback_tau"],
+              tau=gate_tau(model, gate), sigma_scale=gate.info.get("sigma_calibration"),
               min_good=int(np.ceil(model.meta["min_good_fraction"] * ds.sizes["wavelength"])),
               snr_cliff=model.meta["gates"]["snr_cliff"])
     flux, error = ds["flux"].data, ds["error"].data
@@ -194,6 +268,7 @@ def predict_dataset(model: Model, ds: xr.Dataset, gate_name: str | None = None) 
         attrs={"gate": gate_name, "experts": json.dumps(names), "flag_bits": json.dumps(FLAG_BITS),
                "model_target": model.meta["target"]},
     )
-    out["logg_sigma"].attrs["long_name"] = "gate-weighted mixture of expert residual variances (1 sigma)"
+    out["logg_sigma"].attrs["long_name"] = ("1 sigma: gate-weighted mixture of expert residual variances, scaled per "
+                                            "S/N-estimate bin to cover 68 % of the val rows")
     out["flags"].attrs["flag_bits"] = ", ".join(f"{v}={k}" for k, v in FLAG_BITS.items())
     return out

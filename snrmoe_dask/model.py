@@ -50,11 +50,11 @@ from .ceiling import efficiency
 from .checkpoint import Checkpoint, plan_token
 from .cluster import compute
 from .config import Config
-from .evaluate import expert_predictions, regression_metrics, route_oracle
+from .evaluate import expert_predictions, r2_score, regression_metrics, route_oracle
 from .experts import FAMILIES, ExpertSpec, expert_specs, experts_dataset, fit_experts
 from .features import FEATURE_NAMES, QUALITY_FEATURES, feature_table
 from .gates import GATE_SPECS, ORACLE_OF, Gate, entropy
-from .mixture import apply_model_gate, fit_gates, gate_inputs, physical_names
+from .mixture import apply_model_gate, calibrate_sigma, fit_gates, gate_inputs, gate_tau, physical_names
 from .pca import pca_from_stats
 from .reduce import auto_chains, features_dataset, fold_blas_threads, one_pass
 from .split import TRAIN, VAL, id_hash
@@ -431,6 +431,11 @@ def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.nd
     table = gate_inputs(feats, pca)
     s_b, p_b = _routing_bins(ds.isel(spectrum=val), edges, np.nan_to_num(snr_route[val], nan=0.0))
     gates, selection, default = fit_gates(model, table, pred, y[val], s_b, p_b, select, cfg.gates)
+    snr_est = features["snr_est"].values[val]
+    for gate in gates.values():  # sigma calibrated on the val rows, as the gate is deployed
+        out = apply_model_gate(model, gate, table, pred)
+        gate.info["sigma_calibration"] = calibrate_sigma(y[val] - out["yhat"], out["sigma"], snr_est,
+                                                         edges["snr_edges"], cfg.gates.calibration_min_rows)
     gate_table = xr.Dataset(
         {"quality": (("spectrum", "quality_feature"), table["quality"]),
          "physical": (("spectrum", "physical_feature"), table["physical"]),
@@ -539,26 +544,28 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
         yhats[name] = base_pred[j]
         metrics["models"][name] = regression_metrics(y, yhats[name], s_b, p_b, model.snr_names, model.phys_names)
         metrics["models"][name]["baseline"] = True
+    softs: dict[str, np.ndarray] = {}
     if model.gates:
         metrics["default_gate"] = model.default_gate
         metrics["gate_entropy_by_snr_bin"] = {}
         for name, gate in model.gates.items():
-            m, entropy_by_bin, yhats[name] = gate_metrics(model, name, gate, table, pred, y, s_b, p_b,
-                                                          metrics["models"])
+            m, entropy_by_bin, yhats[name], softs[name] = gate_metrics(model, gate, table, pred, y, s_b, p_b,
+                                                                       feat_rows[:, FEATURE_NAMES.index("snr_est")])
             metrics["models"][name] = m
             metrics["gate_entropy_by_snr_bin"][name] = entropy_by_bin
-    crlb = None
-    if cfg.ceiling.enabled and str(ds.attrs.get("simulated", "")).lower() == "true":
-        t0 = time.perf_counter()
-        ceiling = ceiling_stage(sub.isel(spectrum=np.flatnonzero(usable)), cfg, client=client, progress=progress)
-        metrics["ceiling_seconds"] = time.perf_counter() - t0
-        metrics["ceiling"] = ceiling["summary"]
-        crlb = ceiling["crlb"]
-        for m in metrics["models"].values():
-            m["efficiency"] = efficiency(m, ceiling["summary"])
     g = metrics["models"]["global"]["r2"]
     metrics["delta_r2_vs_global"] = {f: (m["r2"] - g if m["r2"] is not None and g is not None else None)
                                      for f, m in metrics["models"].items()}
+    add_standard_errors(metrics, y, yhats, softs, s_b, model.snr_names, cfg.evaluate)
+    if cfg.ceiling.enabled and str(ds.attrs.get("simulated", "")).lower() == "true":
+        t0 = time.perf_counter()
+        ceiling = ceiling_stage(sub.isel(spectrum=np.flatnonzero(usable)), model.edges, cfg, client=client,
+                                progress=progress)
+        metrics["ceiling_seconds"] = time.perf_counter() - t0
+        metrics["ceiling"] = ceiling["summary"]
+        for name, m in metrics["models"].items():
+            m["ceiling"] = "flux_oracle_bins" if name in ORACLE_FAMILIES else "flux"
+            m["efficiency"] = efficiency(m, ceiling["summary"][m["ceiling"]])
     if predictions_out is not None:
         keep = np.flatnonzero(usable)
         names = list(yhats)
@@ -566,8 +573,7 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
             {"logg": ("spectrum", y), "yhat": (("spectrum", "model"), np.column_stack([yhats[k] for k in names])),
              "snr_bin": ("spectrum", s_b), "phys_bin": ("spectrum", p_b),
              "snr_est": ("spectrum", feats["snr_est"].values[keep]),
-             **({"snr": ("spectrum", np.asarray(sub["snr"].values)[keep])} if "snr" in sub else {}),
-             **({"crlb": ("spectrum", crlb)} if crlb is not None else {})},
+             **({"snr": ("spectrum", np.asarray(sub["snr"].values)[keep])} if "snr" in sub else {})},
             coords={"spectrum": sub["spectrum"].values[keep]},
             attrs={"model": json.dumps(names), "snr_bin_names": json.dumps(model.snr_names),
                    "phys_bin_names": json.dumps(model.phys_names)})
@@ -575,40 +581,97 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     return metrics
 
 
-def ceiling_stage(ds: xr.Dataset, cfg: Config, *, client=None, progress: bool = True) -> dict:
-    """CRLB of logg for every row of ``ds`` (a simulated catalog) and its summary.
+#: families routed by the true bins: compared with the ceiling that is given them too
+ORACLE_FAMILIES = ("oracle_snr", "oracle_phys", "oracle_joint", "hierarchical")
 
-    Returns ``{"crlb": ndarray, "summary": ceiling_summary(...)}``.
+
+def ceiling_stage(ds: xr.Dataset, edges: dict, cfg: Config, *, client=None, progress: bool = True) -> dict:
+    """Both Bayes ceilings of logg for the rows of ``ds`` (a simulated catalog's test rows).
+
+    ``spectra_per_snr_bin`` rows are drawn per true S/N bin; the posterior of
+    each is importance-sampled (:func:`~snrmoe_dask.ceiling.posterior_block`),
+    reading only those rows' flux.
+
+    Returns ``{"summary": ceiling_summary(...), "post": (m, 4) array, "spectrum": ids of the m drawn rows}``.
     """
-    from .ceiling import ceiling_for_rows, ceiling_summary
+    from .ceiling import bayes_ceiling_tasks, ceiling_summary, choose_spectra
 
-    rows = np.arange(ds.sizes["spectrum"])
-    parts = ceiling_for_rows(ds, rows, block=cfg.ceiling.block_rows)
-    (parts,) = compute(parts, client=client, label=f"Fisher ceiling of {rows.size} spectra", progress=progress)
-    crlb = np.concatenate(parts) if parts else np.empty(0)
-    snr_b = snr_bin(np.asarray(ds["snr"].values, np.float64), cfg.catalog.snr_edges)
-    summary = ceiling_summary(crlb, np.asarray(ds["logg"].values, np.float64), snr_b, ds["mag"].values,
-                              cfg.catalog.snr_bin_names, cfg.ceiling.mag_edges)
-    return {"crlb": crlb, "summary": summary}
+    snr_names = list(cfg.catalog.snr_bin_names)
+    n_snr = len(snr_names)
+    snr_b = snr_bin(np.asarray(ds["snr"].values, np.float64), edges["snr_edges"])
+    p_b = phys_bin(ds["teff"].values, ds["mh"].values, edges["teff_edges"], edges["mh_edges"]).astype(np.int64)
+    rows = choose_spectra(snr_b, n_snr, cfg.ceiling.spectra_per_snr_bin, cfg.ceiling.seed)
+    cell0 = p_b[rows] * n_snr + snr_b[rows]
+    parts = bayes_ceiling_tasks(ds, rows, cell0, edges, n_snr, cfg.ceiling)
+    (parts,) = compute(parts, client=client, label=f"Bayes ceiling: posteriors of {rows.size} spectra",
+                       progress=progress)
+    post = np.concatenate(parts) if parts else np.empty((0, 4))
+    summary = ceiling_summary(post, snr_b[rows], np.asarray(ds["logg"].values, np.float64), snr_b, snr_names)
+    summary["method"] = (f"Bayes minimum MSE of logg under the simulator's uniform prior box, by importance sampling "
+                         f"({cfg.ceiling.samples} samples per spectrum) of {rows.size} test spectra, up to "
+                         f"{cfg.ceiling.spectra_per_snr_bin} per S/N bin")
+    return {"summary": summary, "post": post, "spectrum": np.asarray(ds["spectrum"].values)[rows]}
 
 
-def rho(r2_deploy: float | None, r2_global: float | None, r2_oracle: float | None) -> float | None:
-    """SPEC section 4: (R²_deploy - R²_global) / (R²_oracle - R²_global); None if undefined."""
-    if None in (r2_deploy, r2_global, r2_oracle) or abs(r2_oracle - r2_global) < 1e-9:
-        return None
-    return (r2_deploy - r2_global) / (r2_oracle - r2_global)
+def add_standard_errors(metrics: dict, y: np.ndarray, yhats: dict, softs: dict, s_b: np.ndarray,
+                        snr_names, cfg) -> None:
+    """Paired-bootstrap standard errors of every R², ΔR² and ρ in ``metrics`` (in place)."""
+    from .bootstrap import bootstrap_counts, r2_draws, rho_with_se, se
+
+    counts = bootstrap_counts(y.size, cfg.n_bootstrap, cfg.seed)
+    bins = {b: s_b == i for i, b in enumerate(snr_names)}
+    sub = {b: (counts[:, sel], y[sel]) for b, sel in bins.items()}
+
+    def draws(yhat):
+        return r2_draws(y, yhat, counts), {b: (r2_draws(yb, yhat[bins[b]], cb)) for b, (cb, yb) in sub.items()}
+
+    d = {name: draws(v) for name, v in yhats.items()}
+    models = metrics["models"]
+    g_all, g_bin = d["global"]
+    metrics["delta_r2_se_vs_global"] = {}
+    for name, m in models.items():
+        all_, per = d[name]
+        m["r2_se"] = se(all_)
+        for b, v in per.items():
+            m["per_snr_bin"][b]["r2_se"] = se(v)
+        metrics["delta_r2_se_vs_global"][name] = se(all_ - g_all) if all_ is not None and g_all is not None else None
+        if name in softs:
+            m["soft_r2_se"] = se(r2_draws(y, softs[name], counts))
+        if "oracle" in m:
+            o_all, o_bin = d[m["oracle"]]
+            m.update(rho_with_se(all_, g_all, o_all, (m["r2"], models["global"]["r2"], models[m["oracle"]]["r2"])))
+            m["rho_per_snr_bin"], m["rho_se_per_snr_bin"] = {}, {}
+            for b in snr_names:
+                r = rho_with_se(per[b], g_bin[b], o_bin[b], (m["per_snr_bin"][b]["r2"],
+                                                             models["global"]["per_snr_bin"][b]["r2"],
+                                                             models[m["oracle"]]["per_snr_bin"][b]["r2"]))
+                m["rho_per_snr_bin"][b], m["rho_se_per_snr_bin"][b] = r["rho"], r["rho_se"]
+    metrics["bootstrap"] = {"draws": cfg.n_bootstrap, "seed": cfg.seed, "paired": True, "over": "frozen-test rows"}
 
 
-def gate_metrics(model: Model, name: str, gate: Gate, table: dict, pred: np.ndarray, y: np.ndarray,
-                 s_b: np.ndarray, p_b: np.ndarray, family_metrics: dict) -> tuple[dict, dict, np.ndarray]:
-    """The ``metrics.json`` block of one gate, its mean entropy per S/N bin, and its predictions."""
-    out = apply_model_gate(model, gate, table, pred, model.meta["gates"]["fallback_tau"])
+def coverage(y: np.ndarray, yhat: np.ndarray, sigma: np.ndarray, s_b: np.ndarray, snr_names) -> dict:
+    """Share of rows within ±1σ and ±2σ, overall and per (true) S/N bin."""
+    z = np.abs(y - yhat) / sigma
+
+    def frac(sel):
+        return {"1sigma": float(np.mean(z[sel] <= 1.0)) if sel.any() else None,
+                "2sigma": float(np.mean(z[sel] <= 2.0)) if sel.any() else None, "n": int(sel.sum())}
+
+    out = frac(np.ones(z.shape, bool))
+    out["per_snr_bin"] = {b: frac(s_b == i) for i, b in enumerate(snr_names)}
+    return out
+
+
+def gate_metrics(model: Model, gate: Gate, table: dict, pred: np.ndarray, y: np.ndarray, s_b: np.ndarray,
+                 p_b: np.ndarray, snr_est: np.ndarray) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """The ``metrics.json`` block of one gate, its mean entropy per S/N bin, its deployed and soft predictions."""
+    out = apply_model_gate(model, gate, table, pred, snr_est=snr_est)
     m = regression_metrics(y, out["yhat"], s_b, p_b, model.snr_names, model.phys_names)
-    oracle = ORACLE_OF[gate.spec.family]
-    m["oracle"] = oracle
-    m["rho"] = rho(m["r2"], family_metrics["global"]["r2"], family_metrics[oracle]["r2"])
-    m["rho_per_snr_bin"] = {b: rho(m["per_snr_bin"][b]["r2"], family_metrics["global"]["per_snr_bin"][b]["r2"],
-                                   family_metrics[oracle]["per_snr_bin"][b]["r2"]) for b in model.snr_names}
+    m["oracle"] = ORACLE_OF[gate.spec.family]
+    m["soft_r2"] = r2_score(y, out["soft"])
+    m["fallback_tau"] = gate_tau(model, gate)
+    m["coverage"] = coverage(y, out["yhat"], out["sigma"], s_b, model.snr_names)
+    m["sigma_calibrated"] = "sigma_calibration" in gate.info
     labels = model.class_labels(gate.spec.family, s_b, p_b)
     guess = out["weights"].argmax(axis=1)
     k = gate.n_classes
@@ -622,4 +685,4 @@ def gate_metrics(model: Model, name: str, gate: Gate, table: dict, pred: np.ndar
     m["gate"] = {"family": gate.spec.family, "inputs": list(gate.spec.inputs), "training": gate.spec.training}
     ent = entropy(out["weights"])
     by_bin = {b: (float(ent[s_b == i].mean()) if (s_b == i).any() else None) for i, b in enumerate(model.snr_names)}
-    return m, by_bin, out["yhat"]
+    return m, by_bin, out["yhat"], out["soft"]

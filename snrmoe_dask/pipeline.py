@@ -2,7 +2,7 @@
 
 Stages: ``catalog`` (simulate, ingest or an existing store), ``audit``,
 ``fit`` (the one pass -- features and statistics -- then experts, baselines
-and gates), ``evaluate`` (with the Fisher ceiling) and ``report``. Each writes
+and gates), ``evaluate`` (with the Bayes ceiling) and ``report``. Each writes
 its artefact under the run directory and is recorded in ``run.json`` with its
 wall time and a *fingerprint*: a hash of the config sections it reads and of
 the fingerprints of the stages it reads from. ``run.json`` is rewritten after
@@ -93,7 +93,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "catalog": ("simulate", "storage"),
     "audit": ("catalog", "audit"),
     "fit": ("catalog", "fit", "gates"),
-    "evaluate": ("catalog", "ceiling"),
+    "evaluate": ("catalog", "ceiling", "evaluate"),
     "report": (),
 }
 _UPSTREAM = {"catalog": (), "audit": ("catalog",), "fit": ("catalog",), "evaluate": ("fit",),

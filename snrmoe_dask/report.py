@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_report", "seed_summary", "write_seeds_report", "FIGURES"]
+__all__ = ["write_report", "seed_summary", "write_seeds_report", "coverage_table", "ceiling_table", "FIGURES"]
 
 #: file name -> caption, in report order
 FIGURES = {
@@ -22,7 +22,7 @@ FIGURES = {
     "delta_r2_heatmap.png": "ΔR² against global over Teff×[M/H] bins × S/N bins",
     "gate_confusion.png": "Gate confusion matrices (rows: true bin, normalised)",
     "gate_entropy.png": "Mean gate entropy per S/N bin",
-    "ceiling_efficiency.png": "Fisher ceiling R²_max and efficiency R²/R²_max per S/N bin",
+    "ceiling_efficiency.png": "Bayes ceilings R²_max (flux only; flux + oracle bins) and efficiency per S/N bin",
     "audit.png": "Leakage audit: Ridge R² of logg and of S/N from each error representation",
 }
 _ORACLES = ("oracle_snr", "oracle_phys", "oracle_joint", "hierarchical")
@@ -76,17 +76,25 @@ def _fig_r2_models(metrics: dict, path: Path) -> None:
         ax.text(v + 0.005, yi, _fmt(v), va="center", fontsize=7)
     ax.set_yticks(y, [n + (" (default)" if n == _deployed(metrics) else "") for n in names])
     if "ceiling" in metrics:
-        ax.axvline(metrics["ceiling"]["overall"]["r2_max"], color="k", ls="--", lw=1, label="Fisher ceiling R²_max")
+        ax.axvline(metrics["ceiling"]["flux"]["overall"]["r2_max"], color="k", ls="--", lw=1,
+                   label="Bayes ceiling (flux)")
+        ax.axvline(metrics["ceiling"]["flux_oracle_bins"]["overall"]["r2_max"], color="k", ls=":", lw=1,
+                   label="Bayes ceiling (flux + oracle bins)")
     for k, c in colors.items():
         ax.barh([np.nan], [np.nan], color=c, label=k)
     ax.set_xlabel("R² (frozen test)")
     ax.set_xlim(min(0.0, np.nanmin(vals)), max(1.0 if not np.isfinite(np.nanmax(vals)) else np.nanmax(vals) + 0.12,
-                                              metrics.get("ceiling", {}).get("overall", {}).get("r2_max", 0) + 0.05))
+                                              _top_ceiling(metrics) + 0.05))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     ax.set_title(f"R² per model (n_test = {metrics['n_test']})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _top_ceiling(metrics: dict) -> float:
+    c = metrics.get("ceiling")
+    return max(_r2(v["overall"]["r2_max"]) for v in c.values() if isinstance(v, dict)) if c else 0.0
 
 
 def _snr_series(metrics: dict) -> list[str]:
@@ -107,8 +115,8 @@ def _fig_r2_snr(metrics: dict, path: Path) -> None:
     for name in _snr_series(metrics):
         ax.plot(x, [_r2(models[name]["per_snr_bin"][b]["r2"]) for b in bins], marker="o", label=name)
     if "ceiling" in metrics:
-        ax.plot(x, [_r2(metrics["ceiling"]["per_snr_bin"][b]["r2_max"]) for b in bins], "k--", marker="s",
-                label="ceiling R²_max")
+        ax.plot(x, [_r2(metrics["ceiling"]["flux"]["per_snr_bin"][b]["r2_max"]) for b in bins], "k--", marker="s",
+                label="Bayes ceiling (flux)")
     ns = [models["global"]["per_snr_bin"][b]["n"] for b in bins]
     ax.set_xticks(x, [f"{b}\n(n={n})" for b, n in zip(bins, ns)])
     ax.set_xlabel("S/N bin (X: ≤ 2 … H: highest)")
@@ -246,8 +254,10 @@ def _fig_ceiling(metrics: dict, path: Path) -> None:
         for ax in (a1, a2):
             ax.text(0.5, 0.5, "no ceiling (not a simulated catalog)", ha="center", transform=ax.transAxes)
     else:
-        c = metrics["ceiling"]["per_snr_bin"]
-        a1.plot(x, [_r2(c[b]["r2_max"]) for b in bins], "k--", marker="s", label="R²_max (ceiling)")
+        for key, ls in (("flux", "k--"), ("flux_oracle_bins", "k:")):
+            c = metrics["ceiling"][key]["per_snr_bin"]
+            a1.errorbar(x, [_r2(c[b]["r2_max"]) for b in bins], yerr=[_r2(c[b]["r2_max_se"]) for b in bins],
+                        fmt=ls, marker="s", capsize=2, label=f"R²_max ({key.replace('_', ' ')})")
         for name in _snr_series(metrics):
             m = metrics["models"][name]
             a1.plot(x, [_r2(m["per_snr_bin"][b]["r2"]) for b in bins], marker="o", label=name)
@@ -292,27 +302,57 @@ def _fig_audit(audit: dict | None, path: Path) -> None:
 
 
 # ------------------------------------------------------------------ tables
+def _pm(v, e, nd: int = 3) -> str:
+    return _fmt(v, nd) if e is None or v is None else f"{v:.{nd}f} ± {e:.{nd}f}"
+
+
 def _gate_table(metrics: dict) -> str:
-    lines = ["| gate | oracle | ρ | R² | accuracy | fallback fraction |", "|---|---|---|---|---|---|"]
+    lines = ["| gate | oracle | ρ | deployed R² | soft R² | fallback τ | fallback fraction | accuracy | "
+             "±1σ coverage | ±2σ coverage |", "|---" * 10 + "|"]
     for name, m in metrics["models"].items():
         if "gate_confusion" in m:
-            lines.append(f"| {name}{' (default)' if name == _deployed(metrics) else ''} | {m['oracle']} | "
-                         f"{_fmt(m.get('rho'), 2)} | {_fmt(m['r2'])} | {m['gate_confusion']['accuracy']:.1%} | "
-                         f"{_fmt(m.get('fallback_fraction'))} |")
+            rho = _pm(m.get("rho"), m.get("rho_se"), 2) if m.get("rho") is not None else "null"
+            cov = m.get("coverage", {})
+            lines.append(f"| {name}{' (default)' if name == _deployed(metrics) else ''} | {m['oracle']} | {rho} | "
+                         f"{_pm(m['r2'], m.get('r2_se'))} | {_pm(m.get('soft_r2'), m.get('soft_r2_se'))} | "
+                         f"{_fmt(m.get('fallback_tau'), 2)} | {_fmt(m.get('fallback_fraction'))} | "
+                         f"{m['gate_confusion']['accuracy']:.1%} | {_fmt(cov.get('1sigma'))} | "
+                         f"{_fmt(cov.get('2sigma'))} |")
     return "\n".join(lines)
 
 
-def _ceiling_table(metrics: dict) -> str:
+def coverage_table(metrics: dict) -> str:
+    """±1σ / ±2σ coverage of every gate per S/N bin (68.3 % / 95.4 % expected)."""
+    gates = [n for n, m in metrics["models"].items() if "coverage" in m]
+    if not gates:
+        return ""
+    bins = list(metrics["models"][gates[0]]["coverage"]["per_snr_bin"])
+    lines = ["| gate | all | " + " | ".join(f"{b} (n={metrics['models'][gates[0]]['coverage']['per_snr_bin'][b]['n']})"
+                                          for b in bins) + " |", "|---" * (len(bins) + 2) + "|"]
+    for n in gates:
+        c = metrics["models"][n]["coverage"]
+        cell = [f"{_fmt(c['1sigma'])} / {_fmt(c['2sigma'])}"]
+        cell += [f"{_fmt(c['per_snr_bin'][b]['1sigma'])} / {_fmt(c['per_snr_bin'][b]['2sigma'])}" for b in bins]
+        lines.append(f"| {n} | " + " | ".join(cell) + " |")
+    return "\n".join(lines)
+
+
+def ceiling_table(metrics: dict) -> str:
+    """Both Bayes ceilings per S/N bin with standard errors, and efficiencies against the matching one."""
     c = metrics["ceiling"]
-    bins = list(c["per_snr_bin"])
-    lines = ["| | all | " + " | ".join(bins) + " |", "|---" * (len(bins) + 2) + "|",
-             "| R²_max | " + _fmt(c["overall"]["r2_max"]) + " | "
-             + " | ".join(_fmt(c["per_snr_bin"][b]["r2_max"]) for b in bins) + " |"]
+    bins = list(c["flux"]["per_snr_bin"])
+    lines = ["| | all | " + " | ".join(bins) + " |", "|---" * (len(bins) + 2) + "|"]
+    for key, label in (("flux", "R²_max, flux only"), ("flux_oracle_bins", "R²_max, flux + oracle bins")):
+        lines.append(f"| {label} | {_pm(c[key]['overall']['r2_max'], c[key]['overall']['r2_max_se'])} | "
+                     + " | ".join(_pm(c[key]["per_snr_bin"][b]["r2_max"], c[key]["per_snr_bin"][b]["r2_max_se"])
+                                  for b in bins) + " |")
     for name in _snr_series(metrics):
-        eff = metrics["models"][name].get("efficiency")
+        m = metrics["models"][name]
+        eff = m.get("efficiency")
         if eff:
-            lines.append(f"| efficiency of {name} | {_fmt(eff.get('overall'))} | "
-                         + " | ".join(_fmt(eff["per_snr_bin"].get(b)) for b in bins) + " |")
+            lines.append(f"| efficiency of {name} (vs {m.get('ceiling', 'flux').replace('_', ' ')}) | "
+                         f"{_fmt(eff.get('overall'))} | " + " | ".join(_fmt(eff["per_snr_bin"].get(b)) for b in bins)
+                         + " |")
     return "\n".join(lines)
 
 
@@ -365,11 +405,15 @@ def write_report(run_dir: str | Path) -> list[str]:
            f"![{FIGURES['pred_vs_true.png']}](figures/pred_vs_true.png)", "",
            f"![{FIGURES['delta_r2_heatmap.png']}](figures/delta_r2_heatmap.png)", ""]
     if has_gates:
-        md += ["## Gates", "", f"Default gate (chosen on held-out val rows): `{metrics.get('default_gate')}`.", "",
-               _gate_table(metrics), "", f"![{FIGURES['gate_confusion.png']}](figures/gate_confusion.png)", "",
+        md += ["## Gates", "", f"Default gate (chosen on held-out val rows): `{metrics.get('default_gate')}`. "
+               "Each gate is deployed as it was trained: the MSE-trained gates as their soft mixture, the classifier "
+               "gates with a fallback to global only where it lowered the error on the selection rows (fallback τ).",
+               "", _gate_table(metrics), "", "### Coverage of the calibrated σ (±1σ / ±2σ; expected 0.683 / 0.954)",
+               "", coverage_table(metrics), "", f"![{FIGURES['gate_confusion.png']}](figures/gate_confusion.png)", "",
                f"![{FIGURES['gate_entropy.png']}](figures/gate_entropy.png)", ""]
     if "ceiling" in metrics:
-        md += ["## Fisher ceiling and efficiency", "", _ceiling_table(metrics), "",
+        md += ["## Bayes ceiling and efficiency", "", metrics["ceiling"].get("method", ""), "", ceiling_table(metrics),
+               "",
                f"![{FIGURES['ceiling_efficiency.png']}](figures/ceiling_efficiency.png)", ""]
     if audit is not None:
         body = audit_markdown(audit).split("\n", 1)[1].lstrip("\n")  # drop its H1: it is a section here

@@ -7,7 +7,12 @@ path in O(P) per alpha::
     w(a)   = V (z / (d + a)),            z = V^T b
     RSS(a) = yy - sum z^2 (d + 2a) / (d + a)^2
     df(a)  = sum d / (d + a)
-    GCV(a) = n RSS(a) / (n - df(a))^2          (Golub, Heath & Wahba 1979)
+    GCV(a) = n RSS(a) / (n - 1 - df(a))^2      (Golub, Heath & Wahba 1979)
+
+where the ``1`` is the unpenalised intercept's degree of freedom: ``1 + df``
+is the trace of the hat matrix of the design ``[1, X]``. Without it an
+expert with fewer rows than pixels sees ``n - df -> 1`` as ``alpha -> 0``
+and GCV rewards interpolation.
 
 so alpha is chosen with no further pass over the data. The eigendecomposition
 used to *score* the grid may be float32 (LAPACK ``ssyevd`` is ~2x faster than
@@ -47,7 +52,7 @@ class RidgeSolution:
     gcv : float
         GCV score at ``alpha`` (mean squared residual scale, logg^2).
     resid_var : float
-        In-sample residual variance ``RSS / (n - df)`` at ``alpha``.
+        In-sample residual variance ``RSS / (n - 1 - df)`` at ``alpha``.
     df : float
         Effective degrees of freedom at ``alpha``.
     n : float
@@ -113,11 +118,12 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
     fixed_alpha : float, optional
         Use this alpha (still reports its GCV).
     max_df_fraction : float
-        Only alphas whose effective degrees of freedom are at most this
-        fraction of the rows are eligible. GCV is unreliable when an expert
-        has fewer rows than pixels (its minimum can sit at a near-interpolating
-        alpha); the cap keeps the choice on the regularised side. If no alpha
-        qualifies, the largest is used.
+        For an expert with no more rows than pixels (its Gram matrix is
+        singular, and GCV's minimum can sit at a near-interpolating alpha),
+        only alphas whose effective degrees of freedom are at most this
+        fraction of the rows are eligible; if none qualifies, the largest is
+        used. An expert with more rows than pixels gets the exact GCV choice
+        over the whole grid.
     eig : (d, V), optional
         A precomputed :func:`eigen` of ``cs`` (experts sharing a Gram matrix
         share the O(P^3) step); it may be a float32 decomposition.
@@ -144,9 +150,10 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
         rss = yy - np.sum(z[None, :] ** 2 * (d[None, :] + 2.0 * grid[:, None]) / denom**2, axis=1)
         df = np.sum(d[None, :] / denom, axis=1)
         rss = np.maximum(rss, 0.0)
-        resid_dof = cs.n - df
+        resid_dof = cs.n - 1.0 - df  # the intercept is one more degree of freedom
         gcv = np.where(resid_dof > 0, cs.n * rss / resid_dof**2, np.inf)
-    eligible = df <= max_df_fraction * cs.n
+    rank_deficient = cs.n <= cs.gram.shape[0]
+    eligible = df <= max_df_fraction * cs.n if rank_deficient else np.ones(grid.shape, bool)
     if fixed_alpha is not None:
         best = 0
     elif eligible.any() and np.isfinite(gcv[eligible]).any():

@@ -1,4 +1,4 @@
-"""The Fisher ceiling against closed forms, and its place in evaluate."""
+"""The Bayes ceiling and the Fisher matrix against closed forms, and their place in evaluate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ import numpy as np
 import pytest
 from conftest import write_raw
 
-from snrmoe_dask.ceiling import PARAMS, STEPS, bayes_mse, dmu_dlogg, fd_jacobian, fisher_crlb, forward_jacobian, r2_max
+from scipy.stats import truncnorm
+
+from snrmoe_dask.ceiling import (
+    PARAMS,
+    STEPS,
+    ceiling_summary,
+    dmu_dlogg,
+    fd_jacobian,
+    fisher_crlb,
+    forward_jacobian,
+    posterior_moments,
+)
 from snrmoe_dask.cli import main
 from snrmoe_dask.model import evaluate_model
 from snrmoe_dask.physics import ForwardModel, Instrument
@@ -59,28 +70,88 @@ def test_analytic_logg_derivative_matches_finite_differences():
     assert sigma.shape == (6, 512) and STEPS["logg"] < 0.01
 
 
-def test_bayes_bound_is_between_zero_and_the_prior():
-    v = 2.0
-    crlb = np.array([0.0, 0.5, 2.0, 1e9, np.inf])
-    mse = bayes_mse(crlb, v)
-    np.testing.assert_allclose(mse, [0.0, 0.4, 1.0, v * 1e9 / (1e9 + v), v])
-    np.testing.assert_allclose(r2_max(crlb, v), 1 - mse / v)
+def _linear_case(rng, p=40, amp=(3.0, 1.0), s=1.0):
+    """mu = A theta with orthogonal columns: the posterior under a box prior is a product of truncated normals."""
+    a = np.linalg.qr(rng.normal(size=(p, 2)))[0] * np.asarray(amp)
+    return a, (lambda th: (th @ a.T, np.full((th.shape[0], p), s)))
 
 
-def test_evaluate_adds_ceiling_and_efficiency(fit_catalog, fitted):
+def test_bayes_mse_of_a_linear_gaussian_model_matches_the_truncated_normal_closed_form():
+    """y = A theta + N(0, 1), theta uniform on a box: posterior var of theta_0 = truncnorm variance."""
+    rng = np.random.default_rng(1)
+    a, forward = _linear_case(rng)
+    lo, hi = np.array([0.0, -1.0]), np.array([1.0, 1.0])
+    est, exact = [], []
+    for _ in range(120):
+        theta = lo + rng.random(2) * (hi - lo)
+        y = a @ theta + rng.normal(size=a.shape[0])
+        r = posterior_moments(y, theta, forward, lo, hi, np.array([1e-3, 1e-3]), rng, n_samples=1500)
+        sd, m = 1.0 / 3.0, (a[:, 0] @ y) / 9.0  # F_00 = 9, columns orthogonal
+        exact.append(truncnorm.var((lo[0] - m) / sd, (hi[0] - m) / sd, loc=m, scale=sd))
+        est.append(r["var"])
+        assert r["ess"] > 100
+    est, exact = np.array(est), np.array(exact)
+    np.testing.assert_allclose(est, exact, rtol=0.25)  # per spectrum: Monte-Carlo error of 1500 samples
+    np.testing.assert_allclose(est.mean(), exact.mean(), rtol=0.03)  # the Bayes MSE: the mean over spectra
+    # the flat-prior CRLB (1/9) is far above the Bayes MSE here: the box carries information
+    assert exact.mean() < 0.5 / 9.0
+
+
+def test_bayes_mse_with_a_wide_box_tends_to_the_crlb_and_conditioning_on_a_cell_lowers_it():
+    rng = np.random.default_rng(2)
+    a, forward = _linear_case(rng, amp=(20.0, 10.0))
+    lo, hi = np.array([-5.0, -5.0]), np.array([5.0, 5.0])
+    theta = np.array([0.3, -0.2])
+    y = a @ theta + rng.normal(size=a.shape[0])
+    r = posterior_moments(y, theta, forward, lo, hi, np.array([1e-3, 1e-3]), rng, n_samples=4000,
+                          cell=lambda th, mu, sig: (th[:, 0] > 0.3).astype(int), cell0=1)
+    np.testing.assert_allclose(r["var"], 1 / 400.0, rtol=0.1)  # Gaussian posterior, CRLB = 1 / F_00
+    np.testing.assert_allclose(r["mean"], (a[:, 0] @ y) / 400.0, atol=0.01)
+    assert r["var_cell"] < r["var"] and r["mean_cell"] > 0.3
+
+
+def test_posterior_is_found_far_from_the_proposal_centre():
+    """The proposal is only placed at theta0: a wrong theta0 still gives the right posterior (the prior share)."""
+    rng = np.random.default_rng(3)
+    a, forward = _linear_case(rng, amp=(6.0, 6.0))
+    lo, hi = np.array([0.0, 0.0]), np.array([1.0, 1.0])
+    y = a @ np.array([0.8, 0.8]) + rng.normal(size=a.shape[0])
+    r = posterior_moments(y, np.array([0.1, 0.1]), forward, lo, hi, np.array([1e-3, 1e-3]), rng, n_samples=3000)
+    m = (a[:, 0] @ y) / 36.0
+    np.testing.assert_allclose(r["var"], truncnorm.var(-m * 6, (1 - m) * 6, loc=m, scale=1 / 6), rtol=0.2)
+
+
+def test_ceiling_summary_weights_bins_by_their_share_of_the_test_rows():
+    logg = np.r_[np.linspace(0, 5, 300), np.linspace(0, 5, 100)]
+    snr_b = np.r_[np.zeros(300, int), np.ones(100, int)]
+    post = np.array([[1.0, 50, 0.5, 40]] * 10 + [[0.2, 50, 0.1, 40]] * 10)
+    s = ceiling_summary(post, np.r_[np.zeros(10, int), np.ones(10, int)], logg, snr_b, ["X", "L"])
+    var_x = np.var(logg[:300])
+    assert s["flux"]["per_snr_bin"]["X"]["r2_max"] == pytest.approx(1 - 1.0 / var_x)
+    assert s["flux"]["overall"]["r2_max"] == pytest.approx(1 - (0.75 * 1.0 + 0.25 * 0.2) / np.var(logg))
+    assert s["flux_oracle_bins"]["overall"]["r2_max"] == pytest.approx(1 - (0.75 * 0.5 + 0.25 * 0.1) / np.var(logg))
+    assert s["flux"]["per_snr_bin"]["X"]["r2_max_se"] == 0.0  # identical variances: no spread
+
+
+def test_evaluate_adds_both_ceilings_and_efficiency(fit_catalog, fitted):
     model, cfg, _ = fitted
+    cfg = cfg.model_copy(update={"ceiling": cfg.ceiling.model_copy(update={"spectra_per_snr_bin": 6,
+                                                                           "samples": 128})})
     with dask.config.set(scheduler="threads"):
         metrics = evaluate_model(model, fit_catalog, cfg, progress=False)
     ceiling = metrics["ceiling"]
-    assert ceiling["overall"]["n"] == metrics["n_test"]
-    assert 0 < ceiling["overall"]["r2_max"] <= 1
-    for m in metrics["models"].values():
-        eff = m["efficiency"]
-        np.testing.assert_allclose(eff["overall"], m["r2"] / ceiling["overall"]["r2_max"])
-        for b, v in eff["per_snr_bin"].items():
-            top = ceiling["per_snr_bin"][b]["r2_max"]
+    for key in ("flux", "flux_oracle_bins"):
+        c = ceiling[key]
+        assert c["overall"]["n"] == metrics["n_test"]
+        assert 0 < c["overall"]["r2_max"] <= 1 and c["overall"]["r2_max_se"] >= 0
+    for name, m in metrics["models"].items():
+        key = "flux_oracle_bins" if name.startswith("oracle") or name == "hierarchical" else "flux"
+        assert m["ceiling"] == key
+        top = ceiling[key]
+        np.testing.assert_allclose(m["efficiency"]["overall"], m["r2"] / top["overall"]["r2_max"])
+        for b, v in m["efficiency"]["per_snr_bin"].items():
             if v is not None:
-                np.testing.assert_allclose(v, m["per_snr_bin"][b]["r2"] / top)
+                np.testing.assert_allclose(v, m["per_snr_bin"][b]["r2"] / top["per_snr_bin"][b]["r2_max"])
 
 
 def test_ceiling_cli_needs_a_simulated_catalog(tmp_path, capsys, sim_catalog):
@@ -91,9 +162,12 @@ def test_ceiling_cli_needs_a_simulated_catalog(tmp_path, capsys, sim_catalog):
                      alpha_m=np.zeros(n), mag=np.full(n, 21.0), snr=np.full(n, 5.0))
     assert main(["ceiling", str(path), "--out", str(tmp_path / "c"), "--scheduler", "threads"]) == 2
     assert "needs a simulated catalog" in capsys.readouterr().err
+    small = tmp_path / "small.yaml"
+    small.write_text("ceiling: {spectra_per_snr_bin: 3, samples: 64}\n")
     assert main(["ceiling", str(sim_catalog), "--out", str(tmp_path / "c2"), "--rows", "all",
-                 "--scheduler", "threads"]) == 0
+                 "--scheduler", "threads", "--config", str(small)]) == 0
     assert (tmp_path / "c2" / "ceiling.json").exists()
+    assert "flux + oracle bins" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("sigma", [1.0, 4.0])

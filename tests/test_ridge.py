@@ -31,12 +31,13 @@ def test_gcv_path_matches_closed_form_hat_matrix():
     x, y, cs = _problem(1, n=120, p=15)
     alphas = np.logspace(-2, 4, 13)
     sol = solve_ridge(cs, alphas)
-    xc, yc = x - x.mean(0), y - y.mean()
-    n = x.shape[0]
+    n, p = x.shape
+    design = np.column_stack([np.ones(n), x])  # the intercept is a column of the design, not penalised
+    pen = np.diag(np.r_[0.0, np.ones(p)])
     ref = []
     for a in alphas:
-        h = xc @ np.linalg.solve(xc.T @ xc + a * np.eye(x.shape[1]), xc.T)
-        rss = np.sum((yc - h @ yc) ** 2)
+        h = design @ np.linalg.solve(design.T @ design + a * pen, design.T)
+        rss = np.sum((y - h @ y) ** 2)
         ref.append(n * rss / (n - np.trace(h)) ** 2)
     np.testing.assert_allclose(sol.gcv_path, ref, rtol=1e-8)
     assert sol.alpha == alphas[int(np.argmin(ref))]
@@ -64,6 +65,54 @@ def test_df_cap_and_relative_grid():
     capped = solve_ridge(cs, alphas, max_df_fraction=0.5)
     assert capped.df <= 0.5 * cs.n + 1e-9
     assert capped.alpha >= free.alpha
+    # with more rows than pixels the cap does not apply: the exact GCV choice
+    x2, y2, cs2 = _problem(4, n=80, p=30)
+    grid = ridge_alphas(cs2, np.logspace(-8, 2, 21))
+    assert solve_ridge(cs2, grid, max_df_fraction=0.1).alpha == solve_ridge(cs2, grid).alpha
     np.testing.assert_allclose(ridge_alphas(cs, [1.0]), np.trace(cs.gram) / 60)
     with pytest.raises(ValueError, match="non-negative"):
         solve_ridge(cs, [-1.0])
+
+
+def test_exact_linear_target_is_recovered_when_rows_exceed_pixels():
+    """logg an exact linear function of the flux, n = 1.2 P: GCV with the whole grid recovers it (R² > 0.999)."""
+    from snrmoe_dask.config import FitConfig
+
+    rng = np.random.default_rng(5)
+    n, p = 480, 400
+    basis = rng.normal(size=(12, p))
+    # a few strong spectral components on top of pixel noise, which carries the signal in every direction
+    x = 100 + rng.normal(size=(n + 200, 12)) @ basis * 5 + rng.normal(scale=3.0, size=(n + 200, p))
+    w = rng.normal(size=p) * 0.01
+    y = x @ w
+    acc = CellAccumulator(1, x[:64].mean(0), precision="float64")
+    acc.add(x[:n], y[:n], np.zeros(n, np.int64))
+    cs = acc.finalize().cells([0])
+    sol = solve_ridge(cs, ridge_alphas(cs, FitConfig().alphas_relative), max_df_fraction=FitConfig().max_df_fraction)
+    pred = x[n:] @ sol.coef + sol.intercept
+    assert 1 - np.sum((y[n:] - pred) ** 2) / np.sum((y[n:] - y[n:].mean()) ** 2) > 0.999
+
+
+def test_hierarchical_prior_is_the_parent_refitted_without_the_cell():
+    """Leave-cell-out parent from statistics (parent minus cell) equals sklearn's Ridge on the other cells' rows."""
+    from snrmoe_dask.experts import ExpertSpec, leave_cells_out_prior, solve_expert
+
+    rng = np.random.default_rng(6)
+    n, p = 300, 20
+    x = rng.normal(10.0, 2.0, (n, p))
+    cell = (np.arange(n) % 3).astype(np.int64)
+    y = x @ rng.normal(size=p) * 0.1 + rng.normal(size=n)
+    acc = CellAccumulator(3, x[:10].mean(0), precision="float64")
+    acc.add(x, y, cell)
+    stats = acc.finalize()
+    parent = solve_expert(stats, ExpertSpec("phys", "oracle_phys", "p", (0, 1, 2)), [1.0, 10.0], 2)
+    prior = leave_cells_out_prior(stats, parent, (0, 1, 2), (1,))
+    ref = Ridge(alpha=parent["alpha"]).fit(x[cell != 1], y[cell != 1])
+    np.testing.assert_allclose(prior, ref.coef_, rtol=1e-6)
+    joint = ExpertSpec("joint", "oracle_joint", "c1", (1,), "phys")
+    hier = ExpertSpec("hier", "hierarchical", "c1", (1,), "phys", shrink=True)
+    fits = solve_expert(stats, joint, [5.0], 2, parent, twin=hier, parent_cells=(0, 1, 2), search_precision="float64")
+    xs, ys = x[cell == 1] - x[cell == 1].mean(0), y[cell == 1] - y[cell == 1].mean()
+    a = fits["hier"]["alpha"]  # 5 x the mean eigenvalue (a relative grid of one point)
+    direct = np.linalg.solve(xs.T @ xs + a * np.eye(p), xs.T @ ys + a * prior)
+    np.testing.assert_allclose(fits["hier"]["coef"], direct, rtol=1e-8)

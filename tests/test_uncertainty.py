@@ -1,0 +1,96 @@
+"""Standard errors (paired bootstrap), sigma calibration and the deployed fallback rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import r2_score as sk_r2
+
+from snrmoe_dask.bootstrap import bootstrap_counts, r2_draws, rho_with_se, se
+from snrmoe_dask.gates import GATE_SPECS, Gate, Standardizer
+from snrmoe_dask.mixture import calibrate_sigma, choose_fallback_tau, sigma_scale_of
+
+
+def test_bootstrap_r2_draws_equal_sklearn_on_the_resampled_rows():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=300)
+    yhat = y + rng.normal(scale=0.7, size=300)
+    counts = bootstrap_counts(300, 20, seed=1)
+    assert counts.shape == (20, 300) and np.all(counts.sum(axis=1) == 300)
+    draws = r2_draws(y, yhat, counts)
+    for b in range(20):
+        idx = np.repeat(np.arange(300), counts[b].astype(int))
+        assert draws[b] == pytest.approx(sk_r2(y[idx], yhat[idx]), rel=1e-10)
+    rows = np.arange(300) < 120  # a bin: the same counts restricted to its rows
+    bin_draws = r2_draws(y, yhat, counts, rows)
+    idx = np.repeat(np.arange(120), counts[3, :120].astype(int))
+    assert bin_draws[3] == pytest.approx(sk_r2(y[:120][idx], yhat[:120][idx]), rel=1e-10)
+
+
+def test_bootstrap_se_of_r2_matches_the_delta_method():
+    """Gaussian y, yhat = E[y | x]: the asymptotic Var of R² (as of a squared correlation) is 4 R² (1 - R²)² / n."""
+    rng = np.random.default_rng(2)
+    n = 4000
+    y = rng.normal(size=n)
+    # yhat = E[y | x] for x = y + noise of equal variance: R² = 0.5
+    yhat = 0.5 * (y + rng.normal(size=n))
+    r2 = 0.5
+    expected = np.sqrt(4 * r2 * (1 - r2) ** 2 / n)
+    got = se(r2_draws(y, yhat, bootstrap_counts(n, 400, seed=3)))
+    assert got == pytest.approx(expected, rel=0.2)
+
+
+def test_paired_differences_cancel_and_rho_is_null_without_an_oracle_gain():
+    rng = np.random.default_rng(4)
+    y = rng.normal(size=500)
+    glob = y + rng.normal(size=500)
+    counts = bootstrap_counts(500, 100, seed=0)
+    d = r2_draws(y, glob, counts)
+    assert se(d - d) == 0.0
+    point = (sk_r2(y, glob), sk_r2(y, glob), sk_r2(y, glob))
+    r = rho_with_se(d, d, d, point)
+    assert r["rho"] is None and "not larger than twice" in r["rho_null_reason"]
+    oracle = y + 0.3 * rng.normal(size=500)
+    deploy = y + 0.6 * rng.normal(size=500)
+    r = rho_with_se(r2_draws(y, deploy, counts), d, r2_draws(y, oracle, counts),
+                    (sk_r2(y, deploy), sk_r2(y, glob), sk_r2(y, oracle)))
+    expected = (sk_r2(y, deploy) - sk_r2(y, glob)) / (sk_r2(y, oracle) - sk_r2(y, glob))
+    assert r["rho"] == pytest.approx(expected) and 0 < r["rho_se"] < 0.2 and r["rho_null_reason"] is None
+
+
+def test_sigma_calibration_restores_coverage_per_snr_bin():
+    rng = np.random.default_rng(5)
+    n = 6000
+    snr = rng.uniform(0.5, 9, n)
+    true_sd = np.where(snr <= 2, 1.4, np.where(snr <= 4, 0.9, 0.4))
+    sigma = np.full(n, 0.8)  # one uncalibrated sigma for every row
+    resid = rng.normal(size=n) * true_sd
+    cal = calibrate_sigma(resid[:3000], sigma[:3000], snr[:3000], [2.0, 4.0, 7.0], min_rows=50)
+    np.testing.assert_allclose(np.array(cal["scale"][:3]) * 0.8, [1.4, 0.9, 0.4], rtol=0.08)
+    z = np.abs(resid[3000:]) / (sigma[3000:] * sigma_scale_of(cal, snr[3000:]))
+    for lo, hi in ((0, 2), (2, 4), (4, 9)):
+        sel = (snr[3000:] > lo) & (snr[3000:] <= hi)
+        assert np.mean(z[sel] <= 1) == pytest.approx(0.683, abs=0.04)
+        assert np.mean(z[sel] <= 2) == pytest.approx(0.954, abs=0.03)
+    small = calibrate_sigma(resid[:40], sigma[:40], snr[:40], [2.0, 4.0, 7.0], min_rows=50)
+    assert small["scale"] == [small["overall"]] * 4  # too few rows per bin: the overall scale
+    assert sigma_scale_of(cal, np.array([np.nan]))[0] == cal["overall"]
+
+
+def _gate(name: str) -> Gate:
+    spec = GATE_SPECS[name]
+    sc = Standardizer(np.zeros(1, bool), np.zeros(1), np.zeros(1), np.ones(1))
+    return Gate(spec, "linear", {"W": np.zeros((2, 1)), "b": np.zeros(2)}, {i: sc for i in spec.inputs}, 2)
+
+
+def test_fallback_is_kept_only_for_classifier_gates_and_only_where_it_helps():
+    y = np.zeros(100)
+    w = np.full((100, 2), 0.5)
+    w[:50] = [0.9, 0.1]  # confident rows never fall back
+    soft_bad = {"weights": w, "soft": np.r_[np.zeros(50), np.ones(50)]}  # the uncertain rows are wrong
+    glob = np.zeros(100)
+    assert choose_fallback_tau(_gate("deploy_snr_logreg"), 0.6, y, soft_bad, glob) == 0.6
+    soft_good = {"weights": w, "soft": np.zeros(100)}
+    assert choose_fallback_tau(_gate("deploy_snr_logreg"), 0.6, y, soft_good, glob + 1.0) == 0.0
+    for name in ("deploy_snr_regress", "deploy_dual_concat", "deploy_dual_logitadd", "deploy_dual_temp"):
+        assert choose_fallback_tau(_gate(name), 0.6, y, soft_bad, glob) == 0.0  # deployed as trained: soft
