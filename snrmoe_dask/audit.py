@@ -14,7 +14,10 @@ train rows is scored on the frozen test rows, for logg and for the true S/N:
 * ``S4``:  the norm of the error vector.
 
 Small representations use scikit-learn's ``RidgeCV`` (efficient leave-one-out
-over an alpha grid) on standardised, log-transformed inputs. Checks:
+over an alpha grid) on standardised, log-transformed inputs, and a nonlinear
+learner (``HistGradientBoostingRegressor``), for logg, S/N and the routing
+labels teff, [M/H] and magnitude: a summary that predicts the routing labels
+tells a gate where a star sits without looking at its flux. Checks:
 
 * **shuffle**: logg permuted among train spectra of the same magnitude bin;
   the ``full`` fit then must lose its logg skill (what remains is what the
@@ -39,11 +42,13 @@ from .lines import LINE_INDICES
 from .pacing import PacedReads
 from .stats import SufficientStats, impute_bad_pixels
 
-__all__ = ["REPRESENTATIONS", "TARGETS", "AuditAccumulator", "representations_block", "ridge_small",
-           "r2_from_stats", "pixel_importance"]
+__all__ = ["REPRESENTATIONS", "TARGETS", "SMALL_TARGETS", "AuditAccumulator", "representations_block",
+           "ridge_small", "hgb_small", "r2_from_stats", "pixel_importance"]
 
 REPRESENTATIONS = ("full", "S1", "S2", "S3b", "S4")
 TARGETS = ("logg", "snr", "logg_shuffled")
+#: labels the small representations are also regressed on (nonlinearly too)
+SMALL_TARGETS = ("logg", "snr", "teff", "mh", "mag")
 _BIG = ("full", "S1")
 
 
@@ -114,8 +119,10 @@ def r2_from_stats(stats: SufficientStats, groups, coef: np.ndarray, intercept: f
     n = float(stats.n[idx].sum())
     if n < 2:
         return None
-    # residual r = y - b - w.(x - c) - w.c ; expand sum r^2 with the shifted sums
-    b = intercept + float(coef @ stats.shift)
+    # residual r = y - b - w.(x - c) - w.c ; expand sum r^2 with the shifted sums (one shift for the groups)
+    if not (stats.shift[idx] == stats.shift[idx[0]]).all():
+        stats = stats.reshift(stats.shift[idx[0]])
+    b = intercept + float(coef @ stats.shift[idx[0]])
     sx, sy, syy = stats.sx[idx].sum(0), float(stats.sy[idx].sum()), float(stats.syy[idx].sum())
     xtx = sum(stats.xtx[k] for k in idx)
     xty = stats.xty[idx].sum(0)
@@ -133,6 +140,15 @@ def ridge_small(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_
     sc = Standardizer.fit(x_train)
     model = RidgeCV(alphas=np.logspace(-6, 6, 25)).fit(sc.transform(x_train), y_train)
     return r2_score(y_test, model.predict(sc.transform(x_test)))
+
+
+def hgb_small(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+              seed: int = 0) -> float | None:
+    """Test R² of scikit-learn's HistGradientBoostingRegressor (early stopping on a train split)."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    model = HistGradientBoostingRegressor(max_iter=300, early_stopping=True, random_state=seed)
+    return r2_score(y_test, model.fit(x_train, y_train).predict(x_test))
 
 
 def pixel_importance(coef: np.ndarray, gram_diag: np.ndarray, n: float) -> np.ndarray:
@@ -157,7 +173,7 @@ def importance_by_region(importance: np.ndarray, wavelength: np.ndarray, sky: np
 
 
 # ------------------------------------------------------------ dask layer
-def _fold(acc: AuditAccumulator, index: int, flux, error, mask, targets, group, is_test, template):
+def _fold(acc: AuditAccumulator, index: int, flux, error, mask, targets, group, is_test, template, labels):
     if index in acc.chunks_done:  # a retried task must not count a chunk twice
         return acc
     acc.chunks_done.append(index)
@@ -171,6 +187,8 @@ def _fold(acc: AuditAccumulator, index: int, flux, error, mask, targets, group, 
         acc.small.setdefault(f"{name}/test", []).append(reps[name][is_test].astype(np.float32))
     acc.small.setdefault("targets/train", []).append(targets[train])
     acc.small.setdefault("targets/test", []).append(targets[is_test])
+    acc.small.setdefault("labels/train", []).append(labels[train])
+    acc.small.setdefault("labels/test", []).append(labels[is_test])
     return acc
 
 
@@ -206,6 +224,9 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int 
         idx = np.flatnonzero(group == g)
         shuffled[idx] = logg[rng.permutation(idx)]
     targets = np.column_stack([logg, np.asarray(ds["snr"].values, np.float64), shuffled])
+    # every SMALL_TARGETS column; teff / mh are NaN where the catalog lacks them
+    labels = np.column_stack([np.asarray(ds[k].values, np.float64) if k in ds else np.full(logg.shape, np.nan)
+                              for k in SMALL_TARGETS])
 
     # template and shifts from up to 2000 train rows (a few chunks)
     first = np.flatnonzero(train)[:2000]
@@ -224,7 +245,8 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int 
     for i in range(len(starts) - 1):
         lo, hi = int(starts[i]), int(starts[i + 1])
         if (group[lo:hi] >= 0).any() or is_test[lo:hi].any():
-            acc = fold(acc, i, *reads.read(i), targets[lo:hi], group[lo:hi], is_test[lo:hi], template)
+            acc = fold(acc, i, *reads.read(i), targets[lo:hi], group[lo:hi], is_test[lo:hi], template,
+                       labels[lo:hi])
             reads.folded(acc, i)
     (acc,) = compute(acc, client=client, label=f"audit pass ({int(train.sum())} train, {int(is_test.sum())} test)",
                      progress=progress)
@@ -244,9 +266,17 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int 
             yhat = cat[f"{r}/test"].astype(np.float64) @ sol.coef + sol.intercept
             reps[r][f"{target}_r2"] = r2_score(y_te[:, t], yhat)
             reps[r][f"{target}_alpha"] = float(sol.alpha)
+    l_tr, l_te = cat["labels/train"], cat["labels/test"]
     for r in ("S2", "S3b", "S4"):
         reps[r] = {f"{target}_r2": ridge_small(cat[f"{r}/train"], y_tr[:, t], cat[f"{r}/test"], y_te[:, t])
                    for t, target in enumerate(TARGETS[:2])}
+        reps[r]["by_label"] = {}
+        for j, label in enumerate(SMALL_TARGETS):
+            if not (np.isfinite(l_tr[:, j]).all() and np.isfinite(l_te[:, j]).all()):
+                continue
+            reps[r]["by_label"][label] = {
+                "ridge_r2": ridge_small(cat[f"{r}/train"], l_tr[:, j], cat[f"{r}/test"], l_te[:, j]),
+                "hgb_r2": hgb_small(cat[f"{r}/train"], l_tr[:, j], cat[f"{r}/test"], l_te[:, j], seed)}
     # checks
     checks = {
         "shuffle": {"what": "full, logg permuted among train spectra of the same magnitude bin",
@@ -336,6 +366,14 @@ def audit_markdown(doc: dict) -> str:
     for name, r in doc["representations"].items():
         lines.append(f"| {name} | {_f(r['logg_r2'])} | {_f(r['snr_r2'])} | {'yes' if r['pass'] else 'no'} |")
     c = doc["checks"]
+    small = [(n, r["by_label"]) for n, r in doc["representations"].items() if r.get("by_label")]
+    if small:
+        labels = list(small[0][1])
+        lines += ["", "What the small representations say about each label (test R², Ridge / gradient boosting):", "",
+                  "| representation | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for name, by in small:
+            lines.append(f"| {name} | " + " | ".join(f"{_f(by[k]['ridge_r2'])} / {_f(by[k]['hgb_r2'])}"
+                                                     if k in by else "n/a" for k in labels) + " |")
     lines += ["", "| check | figure |", "|---|---|",
               f"| shuffle (logg permuted within magnitude bins), full logg R² | {_f(c['shuffle']['logg_r2'])} |",
               f"| mask only (bad-pixel counts), logg R² | {_f(c['mask_only']['logg_r2'])} |",

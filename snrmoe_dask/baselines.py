@@ -144,9 +144,15 @@ class BaselineAccumulator:
         self.names = tuple(names)
         self.flush_rows, self.precision = flush_rows, precision
         self.white: CellAccumulator | None = None  # created at the first rows (its shift is their mean)
-        self.cross = CrossStats.zeros(shift, len(TERM_NAMES)) if "conditional" in self.names else None
         self._dtype = np.float32 if precision == "float32" else np.float64  # of the products, as the experts'
-        self._shift = np.asarray(shift, self._dtype)
+        self._shift = np.asarray(shift, self._dtype)  # applied in the working precision: record exactly that
+        self.cross = (CrossStats.zeros(self._shift.astype(np.float64), len(TERM_NAMES))
+                      if "conditional" in self.names else None)
+
+    def resume_cross(self, cross: CrossStats) -> None:
+        """Continue from saved cross statistics (new rows are shifted by their shift)."""
+        self.cross = cross
+        self._shift = np.asarray(cross.shift, self._dtype)
 
     def add(self, x_imputed: np.ndarray, flux: np.ndarray, error: np.ndarray, good: np.ndarray,
             features: np.ndarray, y: np.ndarray, keep: np.ndarray) -> None:
@@ -174,9 +180,7 @@ def _conditional_centered(stats: SufficientStats, cross: CrossStats) -> tuple[Ce
     if not np.isclose(cross.n, cs.n):
         raise ValueError(f"conditional cross statistics hold {cross.n:.0f} rows, the experts {cs.n:.0f}")
     n = cs.n
-    if not np.array_equal(cross.shift, stats.shift):  # move the cross sums to the experts' shift
-        cross = CrossStats.zeros(stats.shift, cross.sz.size) + cross
-    mx = stats.sx.sum(axis=0) / n  # mean of x - shift
+    mx = cs.xbar - cross.shift  # mean of x - the cross sums' shift
     mz = cross.sz / n
     gzz = cross.szz - n * np.outer(mz, mz)
     gxz = cross.sxz - n * np.outer(mx, mz)

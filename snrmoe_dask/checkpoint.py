@@ -152,11 +152,11 @@ class Checkpoint:
         acc.folds = state["folds"]
         acc.baselines = None
         if baselines:
-            acc.baselines = BaselineAccumulator(baselines, acc.stats.shift, flush_rows, precision)
+            acc.baselines = BaselineAccumulator(baselines, acc.stats.shift[0], flush_rows, precision)
             saved = BaselineStats.from_zarr(d)
             if saved.whitened is not None:
                 acc.baselines.white = CellAccumulator.resume(saved.whitened, flush_rows=flush_rows,
                                                              precision=precision)
             if saved.cross is not None:
-                acc.baselines.cross = saved.cross
+                acc.baselines.resume_cross(saved.cross)
         return acc

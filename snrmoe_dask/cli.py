@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mag-max", type=float)
     p.add_argument("--chunk-size", type=int, help="spectra per chunk")
     p.add_argument("--n-pixels", type=int, help="pixels per spectrum (default 4096)")
+    p.add_argument("--error-model", choices=("noiseless", "noisy"),
+                   help="error vector: sigma of the noiseless flux (default) or estimated from the observed counts")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     _add_common(p)
 
@@ -133,7 +135,8 @@ def _cmd_simulate(args) -> int:
 
     cfg = load_config(args.config, {
         "simulate": {"n": args.n, "seed": args.seed, "noise_level": args.noise_level, "mag_min": args.mag_min,
-                     "mag_max": args.mag_max, "chunk_size": args.chunk_size, "n_pixels": args.n_pixels},
+                     "mag_max": args.mag_max, "chunk_size": args.chunk_size, "n_pixels": args.n_pixels,
+                     "error_model": args.error_model},
         "cluster": {"scheduler": args.scheduler},
     })
     with dask_session(cfg.cluster) as client:

@@ -90,6 +90,7 @@ class SimulateConfig(_Strict):
     logg_range: tuple[float, float] = (0.0, 5.0)
     mh_range: tuple[float, float] = (-2.5, 0.75)
     alpha_m_range: tuple[float, float] = (-0.25, 0.5)
+    error_model: Literal["noiseless", "noisy"] = "noiseless"
 
     @model_validator(mode="after")
     def _ranges(self) -> SimulateConfig:

@@ -176,14 +176,21 @@ class Gate:
     n_classes: int
     info: dict = field(default_factory=dict)
 
-    def inputs(self, table: Mapping[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    def inputs(self, table: Mapping[str, np.ndarray],
+               ablate: str | None = None) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
         z = {name: self.scalers[name].transform(table[name]) for name in self.spec.inputs}
+        if ablate in z:  # the block held at its training mean: what the gate does without that information
+            z[ablate] = np.zeros_like(z[ablate])
         x_all = np.concatenate([z[name] for name in self.spec.inputs], axis=1)
         return z.get("physical"), x_all, z.get("quality")
 
-    def weights(self, table: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Gate weights (n, K) for a table with ``quality`` / ``physical`` arrays."""
-        return softmax(gate_logits(self.kind, self.params, *self.inputs(table)), axis=1)
+    def weights(self, table: Mapping[str, np.ndarray], ablate: str | None = None) -> np.ndarray:
+        """Gate weights (n, K) for a table with ``quality`` / ``physical`` arrays.
+
+        ``ablate`` names an input block (``quality`` or ``physical``) to hold
+        at its training mean for every row (an ablation: no information).
+        """
+        return softmax(gate_logits(self.kind, self.params, *self.inputs(table, ablate)), axis=1)
 
     # storage as plain arrays (zarr), never pickle
     def to_arrays(self) -> dict[str, np.ndarray]:

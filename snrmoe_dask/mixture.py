@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import Model
 
 __all__ = ["FLAG_BITS", "pca_names", "physical_names", "gate_inputs", "apply_gate", "apply_model_gate", "gate_tau",
-           "calibrate_sigma", "sigma_scale_of", "choose_fallback_tau", "fit_gates", "predict_block", "predict_dataset"]
+           "calibrate_sigma", "calibrated_sigma", "choose_fallback_tau", "fit_gates", "predict_block",
+           "predict_dataset"]
 
 #: bits of the ``flags`` output of predict
 FLAG_BITS = {"snr_cliff": 1, "fallback": 2, "too_many_masked": 4}
@@ -73,8 +74,8 @@ def apply_gate(gate: Gate, table: Mapping[str, np.ndarray], member_pred: np.ndar
         Fallback threshold on ``max p`` (0 = the soft mixture everywhere).
     snr_est, sigma_scale : optional
         The rows' S/N estimates and the gate's calibration
-        (:func:`calibrate_sigma`): ``sigma`` is multiplied by the scale of
-        each row's S/N-estimate bin. Without them ``sigma`` is uncalibrated.
+        (:func:`calibrate_sigma`). Without them ``sigma`` is the raw mixture
+        spread (uncalibrated).
 
     Returns
     -------
@@ -87,36 +88,89 @@ def apply_gate(gate: Gate, table: Mapping[str, np.ndarray], member_pred: np.ndar
     yhat = np.where(fallback, global_pred, soft)
     sigma = np.where(fallback, np.sqrt(global_var), mixture_sigma(w, member_pred, member_var))
     if sigma_scale is not None and snr_est is not None:
-        sigma = sigma * sigma_scale_of(sigma_scale, snr_est)
+        sigma = calibrated_sigma(sigma_scale, yhat, sigma, snr_est)
     return {"yhat": yhat, "sigma": sigma, "soft": soft, "weights": w, "fallback": fallback}
 
 
-def sigma_scale_of(calibration: Mapping, snr_est: np.ndarray) -> np.ndarray:
-    """Per-row scale of ``sigma`` from a calibration's S/N-estimate bins (NaN S/N -> the overall scale)."""
-    scale = np.asarray(calibration["scale"], np.float64)
+_Z1, _Z2 = 0.682689, 0.954500  # Gaussian coverage of +-1 and +-2 sigma
+_GAMMAS = np.linspace(0.0, 4.0, 17)
+
+
+def _difficulty_design(yhat: np.ndarray, sigma_raw: np.ndarray, snr_est: np.ndarray) -> np.ndarray:
+    """Columns of the difficulty model: 1, log sigma_raw, yhat, yhat^2, log S/N estimate."""
+    snr = np.log(np.clip(np.nan_to_num(np.asarray(snr_est, np.float64), nan=1.0), 0.05, None))
+    return np.column_stack([np.ones_like(yhat), np.log(np.clip(sigma_raw, 1e-6, None)), yhat, yhat**2, snr])
+
+
+def calibrated_sigma(calibration: Mapping, yhat: np.ndarray, sigma_raw: np.ndarray, snr_est: np.ndarray) -> np.ndarray:
+    """sigma of each row from a gate's calibration (:func:`calibrate_sigma`)."""
+    u = np.exp(0.5 * (_difficulty_design(yhat, sigma_raw, snr_est) @ np.asarray(calibration["difficulty_coef"])))
     snr = np.asarray(snr_est, np.float64)
-    idx = np.searchsorted(np.asarray(calibration["snr_edges"], np.float64), np.nan_to_num(snr, nan=0.0), side="left")
-    return np.where(np.isfinite(snr), scale[idx], float(calibration["overall"]))
+    b = np.searchsorted(np.asarray(calibration["snr_edges"], np.float64), np.nan_to_num(snr, nan=0.0), side="left")
+    scale = np.where(np.isfinite(snr), np.asarray(calibration["scale"])[b], calibration["overall"]["scale"])
+    gamma = np.where(np.isfinite(snr), np.asarray(calibration["gamma"])[b], calibration["overall"]["gamma"])
+    return scale * u**gamma
 
 
-def calibrate_sigma(resid: np.ndarray, sigma: np.ndarray, snr_est: np.ndarray, snr_edges, min_rows: int) -> dict:
-    """Scales of ``sigma`` per S/N-estimate bin from held-out residuals (split conformal).
+def _two_quantile_fit(r: np.ndarray, u: np.ndarray) -> dict:
+    """``sigma = s u^gamma`` with ``+-1 sigma`` covering 68.27 % of ``r`` and ``+-2 sigma`` as close to 95.45 % as the
+    grid of gamma allows (ties: gamma nearest 1)."""
+    best = None
+    for g in _GAMMAS:
+        ug = u**g
+        s = float(np.quantile(r / ug, _Z1))
+        c2 = float(np.mean(r <= 2.0 * s * ug))
+        key = (round(abs(c2 - _Z2), 3), abs(g - 1.0))
+        if best is None or key < best[0]:
+            best = (key, {"scale": s, "gamma": float(g), "coverage_2sigma": c2})
+    return best[1]
 
-    In each bin the scale is the 68.27 % quantile of ``|resid| / sigma``, so
-    ``scale * sigma`` covers 68.27 % of the calibration rows there; a bin
-    with fewer than ``min_rows`` rows takes the scale of all rows.
+
+def calibrate_sigma(resid: np.ndarray, sigma_raw: np.ndarray, yhat: np.ndarray, snr_est: np.ndarray, snr_edges,
+                    min_rows: int, calibrate: np.ndarray | None = None) -> dict:
+    """Calibrate a gate's sigma on val rows: a difficulty model, then two quantiles per S/N-estimate bin.
+
+    1. **Difficulty.** ``u = exp(f . beta / 2)`` with ``f`` = (1, log
+       sigma_raw, yhat, yhat^2, log S/N estimate) and ``beta`` the least
+       squares fit of ``log(resid^2 + c)`` on the rows not in ``calibrate``:
+       which rows are harder than others, from what is known at predict time.
+    2. **Coverage.** On the ``calibrate`` rows (held out of the gate's fit),
+       per S/N-estimate bin, ``sigma = s u^gamma``: ``s`` makes ``+-1 sigma``
+       cover 68.27 %, ``gamma`` (0 ... 4) brings ``+-2 sigma`` to 95.45 %.
+       Residuals of a bounded label are lighter-tailed than a Gaussian where
+       the flux says little; a spread of sigma across rows (gamma > 1) restores
+       the Gaussian ratio of the two intervals. A bin with fewer than
+       ``min_rows`` rows takes the fit of all calibration rows.
+
+    Parameters
+    ----------
+    resid, sigma_raw, yhat, snr_est : ndarray of shape (n,)
+    snr_edges : sequence of float
+    min_rows : int
+    calibrate : boolean ndarray of shape (n,), optional
+        The held-out rows; default all rows for both steps.
     """
-    z = np.abs(np.asarray(resid, np.float64)) / np.asarray(sigma, np.float64)
-    ok = np.isfinite(z)
-    overall = float(np.quantile(z[ok], 0.6827)) if ok.any() else 1.0
+    r = np.abs(np.asarray(resid, np.float64))
+    cal = np.ones(r.shape, bool) if calibrate is None else np.asarray(calibrate, bool)
+    fit_rows = ~cal if (~cal).sum() >= 10 else np.ones(r.shape, bool)
+    f = _difficulty_design(yhat, sigma_raw, snr_est)
+    c = 1e-3 * float(np.mean(r[fit_rows] ** 2)) + 1e-12
+    beta = np.linalg.lstsq(f[fit_rows], np.log(r[fit_rows] ** 2 + c), rcond=None)[0]
+    u = np.exp(0.5 * (f @ beta))
+    ok = cal & np.isfinite(r) & np.isfinite(u)
+    overall = _two_quantile_fit(r[ok], u[ok])
     bins = np.searchsorted(np.asarray(snr_edges, np.float64), np.nan_to_num(snr_est, nan=0.0), side="left")
-    scale, n = [], []
+    per_bin, n = [], []
     for b in range(len(snr_edges) + 1):
         sel = ok & (bins == b) & np.isfinite(snr_est)
         n.append(int(sel.sum()))
-        scale.append(float(np.quantile(z[sel], 0.6827)) if sel.sum() >= min_rows else overall)
-    return {"method": "split conformal: 68.27 % quantile of |residual| / sigma per S/N-estimate bin",
-            "snr_edges": [float(e) for e in snr_edges], "scale": scale, "n": n, "overall": overall}
+        per_bin.append(_two_quantile_fit(r[sel], u[sel]) if sel.sum() >= min_rows else overall)
+    return {"method": "difficulty model (log residual^2 on log sigma_raw, yhat, yhat^2, log S/N estimate), then "
+                      "sigma = s u^gamma per S/N-estimate bin with +-1 sigma covering 68.27 % and +-2 sigma 95.45 % "
+                      "of the held-out val rows",
+            "snr_edges": [float(e) for e in snr_edges], "difficulty_coef": [float(v) for v in beta],
+            "scale": [p["scale"] for p in per_bin], "gamma": [p["gamma"] for p in per_bin], "n": n,
+            "overall": {"scale": overall["scale"], "gamma": overall["gamma"]}, "n_calibration_rows": int(ok.sum())}
 
 
 def choose_fallback_tau(gate: Gate, candidate: float, y: np.ndarray, out_soft: dict, global_pred: np.ndarray) -> float:

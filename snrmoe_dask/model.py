@@ -53,7 +53,7 @@ from .config import Config
 from .evaluate import expert_predictions, r2_score, regression_metrics, route_oracle
 from .experts import FAMILIES, ExpertSpec, expert_specs, experts_dataset, fit_experts
 from .features import FEATURE_NAMES, QUALITY_FEATURES, feature_table
-from .gates import GATE_SPECS, ORACLE_OF, Gate, entropy
+from .gates import GATE_SPECS, ORACLE_OF, Gate, entropy, mixture
 from .mixture import apply_model_gate, calibrate_sigma, fit_gates, gate_inputs, gate_tau, physical_names
 from .pca import pca_from_stats
 from .reduce import auto_chains, features_dataset, fold_blas_threads, one_pass
@@ -432,10 +432,11 @@ def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.nd
     s_b, p_b = _routing_bins(ds.isel(spectrum=val), edges, np.nan_to_num(snr_route[val], nan=0.0))
     gates, selection, default = fit_gates(model, table, pred, y[val], s_b, p_b, select, cfg.gates)
     snr_est = features["snr_est"].values[val]
-    for gate in gates.values():  # sigma calibrated on the val rows, as the gate is deployed
+    for gate in gates.values():  # sigma calibrated on the val rows held out of the gate fits, as deployed
         out = apply_model_gate(model, gate, table, pred)
-        gate.info["sigma_calibration"] = calibrate_sigma(y[val] - out["yhat"], out["sigma"], snr_est,
-                                                         edges["snr_edges"], cfg.gates.calibration_min_rows)
+        gate.info["sigma_calibration"] = calibrate_sigma(y[val] - out["yhat"], out["sigma"], out["yhat"], snr_est,
+                                                         edges["snr_edges"], cfg.gates.calibration_min_rows,
+                                                         calibrate=select)
     gate_table = xr.Dataset(
         {"quality": (("spectrum", "quality_feature"), table["quality"]),
          "physical": (("spectrum", "physical_feature"), table["physical"]),
@@ -671,6 +672,11 @@ def gate_metrics(model: Model, gate: Gate, table: dict, pred: np.ndarray, y: np.
     m["soft_r2"] = r2_score(y, out["soft"])
     m["fallback_tau"] = gate_tau(model, gate)
     m["coverage"] = coverage(y, out["yhat"], out["sigma"], s_b, model.snr_names)
+    # ablations: the soft mixture with one input block held at its training mean (what the gate really uses)
+    members = model.members(gate.spec.family)
+    m["ablation"] = {"what": "soft-mixture R² with the other input block held at its training mean",
+                     **{f"{keep}_only": r2_score(y, mixture(gate.weights(table, ablate=drop), pred[:, members]))
+                        for keep, drop in (("quality", "physical"), ("physical", "quality"))}}
     m["sigma_calibrated"] = "sigma_calibration" in gate.info
     labels = model.class_labels(gate.spec.family, s_b, p_b)
     guess = out["weights"].argmax(axis=1)

@@ -40,12 +40,25 @@ from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, map_cell
 __all__ = ["auto_chains", "fold_blas_threads", "one_pass", "shift_from_block"]
 
 
-def shift_from_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, min_good: int) -> np.ndarray:
-    """Mean imputed spectrum of the usable rows of one block (the accumulation shift)."""
+def shift_from_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, min_good: int,
+                     cell: np.ndarray | None = None, n_cells: int = 1) -> dict[str, np.ndarray]:
+    """Accumulation shifts from one block: ``{"all": (P,), "cells": (n_cells, P)}``.
+
+    ``all`` is the mean imputed spectrum of the block's usable rows; each
+    cell's shift is the mean of its usable rows in the block (``all`` for a
+    cell with none), so a bright and a faint cell are each summed about
+    their own level. Every chain gets the same shifts.
+    """
     good = good_pixel_mask(flux, error, mask)
     usable = good.sum(axis=1) >= min_good
     x = impute_bad_pixels(flux[usable] if usable.any() else flux, good[usable] if usable.any() else good)
-    return x.mean(axis=0, dtype=np.float64)
+    overall = x.mean(axis=0, dtype=np.float64)
+    cells = np.tile(overall, (n_cells, 1))
+    if cell is not None and usable.any():
+        c = np.asarray(cell)[usable] if usable.any() else np.asarray(cell)
+        for k in np.unique(c[c >= 0]):
+            cells[k] = x[c == k].mean(axis=0, dtype=np.float64)
+    return {"all": overall, "cells": cells}
 
 
 def _init(shift, n_cells, flush_rows, precision, meta, baselines=(), checkpoint: Checkpoint | None = None,
@@ -55,13 +68,11 @@ def _init(shift, n_cells, flush_rows, precision, meta, baselines=(), checkpoint:
         if acc is not None:
             acc.stats.meta = meta
             return acc
-    acc = CellAccumulator(n_cells, shift, flush_rows=flush_rows, precision=precision, meta=meta)
+    acc = CellAccumulator(n_cells, shift["cells"], flush_rows=flush_rows, precision=precision, meta=meta)
     acc.excluded_unusable = 0
     acc.folds = 0
     acc.resumed_chunks = 0
-    # the baselines use the experts' shift exactly (their conditional cross terms pair with these sums)
-    acc.baselines = (BaselineAccumulator(baselines, acc.stats.shift, flush_rows, precision) if baselines
-                     else None)
+    acc.baselines = (BaselineAccumulator(baselines, shift["all"], flush_rows, precision) if baselines else None)
     return acc
 
 
@@ -200,7 +211,8 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
     states = [checkpoint.chain_state(c) if checkpoint else None for c in range(chains)]
     done = [set(st["chunks_done"]) if st else set() for st in states]
     feats_done = checkpoint.features_done() if checkpoint else set()
-    shift = (dask.delayed(shift_from_block, pure=True)(*reads.read(0), min_good) if not all(states) else None)
+    shift = (dask.delayed(shift_from_block, pure=True)(*reads.read(0), min_good, cell[:int(starts[1])], n_cells)
+             if not all(states) else None)
     init = dask.delayed(_init, pure=True)
     fold = dask.delayed(_fold, pure=True)
     accs = [init(shift, n_cells, flush_rows, precision, dict(meta or {}), baselines, checkpoint, c,

@@ -88,8 +88,10 @@ def simulate_block(cfg: SimulateConfig, start: int, stop: int) -> dict[str, np.n
     flux_true, error = model(*labels.T)
     out = {k: labels[:, i] for i, k in enumerate(_LABEL_ORDER)}
     out["snr"] = true_snr(flux_true, error)
-    out["flux"] = (flux_true + error * noise).astype(np.float32)
-    out["error"] = error.astype(np.float32)
+    flux = flux_true + error * noise
+    out["flux"] = flux.astype(np.float32)
+    # noisy: the pipeline's estimate of sigma from the observed (not the true) counts
+    out["error"] = (error if cfg.error_model == "noiseless" else model.sigma(flux)).astype(np.float32)
     return out
 
 
@@ -129,7 +131,7 @@ def simulate_catalog(cfg: SimulateConfig, *, id_offset: int = 0) -> xr.Dataset:
         },
     )
     ds["flux"].attrs.update(units="counts (e-) per pixel, 4 x 900 s", long_name="observed flux")
-    ds["error"].attrs.update(units="counts (e-) per pixel", long_name="1-sigma noise")
+    ds["error"].attrs.update(units="counts (e-) per pixel", long_name="1-sigma noise", error_model=cfg.error_model)
     ds["wavelength"].attrs.update(units="Angstrom")
     ds["teff"].attrs.update(units="K")
     ds["logg"].attrs.update(units="dex (cgs)")

@@ -5,11 +5,15 @@ For the rows ``x`` (flux vectors) and targets ``y`` (logg) of each cell ``k``::
     n[k], sx[k] = sum(x - c), sy[k] = sum(y), syy[k] = sum(y^2),
     xtx[k] = sum((x - c)(x - c)^T), xty[k] = sum((x - c) y)
 
-``c`` is a fixed *shift* (about the mean spectrum) shared by all cells. The
-shift removes most of the cancellation that uncentred float32 sums would
-suffer from (flux ~ 100 counts with per-pixel scatter ~ 10): the remaining
-error is that of float32 products of centred data, and the products are added
-into float64 accumulators at every flush.
+``c = c[k]`` is a fixed *shift* per cell, close to the cell's mean spectrum
+(the mean of its rows in the pass's first block). The shift removes most of
+the cancellation that uncentred float32 sums would suffer from (flux ~ 100
+counts with per-pixel scatter ~ 10, and bright and faint cells whose means
+differ by several times that scatter): the remaining error is that of
+float32 products of nearly centred data, added into float64 accumulators at
+every flush. Experts that span several cells combine the cells' centred
+Gram matrices with the between-cell scatter (the parallel-axis rule), in
+float64.
 
 :class:`SufficientStats` is a value: ``a + b`` is the statistics of the union
 (shifts are reconciled exactly), it saves to and loads from zarr, and
@@ -62,7 +66,8 @@ class SufficientStats:
     sx, xty : ndarray of shape (K, P)
     sy, syy : ndarray of shape (K,)
     xtx : ndarray of shape (K, P, P), symmetric
-    shift : ndarray of shape (P,)
+    shift : ndarray of shape (K, P)
+        Per-cell shift (a shape (P,) shift given to the constructor is shared by every cell).
     meta : dict
         JSON-able description (cell layout, bin edges, source); kept from the
         left operand on addition.
@@ -77,30 +82,56 @@ class SufficientStats:
     shift: np.ndarray
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        shift = np.asarray(self.shift, np.float64)
+        if shift.ndim == 1:  # one shift shared by every cell
+            shift = np.broadcast_to(shift, (self.n.shape[0], shift.shape[0])).copy()
+        if shift.shape != self.sx.shape:
+            raise ValueError(f"shift must have shape (P,) or {self.sx.shape}, got {shift.shape}")
+        self.shift = shift
+
     @property
     def n_cells(self) -> int:
         return int(self.n.shape[0])
 
     @property
     def n_features(self) -> int:
-        return int(self.shift.shape[0])
+        return int(self.shift.shape[1])
 
     @classmethod
     def zeros(cls, n_cells: int, shift: np.ndarray, meta: dict | None = None) -> SufficientStats:
-        p = shift.shape[0]
+        """Empty statistics; ``shift`` of shape (P,) (shared) or (n_cells, P)."""
+        p = np.shape(shift)[-1]
         return cls(np.zeros(n_cells), np.zeros((n_cells, p)), np.zeros(n_cells), np.zeros(n_cells),
-                   np.zeros((n_cells, p, p)), np.zeros((n_cells, p)), np.asarray(shift, np.float64).copy(),
-                   dict(meta or {}))
+                   np.zeros((n_cells, p, p)), np.zeros((n_cells, p)), np.array(shift, np.float64), dict(meta or {}))
 
     # ---------------------------------------------------------- algebra
+    def reshift_(self, shift: np.ndarray) -> SufficientStats:
+        """Move the statistics to another shift (shape (P,) or (K, P)) in place, exactly; returns self.
+
+        ``x - c' = (x - c) + d`` with ``d = c - c'``, per cell:
+        ``xtx += (sx + n d / 2) d^T + d (sx + n d / 2)^T``, ``sx += n d``,
+        ``xty += sy d``. Only cells whose shift changes are touched.
+        """
+        new = np.broadcast_to(np.asarray(shift, np.float64), self.shift.shape)
+        for k in range(self.n_cells):
+            d = self.shift[k] - new[k]
+            if not d.any():
+                continue
+            if self.n[k]:
+                h = self.sx[k] + 0.5 * self.n[k] * d
+                self.xtx[k] += np.outer(h, d)
+                self.xtx[k] += np.outer(d, h)
+                self.sx[k] += self.n[k] * d
+                self.xty[k] += self.sy[k] * d
+            self.shift[k] = new[k]
+        return self
+
     def reshift(self, shift: np.ndarray) -> SufficientStats:
         """The same statistics about another shift (exact algebra, new object)."""
-        shift = np.asarray(shift, np.float64)
-        d = self.shift - shift  # x - c' = (x - c) + d
-        xtx = (self.xtx + np.einsum("ki,j->kij", self.sx, d) + np.einsum("i,kj->kij", d, self.sx)
-               + self.n[:, None, None] * np.outer(d, d)[None])
-        return SufficientStats(self.n.copy(), self.sx + self.n[:, None] * d, self.sy.copy(), self.syy.copy(), xtx,
-                               self.xty + self.sy[:, None] * d, shift.copy(), dict(self.meta))
+        copy = SufficientStats(self.n.copy(), self.sx.copy(), self.sy.copy(), self.syy.copy(), self.xtx.copy(),
+                               self.xty.copy(), self.shift.copy(), dict(self.meta))
+        return copy.reshift_(shift)
 
     def __add__(self, other: SufficientStats) -> SufficientStats:
         if not isinstance(other, SufficientStats):
@@ -113,29 +144,44 @@ class SufficientStats:
                                self.xtx + other.xtx, self.xty + other.xty, self.shift.copy(), dict(self.meta))
 
     def iadd(self, other: SufficientStats) -> SufficientStats:
-        """In-place ``self += other`` (no new (K, P, P) array); returns self."""
+        """In-place ``self += other``; ``other`` is moved to ``self``'s shifts in place (no new (K, P, P) array)."""
+        if other.xtx.shape != self.xtx.shape:
+            raise ValueError(f"cannot add statistics of shapes {self.xtx.shape} and {other.xtx.shape}")
         if not np.array_equal(other.shift, self.shift):
-            other = other.reshift(self.shift)
+            other.reshift_(self.shift)
         for name in ("n", "sx", "sy", "syy", "xtx", "xty"):
             getattr(self, name).__iadd__(getattr(other, name))
         return self
 
     def cells(self, index: Sequence[int] | np.ndarray) -> CenteredStats:
-        """Centred statistics of the union of ``index`` cells (one expert)."""
+        """Centred statistics of the union of ``index`` cells (one expert).
+
+        Each cell is centred about its own mean first (small numbers: its
+        shift is near that mean), then the between-cell scatter
+        ``sum_k n_k (mu_k - mu)(mu_k - mu)^T`` is added, all in float64.
+        """
         index = np.asarray(index, dtype=np.int64)
-        n = float(self.n[index].sum())
+        index = index[self.n[index] > 0]
+        n = float(self.n[index].sum()) if index.size else 0.0
         if n == 0:
-            raise ValueError(f"cells {index.tolist()} hold no rows")
-        sx = self.sx[index].sum(0)
+            raise ValueError(f"cells {np.asarray(index).tolist()} hold no rows")
+        nk = self.n[index]
+        m = self.sx[index] / nk[:, None]  # each cell's mean of x - c_k
+        mu_k = self.shift[index] + m
         sy = float(self.sy[index].sum())
         syy = float(self.syy[index].sum())
+        mu = nk @ mu_k / n
+        ybar_k = self.sy[index] / nk
         xtx = self.xtx[index[0]].copy()  # summed one cell at a time: no (len(index), P, P) temporary
         for k in index[1:]:
             xtx += self.xtx[k]
-        m = sx / n
-        gram = xtx - n * np.outer(m, m)
-        xty = self.xty[index].sum(0) - m * sy
-        return CenteredStats(n, self.shift + m, sy / n, gram, xty, syy - sy * sy / n)
+        # sum_k [n_k (mu_k - mu)(mu_k - mu)^T - n_k m_k m_k^T] as two products of (P, cells) factors
+        a = (mu_k - mu) * np.sqrt(nk)[:, None]
+        b = m * np.sqrt(nk)[:, None]
+        gram = xtx + a.T @ a - b.T @ b
+        xty = ((self.xty[index] - m * self.sy[index][:, None]).sum(0)
+               + (nk * (ybar_k - sy / n)) @ (mu_k - mu))
+        return CenteredStats(n, mu, sy / n, gram, xty, syy - sy * sy / n)
 
     # -------------------------------------------------------------- I/O
     def to_zarr(self, path: str | Path) -> None:
@@ -146,9 +192,9 @@ class SufficientStats:
             {
                 "n": ("cell", self.n), "sx": (("cell", "feature"), self.sx), "sy": ("cell", self.sy),
                 "syy": ("cell", self.syy), "xtx": (("cell", "feature", "feature_t"), self.xtx),
-                "xty": (("cell", "feature"), self.xty), "shift": ("feature", self.shift),
+                "xty": (("cell", "feature"), self.xty), "shift": (("cell", "feature"), self.shift),
             },
-            attrs={"meta": json.dumps(self.meta), "kind": "snrmoe.SufficientStats", "version": "1"},
+            attrs={"meta": json.dumps(self.meta), "kind": "snrmoe.SufficientStats", "version": "2"},
         )
         # random-looking float64 sums do not compress; skipping the codec makes the write I/O-bound
         enc = {"xtx": {"chunks": (1, self.n_features, self.n_features), "compressors": None}}
@@ -237,7 +283,8 @@ class CellAccumulator:
     Parameters
     ----------
     n_cells : int
-    shift : ndarray of shape (P,)
+    shift : ndarray of shape (P,) or (n_cells, P)
+        A shift shared by every cell, or one per cell (near the cell's mean).
     flush_rows : int
         Rows buffered per cell before one ``syrk``.
     precision : {"float32", "float64"}
@@ -256,9 +303,10 @@ class CellAccumulator:
         self.flush_rows = int(flush_rows)
         self.fold_every = int(fold_every)
         # the shift is applied in the working precision, so record exactly that value
-        self._shift = np.asarray(shift, self.dtype)
+        shift = np.asarray(shift)
+        p = shift.shape[-1]
+        self._shift = np.ascontiguousarray(np.broadcast_to(shift, (n_cells, p)), self.dtype)
         self.stats = SufficientStats.zeros(n_cells, self._shift.astype(np.float64), meta)
-        p = self._shift.shape[0]
         self._p = p
         self._buf = np.empty((n_cells, self.flush_rows, p), self.dtype)
         self._ybuf = np.empty((n_cells, self.flush_rows), np.float64)
@@ -318,9 +366,9 @@ class CellAccumulator:
             dst = self._buf[k, f:f + take]
             if x.dtype == dst.dtype and x.flags.c_contiguous:
                 np.take(x, rows[:take], axis=0, out=dst)
-                dst -= self._shift
+                dst -= self._shift[k]
             else:
-                np.subtract(x[rows[:take]], self._shift, out=dst, casting="unsafe")
+                np.subtract(x[rows[:take]], self._shift[k], out=dst, casting="unsafe")
             self._ybuf[k, f:f + take] = y[rows[:take]]
             self._fill[k] += take
             rows = rows[take:]

@@ -93,3 +93,17 @@ def test_audit_cli(tmp_path, capsys):
                  "--scheduler", "threads"]) == 0
     out = capsys.readouterr().out
     assert "| full |" in out and (tmp_path / "a" / "pixel_importance.zarr").exists()
+
+
+def test_small_representations_are_regressed_on_the_routing_labels_linearly_and_not(fit_catalog, cfg):
+    """The noiseless error model's quality statistics reveal the routing labels, and nonlinearly more so."""
+    ds = open_catalog(fit_catalog, config=cfg.catalog)
+    reps = audit_catalog(ds, cfg, progress=False)["representations"]
+    for name in ("S2", "S3b", "S4"):
+        assert set(reps[name]["by_label"]) == {"logg", "snr", "teff", "mh", "mag"}
+    s3b = reps["S3b"]["by_label"]
+    assert s3b["mag"]["hgb_r2"] > 0.5  # the error vector's level is the star's brightness
+    assert s3b["teff"]["hgb_r2"] > 0.3  # its shape follows the continuum of the star's temperature
+    noisy = reps["S4"]["by_label"]["teff"]  # one number (the norm) cannot say much about the temperature
+    assert noisy["hgb_r2"] < s3b["teff"]["hgb_r2"]
+    assert s3b["logg"]["ridge_r2"] == pytest.approx(reps["S3b"]["logg_r2"])  # the same fit, one source

@@ -6,7 +6,6 @@ import dask
 import numpy as np
 import pytest
 from conftest import write_raw
-
 from scipy.stats import truncnorm
 
 from snrmoe_dask.ceiling import (

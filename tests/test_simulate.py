@@ -7,7 +7,7 @@ from conftest import small_sim_config, write_sim
 
 from snrmoe_dask.catalog import open_catalog
 from snrmoe_dask.config import CatalogConfig, SimulateConfig
-from snrmoe_dask.physics import ForwardModel, Instrument, forward_model, true_snr
+from snrmoe_dask.physics import ForwardModel, Instrument, _build_basis, forward_model, true_snr
 from snrmoe_dask.pipeline import snr_distribution
 from snrmoe_dask.simulate import instrument_from_config, simulate_block, simulate_catalog
 
@@ -139,3 +139,20 @@ def test_task_names_depend_on_every_setting():
     b = simulate_catalog(small_sim_config(n=200, noise_level=2.0))
     assert a["flux"].data.name != b["flux"].data.name
     assert not set(dict(a["flux"].data.dask)) & set(k for k in dict(b["flux"].data.dask) if "simulate" in str(k))
+
+
+def test_noisy_error_model_estimates_sigma_from_the_observed_counts():
+    noiseless = simulate_block(small_sim_config(n=200), 0, 200)
+    noisy = simulate_block(small_sim_config(n=200, error_model="noisy"), 0, 200)
+    np.testing.assert_array_equal(noisy["flux"], noiseless["flux"])  # the same observation
+    np.testing.assert_array_equal(noisy["snr"], noiseless["snr"])  # the true S/N label is unchanged
+    cfg = small_sim_config()
+    ins = instrument_from_config(cfg)
+    _, _, sky, _ = _build_basis(ins)
+    read_var = ins.n_exposures * ins.n_spatial * ins.read_noise**2
+    expected = np.sqrt(np.clip(noiseless["flux"].astype(np.float64), 0, None) + sky + read_var
+                       + (ins.sky_systematic * sky) ** 2)
+    np.testing.assert_allclose(noisy["error"], expected, rtol=1e-5)  # counts, not the noiseless model
+    assert not np.allclose(noisy["error"], noiseless["error"], rtol=1e-3)
+    with pytest.raises(ValueError):
+        SimulateConfig(error_model="guess")

@@ -170,3 +170,54 @@ def test_threaded_finalize_equals_serial():
         res.append(a.finalize(workers=workers))
     np.testing.assert_array_equal(res[0].xtx, res[1].xtx)
     np.testing.assert_array_equal(res[0].xty, res[1].xty)
+
+
+def _spectra(rng, level, n, p=256):
+    """Spectrum-like rows: a continuum with a line, a 10 % scale spread, Poisson + sky noise (float32)."""
+    wave = np.linspace(0, 1, p)
+    shape = (1 + 0.3 * np.sin(3 * wave)) * (1 - 0.4 * np.exp(-0.5 * ((wave - 0.5) / 0.01) ** 2))
+    mu = level * (1 + 0.1 * rng.normal(size=(n, 1))) * shape
+    return (mu + np.sqrt(mu + 50) * rng.normal(size=mu.shape)).astype(np.float32)
+
+
+def test_per_cell_shift_keeps_a_faint_cell_gram_accurate_next_to_a_bright_one():
+    """float32 products: the Gram error of each cell, relative to its smallest eigenvalue (float64 reference)."""
+    from snrmoe_dask.reduce import shift_from_block
+
+    rng = np.random.default_rng(0)
+    bright, faint = _spectra(rng, 3000.0, 4000), _spectra(rng, 100.0, 4000)
+    x = np.vstack([bright, faint])
+    order = rng.permutation(x.shape[0])  # cells interleaved, as rows arrive in a catalog
+    x, cell = x[order], np.r_[np.zeros(4000, np.int64), np.ones(4000, np.int64)][order]
+    y = rng.normal(size=x.shape[0])
+    shifts = shift_from_block(x[:512], np.ones_like(x[:512]), None, 1, cell[:512], 2)
+
+    def rel_error(shift):
+        acc = CellAccumulator(2, shift, precision="float32")
+        acc.add(x, y, cell)
+        stats = acc.finalize()
+        out = []
+        for k in (0, 1):
+            xk = x[cell == k].astype(np.float64)
+            ref = (xk - xk.mean(0)).T @ (xk - xk.mean(0))
+            out.append(np.linalg.norm(stats.cells([k]).gram - ref, 2) / np.linalg.eigvalsh(ref)[0])
+        return out
+
+    per_cell, shared = rel_error(shifts["cells"]), rel_error(shifts["all"])
+    assert max(per_cell) < 1e-3
+    assert shared[1] > 100 * per_cell[1]  # one shift for both cells: the faint cell's Gram is lost in cancellation
+
+
+def test_union_of_cells_with_their_own_shifts_equals_the_direct_centred_sums():
+    rng = np.random.default_rng(1)
+    x = np.vstack([_spectra(rng, 2000.0, 300, 40), _spectra(rng, 150.0, 200, 40)]).astype(np.float64)
+    cell = np.r_[np.zeros(300, np.int64), np.ones(200, np.int64)]
+    y = rng.normal(size=500) + 0.001 * x[:, 3]
+    acc = CellAccumulator(2, np.vstack([x[:10].mean(0), x[300:310].mean(0)]), precision="float64")
+    acc.add(x, y, cell)
+    cs = acc.finalize().cells([0, 1])
+    xc, yc = x - x.mean(0), y - y.mean()
+    np.testing.assert_allclose(cs.gram, xc.T @ xc, rtol=1e-10, atol=1e-6)
+    np.testing.assert_allclose(cs.xty, xc.T @ yc, rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(cs.xbar, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(cs.yy, yc @ yc, rtol=1e-12)

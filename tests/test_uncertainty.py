@@ -8,7 +8,7 @@ from sklearn.metrics import r2_score as sk_r2
 
 from snrmoe_dask.bootstrap import bootstrap_counts, r2_draws, rho_with_se, se
 from snrmoe_dask.gates import GATE_SPECS, Gate, Standardizer
-from snrmoe_dask.mixture import calibrate_sigma, choose_fallback_tau, sigma_scale_of
+from snrmoe_dask.mixture import calibrate_sigma, calibrated_sigma, choose_fallback_tau
 
 
 def test_bootstrap_r2_draws_equal_sklearn_on_the_resampled_rows():
@@ -58,23 +58,34 @@ def test_paired_differences_cancel_and_rho_is_null_without_an_oracle_gain():
     assert r["rho"] == pytest.approx(expected) and 0 < r["rho_se"] < 0.2 and r["rho_null_reason"] is None
 
 
-def test_sigma_calibration_restores_coverage_per_snr_bin():
-    rng = np.random.default_rng(5)
-    n = 6000
+def _bounded_residuals(rng, n):
+    """A bounded label (uniform on [0, 5]) estimated with an information that varies from row to row."""
     snr = rng.uniform(0.5, 9, n)
-    true_sd = np.where(snr <= 2, 1.4, np.where(snr <= 4, 0.9, 0.4))
-    sigma = np.full(n, 0.8)  # one uncalibrated sigma for every row
-    resid = rng.normal(size=n) * true_sd
-    cal = calibrate_sigma(resid[:3000], sigma[:3000], snr[:3000], [2.0, 4.0, 7.0], min_rows=50)
-    np.testing.assert_allclose(np.array(cal["scale"][:3]) * 0.8, [1.4, 0.9, 0.4], rtol=0.08)
-    z = np.abs(resid[3000:]) / (sigma[3000:] * sigma_scale_of(cal, snr[3000:]))
-    for lo, hi in ((0, 2), (2, 4), (4, 9)):
-        sel = (snr[3000:] > lo) & (snr[3000:] <= hi)
-        assert np.mean(z[sel] <= 1) == pytest.approx(0.683, abs=0.04)
-        assert np.mean(z[sel] <= 2) == pytest.approx(0.954, abs=0.03)
-    small = calibrate_sigma(resid[:40], sigma[:40], snr[:40], [2.0, 4.0, 7.0], min_rows=50)
-    assert small["scale"] == [small["overall"]] * 4  # too few rows per bin: the overall scale
-    assert sigma_scale_of(cal, np.array([np.nan]))[0] == cal["overall"]
+    info = np.clip(snr / 9 + rng.uniform(-0.3, 0.3, n), 0.02, 0.98)  # how much the flux says about y
+    y = rng.uniform(0, 5, n)
+    yhat = info * y + (1 - info) * 2.5 + rng.normal(size=n) * 0.3 * info
+    sigma_raw = 0.6 * (1 - info) + 0.1  # the mixture's spread: right ordering, wrong size
+    return y - yhat, sigma_raw, yhat, snr
+
+
+def test_sigma_calibration_gives_gaussian_coverage_per_snr_bin_on_new_rows():
+    """Light-tailed residuals of a bounded label: +-1 sigma covers 68 % and +-2 sigma 95 % on held-out rows."""
+    rng = np.random.default_rng(5)
+    r, s_raw, yhat, snr = _bounded_residuals(rng, 30000)
+    held = np.arange(30000) >= 10000
+    cal = calibrate_sigma(r, s_raw, yhat, snr, [2.0, 4.0, 7.0], min_rows=50, calibrate=held)
+    rn, sn, yn, snrn = _bounded_residuals(np.random.default_rng(6), 20000)
+    z = np.abs(rn) / calibrated_sigma(cal, yn, sn, snrn)
+    raw = np.abs(rn) / sn
+    for lo, hi in ((0, 2), (2, 4), (4, 7)):
+        sel = (snrn > lo) & (snrn <= hi)
+        assert np.mean(z[sel] <= 1) == pytest.approx(0.683, abs=0.03)
+        assert np.mean(z[sel] <= 2) == pytest.approx(0.954, abs=0.02)
+        assert abs(np.mean(raw[sel] <= 1) - 0.683) > 0.05  # the raw spread was not calibrated
+    small = calibrate_sigma(r[:40], s_raw[:40], yhat[:40], snr[:40], [2.0, 4.0, 7.0], min_rows=50)
+    assert small["scale"] == [small["overall"]["scale"]] * 4  # too few rows per bin: the overall fit
+    nan_row = calibrated_sigma(cal, np.array([2.5]), np.array([0.3]), np.array([np.nan]))
+    assert np.isfinite(nan_row).all()
 
 
 def _gate(name: str) -> Gate:
