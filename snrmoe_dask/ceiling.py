@@ -1,28 +1,31 @@
-"""The Fisher information ceiling for logg (Cramér-Rao lower bound).
+"""The Bayes ceiling of logg: the minimum MSE any model of the flux can reach.
 
-For a spectrum with mean flux ``mu(theta)`` and independent Gaussian noise
-``sigma`` per pixel, the Fisher matrix of the labels is::
+For a simulated catalog the forward model is known. The ceiling is the Bayes
+minimum mean squared error of logg under the simulator's own prior (uniform
+on the label box)::
 
-    F_ij = sum_pixels d mu/d theta_i * d mu/d theta_j / sigma^2
+    MSE_Bayes = E[ Var(logg | flux) ],   R2_max = 1 - MSE_Bayes / Var(logg)
 
-and the CRLB of logg with every other label a nuisance is
-``(F^-1)_logg,logg``. Only the *flux* information counts (the information in
-``sigma(theta)`` is the label leak that deployable models must not use).
+with the likelihood ``flux ~ N(mu(theta), sigma(theta)^2)`` per pixel. Only
+the flux is observed: the error vector is the leak the audit looks for.
 
-The CRLB bounds *unbiased* estimators, but Ridge shrinks toward the mean of a
-bounded population and can beat it at low S/N. The ceiling therefore adds the
-population as a prior (the Bayesian, van Trees bound with a Gaussian prior of
-the population variance ``V``): ``MSE >= 1 / (1/CRLB + 1/V)``, so per spectrum
-``R2_max = V / (CRLB + V)`` and per group ``1 - mean(CRLB V / (CRLB + V)) / V``,
-with ``V`` the variance of logg within the group (as the per-bin R² of the
-models uses). For a Gaussian population and a locally linear model this is
-attained by the best linear estimator; for the uniform logg of the simulator it
-is close, not exact.
+:func:`posterior_moments` computes ``Var(logg | flux)`` for one spectrum by
+defensive importance sampling (a Laplace proposal built from the Fisher
+matrix, mixed with the prior box; adaptive rounds while the effective sample
+size is low); with ``cell`` it also gives the posterior restricted to the
+spectrum's true Teff x [M/H] and S/N cell, the bound for the oracle
+families. :func:`posterior_block` is its one-task kernel over simulated
+spectra and :func:`ceiling_summary` turns the per-spectrum variances into
+both ceilings with standard errors (docs/method.md, "The Bayes ceiling").
 
-Derivatives come from central finite differences of the simulator's forward
-model (:class:`~snrmoe_dask.physics.ForwardModel`); the logg derivative also
-has a closed form (:func:`dmu_dlogg`), and the two are checked against each
-other in the tests.
+The Fisher matrix ``F_ij = sum_pixels d mu/d theta_i d mu/d theta_j /
+sigma^2`` (:func:`forward_jacobian`, :func:`fisher_crlb`) only builds the
+proposal here. Its flat-prior Cramer-Rao bound ``(F^-1)_00`` is not a
+ceiling: it treats every nuisance label as unbounded, and models that use the
+bounded box beat it. Derivatives come from central finite differences of the
+forward model (:class:`~snrmoe_dask.physics.ForwardModel`); the logg
+derivative also has a closed form (:func:`dmu_dlogg`), and the two are checked
+against each other in the tests.
 """
 
 from __future__ import annotations

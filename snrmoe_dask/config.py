@@ -189,7 +189,7 @@ class GatesConfig(_Strict):
     max_iter: int = Field(500, ge=1)
     seed: int = Field(0, ge=0)
     snr_cliff: float = 2.0
-    calibration_min_rows: int = Field(50, ge=2)
+    calibration_min_rows: int = Field(150, ge=2)
 
     @field_validator("default")
     @classmethod

@@ -29,7 +29,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from .ridge import eigen, ridge_alphas, solve_ridge
+from .ridge import eigen, ridge_alphas, ridge_coef, solve_ridge
 from .stats import SufficientStats
 
 __all__ = ["FAMILIES", "ExpertSpec", "expert_specs", "leave_cells_out_prior", "solve_expert", "fit_experts",
@@ -84,7 +84,7 @@ def leave_cells_out_prior(stats: SufficientStats, parent: dict, parent_cells: Se
     rest = tuple(c for c in parent_cells if c not in set(cells))
     if parent.get("fallback") or not rest or float(stats.n[list(rest)].sum()) < 2:
         return np.asarray(parent["coef"], np.float64)
-    return solve_ridge(stats.cells(rest), [], fixed_alpha=float(parent["alpha"])).coef
+    return ridge_coef(stats.cells(rest), float(parent["alpha"]))
 
 
 def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequence[float], min_rows: int,

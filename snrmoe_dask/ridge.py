@@ -36,7 +36,7 @@ import scipy.linalg
 
 from .stats import CenteredStats
 
-__all__ = ["RidgeSolution", "eigen", "solve_ridge", "ridge_alphas"]
+__all__ = ["RidgeSolution", "eigen", "solve_ridge", "ridge_alphas", "ridge_coef"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,11 @@ def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
         return scipy.linalg.cho_solve(c, b, check_finite=False)
     except np.linalg.LinAlgError:
         return scipy.linalg.lstsq(a, b, check_finite=False)[0]
+
+
+def ridge_coef(cs: CenteredStats, alpha: float) -> np.ndarray:
+    """Coefficients at one known alpha: one float64 Cholesky solve, no eigendecomposition."""
+    return _exact_solve(cs.gram, cs.xty, alpha)
 
 
 def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | None = None,

@@ -42,8 +42,12 @@ def test_every_expert_matches_sklearn(fit_catalog, fitted):
         rows = train & np.isin(cells, spec.cells)
         target = y[rows]
         prior = np.zeros(x.shape[1])
-        if spec.shrink:
-            prior = coef[model.index[spec.parent]]
+        if spec.shrink:  # toward the parent refitted without this cell's rows (sklearn on those rows)
+            j = model.index[spec.parent]
+            parent = model.specs[j]
+            rest = train & np.isin(cells, parent.cells) & ~np.isin(cells, spec.cells)
+            prior = (coef[j] if model.meta["experts"][j]["fallback"] or rest.sum() < 2
+                     else Ridge(alpha=alpha[j]).fit(x[rest], y[rest]).coef_)
             target = target - x[rows] @ prior
         ref = Ridge(alpha=alpha[i]).fit(x[rows], target)
         scale = np.abs(ref.coef_ + prior).max()
