@@ -24,7 +24,7 @@ from .config import FitConfig, GatesConfig
 from .experts import expert_specs, experts_dataset, fit_experts
 from .features import FEATURE_NAMES, block_features, snr_estimate
 from .gates import GATE_SPECS, fit_gate
-from .mixture import gate_inputs, gate_tau, physical_names, predict_block
+from .mixture import apply_model_gate, calibrate_sigma, gate_inputs, gate_tau, physical_names, predict_block
 from .pca import pca_from_stats
 from .split import id_hash
 from .stats import CellAccumulator, impute_bad_pixels
@@ -212,6 +212,11 @@ class SNRMoERegressor(RegressorMixin, BaseEstimator):
         # deployed as trained: an MSE-trained gate mixes softly everywhere, a classifier falls back below tau
         gate.info["fallback_tau"] = self.fallback_tau if spec.training in ("logreg", "poe") else 0.0
         model.gates = {self.gate: gate}
+        # sigma calibrated on the gate rows (held out of the experts; the pipeline also holds them out of the gate)
+        out = apply_model_gate(model, gate, table, proj[:, :len(specs)])
+        gate.info["sigma_calibration"] = calibrate_sigma(
+            y[rows] - out["yhat"], out["sigma"], out["yhat"], feats[:, FEATURE_NAMES.index("snr_est")],
+            list(self.snr_edges), gcfg.calibration_min_rows)
         self._set_fitted(model)
         self.wavelength_ = wave
         return self

@@ -153,6 +153,11 @@ def calibrate_sigma(resid: np.ndarray, sigma_raw: np.ndarray, yhat: np.ndarray, 
     r = np.abs(np.asarray(resid, np.float64))
     cal = np.ones(r.shape, bool) if calibrate is None else np.asarray(calibrate, bool)
     fit_rows = ~cal if (~cal).sum() >= 10 else np.ones(r.shape, bool)
+    if (np.isfinite(r) & np.isfinite(sigma_raw)).sum() < 10:  # nothing to calibrate on: sigma = sigma_raw
+        return {"method": "none (fewer than 10 rows)", "snr_edges": [float(e) for e in snr_edges],
+                "difficulty_coef": [0.0, 2.0, 0.0, 0.0, 0.0], "scale": [1.0] * (len(snr_edges) + 1),
+                "gamma": [1.0] * (len(snr_edges) + 1), "n": [0] * (len(snr_edges) + 1),
+                "overall": {"scale": 1.0, "gamma": 1.0}, "n_calibration_rows": 0}
     f = _difficulty_design(yhat, sigma_raw, snr_est)
     c = 1e-3 * float(np.mean(r[fit_rows] ** 2)) + 1e-12
     beta = np.linalg.lstsq(f[fit_rows], np.log(r[fit_rows] ** 2 + c), rcond=None)[0]

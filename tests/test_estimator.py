@@ -62,3 +62,18 @@ def test_from_model_store_predicts_like_the_out_of_core_path(fit_catalog, fitted
     np.testing.assert_allclose(got, ref["logg_pred"].values, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="unknown gate"):
         SNRMoERegressor.from_model(model_dir, gate="nope")
+
+
+def test_estimator_sigma_is_calibrated_on_held_out_spectra(fit_catalog):
+    ds = open_catalog(fit_catalog).load()
+    train = ds["split"].values != 2
+    kw = {k: ds[k].values[train] for k in ("snr", "teff", "mh")}
+    est = SNRMoERegressor(gate="deploy_snr_logreg", min_cell_rows=10).fit(
+        ds["flux"].values[train], ds["logg"].values[train], error=ds["error"].values[train],
+        wavelength=ds["wavelength"].values, **kw)
+    test = ~train
+    out = est.predict_dist(ds["flux"].values[test], error=ds["error"].values[test])
+    z = np.abs(ds["logg"].values[test] - out["logg_pred"]) / out["logg_sigma"]
+    # a few hundred test spectra: +-1 sigma and +-2 sigma near 68 % and 95 % within sampling error
+    assert 0.60 < np.mean(z <= 1) < 0.76 and 0.90 < np.mean(z <= 2) < 0.99
+    assert est.gate_.info["sigma_calibration"]["n_calibration_rows"] > 100
