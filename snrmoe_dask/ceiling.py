@@ -329,16 +329,15 @@ def choose_spectra(snr_b: np.ndarray, n_bins: int, per_bin: int, seed: int) -> n
     return np.sort(np.concatenate(picks)) if picks else np.empty(0, np.int64)
 
 
-def bayes_ceiling_tasks(ds, rows: np.ndarray, cell0: np.ndarray, edges: dict, n_snr: int, cfg, *,
+def bayes_ceiling_tasks(ds, rows: np.ndarray, flux: np.ndarray, cell0: np.ndarray, edges: dict, n_snr: int, cfg, *,
                         block: int = 8) -> list:
-    """Lazy :func:`posterior_block` tasks for catalog rows ``rows`` (reads only those rows' flux)."""
+    """Lazy :func:`posterior_block` tasks for catalog rows ``rows`` whose flux (rows, P) is already read."""
     import dask
 
     model = model_from_catalog_attrs(ds.attrs)
     sim = json.loads(ds.attrs["simulate_config"])
     rows = np.asarray(rows)
     labels = np.column_stack([np.asarray(ds[k].values, np.float64)[rows] for k in PARAMS])
-    flux = ds["flux"].data[rows] if rows.size else None
     task = dask.delayed(posterior_block, pure=True)
     out = []
     for a in range(0, rows.size, block):

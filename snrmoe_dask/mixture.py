@@ -93,7 +93,7 @@ def apply_gate(gate: Gate, table: Mapping[str, np.ndarray], member_pred: np.ndar
 
 
 _Z1, _Z2 = 0.682689, 0.954500  # Gaussian coverage of +-1 and +-2 sigma
-_GAMMAS = np.linspace(0.0, 4.0, 17)
+_GAMMAS = np.linspace(0.0, 8.0, 33)
 
 
 def _difficulty_design(yhat: np.ndarray, sigma_raw: np.ndarray, snr_est: np.ndarray) -> np.ndarray:
@@ -136,11 +136,12 @@ def calibrate_sigma(resid: np.ndarray, sigma_raw: np.ndarray, yhat: np.ndarray, 
        which rows are harder than others, from what is known at predict time.
     2. **Coverage.** On the ``calibrate`` rows (held out of the gate's fit),
        per S/N-estimate bin, ``sigma = s u^gamma``: ``s`` makes ``+-1 sigma``
-       cover 68.27 %, ``gamma`` (0 ... 4) brings ``+-2 sigma`` to 95.45 %.
+       cover 68.27 %, ``gamma`` (0 ... 8) brings ``+-2 sigma`` to 95.45 %.
        Residuals of a bounded label are lighter-tailed than a Gaussian where
        the flux says little; a spread of sigma across rows (gamma > 1) restores
        the Gaussian ratio of the two intervals. A bin with fewer than
-       ``min_rows`` rows takes the fit of all calibration rows.
+       ``min_rows`` held-out rows uses all its val rows (in-sample for the
+       gate); with fewer than that, the fit of all calibration rows.
 
     Parameters
     ----------
@@ -166,8 +167,11 @@ def calibrate_sigma(resid: np.ndarray, sigma_raw: np.ndarray, yhat: np.ndarray, 
     overall = _two_quantile_fit(r[ok], u[ok])
     bins = np.searchsorted(np.asarray(snr_edges, np.float64), np.nan_to_num(snr_est, nan=0.0), side="left")
     per_bin, n = [], []
+    finite = np.isfinite(r) & np.isfinite(u) & np.isfinite(snr_est)
     for b in range(len(snr_edges) + 1):
         sel = ok & (bins == b) & np.isfinite(snr_est)
+        if sel.sum() < min_rows:  # a rare bin: all its val rows (in-sample for the gate) before the overall fit
+            sel = finite & (bins == b)
         n.append(int(sel.sum()))
         per_bin.append(_two_quantile_fit(r[sel], u[sel]) if sel.sum() >= min_rows else overall)
     return {"method": "difficulty model (log residual^2 on log sigma_raw, yhat, yhat^2, log S/N estimate), then "

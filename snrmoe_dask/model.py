@@ -603,7 +603,10 @@ def ceiling_stage(ds: xr.Dataset, edges: dict, cfg: Config, *, client=None, prog
     p_b = phys_bin(ds["teff"].values, ds["mh"].values, edges["teff_edges"], edges["mh_edges"]).astype(np.int64)
     rows = choose_spectra(snr_b, n_snr, cfg.ceiling.spectra_per_snr_bin, cfg.ceiling.seed)
     cell0 = p_b[rows] * n_snr + snr_b[rows]
-    parts = bayes_ceiling_tasks(ds, rows, cell0, edges, n_snr, cfg.ceiling)
+    # the drawn rows' flux in one read (each chunk that holds one is read once), then one task per few spectra
+    (flux,) = compute(ds["flux"].data[rows], client=client, label=f"Bayes ceiling: flux of {rows.size} spectra",
+                      progress=False)
+    parts = bayes_ceiling_tasks(ds, rows, np.asarray(flux, np.float64), cell0, edges, n_snr, cfg.ceiling)
     (parts,) = compute(parts, client=client, label=f"Bayes ceiling: posteriors of {rows.size} spectra",
                        progress=progress)
     post = np.concatenate(parts) if parts else np.empty((0, 4))
