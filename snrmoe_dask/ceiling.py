@@ -38,7 +38,7 @@ import scipy.linalg
 
 from .physics import ForwardModel, Instrument, _build_basis
 
-__all__ = ["PARAMS", "STEPS", "fisher_crlb", "fd_jacobian", "forward_jacobian", "crlb_for_labels", "dmu_dlogg",
+__all__ = ["PARAMS", "STEPS", "fisher_crlb", "fd_jacobian", "forward_jacobian", "dmu_dlogg",
            "model_from_catalog_attrs", "prior_box", "posterior_moments", "posterior_block", "choose_spectra",
            "ceiling_summary", "bayes_ceiling_tasks", "efficiency", "write_ceiling"]
 
@@ -131,20 +131,6 @@ def model_from_catalog_attrs(attrs: dict) -> ForwardModel:
     cfg = json.loads(attrs["simulate_config"])
     ins = Instrument(wave_min=cfg["wave_min"], wave_max=cfg["wave_max"], n_pixels=cfg["n_pixels"])
     return ForwardModel(ins, cfg["noise_level"])
-
-
-def crlb_for_labels(model: ForwardModel, labels: dict[str, np.ndarray], block: int = 256,
-                    progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """CRLB of logg for each row of ``labels`` (blocks of ``block`` rows bound memory)."""
-    n = len(labels["logg"])
-    out = np.empty(n)
-    for lo in range(0, n, block):
-        sub = {k: np.asarray(v[lo:lo + block], np.float64) for k, v in labels.items()}
-        jac, sigma = forward_jacobian(model, sub)
-        out[lo:lo + block] = fisher_crlb(jac, sigma, PARAMS.index("logg"))
-        if progress:
-            progress(min(n, lo + block))
-    return out
 
 
 # ------------------------------------------------------------------ the Bayes ceiling

@@ -205,8 +205,6 @@ class CeilingConfig(_Strict):
     """The Bayes ceiling of logg (docs/method.md), for simulated catalogs."""
 
     enabled: bool = True
-    mag_edges: list[float] = Field(default_factory=lambda: [20.5, 21.0, 21.5, 22.0, 22.5])
-    block_rows: int = Field(1024, ge=1)
     spectra_per_snr_bin: int = Field(150, ge=2)
     samples: int = Field(768, ge=16)
     prior_fraction: float = Field(0.2, gt=0.0, lt=1.0)

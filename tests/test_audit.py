@@ -95,7 +95,7 @@ def test_audit_cli(tmp_path, capsys):
     assert "| full |" in out and (tmp_path / "a" / "pixel_importance.zarr").exists()
 
 
-def test_small_representations_are_regressed_on_the_routing_labels_linearly_and_not(fit_catalog, cfg):
+def test_small_representations_are_regressed_on_the_routing_labels_linearly_and_not(fit_catalog, cfg, tmp_path):
     """The noiseless error model's quality statistics reveal the routing labels, and nonlinearly more so."""
     ds = open_catalog(fit_catalog, config=cfg.catalog)
     reps = audit_catalog(ds, cfg, progress=False)["representations"]
@@ -107,3 +107,11 @@ def test_small_representations_are_regressed_on_the_routing_labels_linearly_and_
     noisy = reps["S4"]["by_label"]["teff"]  # one number (the norm) cannot say much about the temperature
     assert noisy["hgb_r2"] < s3b["teff"]["hgb_r2"]
     assert s3b["logg"]["ridge_r2"] == pytest.approx(reps["S3b"]["logg_r2"])  # the same fit, one source
+    doc = write_audit({"representations": reps, "checks": {"shuffle": {"logg_r2": 0.0}, "mask_only": {"logg_r2": 0.0},
+                                                           "group_cv_by_magnitude": {"mean_logg_r2": 0.0,
+                                                                                     "mean_snr_r2": 1.0}},
+                       "pixel_importance": np.ones(ds.sizes["wavelength"]), "n_train": 1, "n_test": 1},
+                      tmp_path / "a", ds, cfg)
+    s3b_doc = doc["representations"]["S3b"]
+    assert s3b_doc["pass_nonlinear"] == (s3b["logg"]["hgb_r2"] < 0.05 and s3b["snr"]["hgb_r2"] >= 0.5)
+    assert "pass with gradient boosting" in (tmp_path / "a" / "audit.md").read_text()

@@ -35,14 +35,19 @@ def test_global_expert_is_sklearn_ridge_on_the_expert_rows():
     assert est.score(x, y) > 0.5
 
 
-def test_fit_on_simulated_spectra_beats_nothing_and_reports_uncertainty(fit_catalog):
-    ds = open_catalog(fit_catalog).load()
+def _fit_on_train_rows(catalog, gate: str):
+    """The estimator fitted on the train + val rows of a catalog; returns (estimator, dataset, test mask)."""
+    ds = open_catalog(catalog).load()
     train = ds["split"].values != 2
     kw = {k: ds[k].values[train] for k in ("snr", "teff", "mh")}
-    est = SNRMoERegressor(gate="deploy_phys", min_cell_rows=10).fit(
+    est = SNRMoERegressor(gate=gate, min_cell_rows=10).fit(
         ds["flux"].values[train], ds["logg"].values[train], error=ds["error"].values[train],
         wavelength=ds["wavelength"].values, **kw)
-    test = ~train
+    return est, ds, ~train
+
+
+def test_fit_on_simulated_spectra_beats_nothing_and_reports_uncertainty(fit_catalog):
+    est, ds, test = _fit_on_train_rows(fit_catalog, "deploy_phys")
     score = est.score(ds["flux"].values[test], ds["logg"].values[test])
     assert score > 0.0  # better than predicting the mean: 96-pixel spectra at S/N ~ 3 carry some logg
     out = est.predict_dist(ds["flux"].values[test], error=ds["error"].values[test])
@@ -65,13 +70,7 @@ def test_from_model_store_predicts_like_the_out_of_core_path(fit_catalog, fitted
 
 
 def test_estimator_sigma_is_calibrated_on_held_out_spectra(fit_catalog):
-    ds = open_catalog(fit_catalog).load()
-    train = ds["split"].values != 2
-    kw = {k: ds[k].values[train] for k in ("snr", "teff", "mh")}
-    est = SNRMoERegressor(gate="deploy_snr_logreg", min_cell_rows=10).fit(
-        ds["flux"].values[train], ds["logg"].values[train], error=ds["error"].values[train],
-        wavelength=ds["wavelength"].values, **kw)
-    test = ~train
+    est, ds, test = _fit_on_train_rows(fit_catalog, "deploy_snr_logreg")
     out = est.predict_dist(ds["flux"].values[test], error=ds["error"].values[test])
     z = np.abs(ds["logg"].values[test] - out["logg_pred"]) / out["logg_sigma"]
     # a few hundred test spectra: +-1 sigma and +-2 sigma near 68 % and 95 % within sampling error

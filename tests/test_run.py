@@ -112,7 +112,7 @@ def test_resume_skips_finished_stages_and_reruns_what_a_change_touches(tmp_path)
     again = run_pipeline(cfg, resume=True)
     assert all("skipped" in v for v in again["stages"].values())
     # the ceiling only touches evaluate (and the report after it)
-    changed = cfg.model_copy(update={"ceiling": cfg.ceiling.model_copy(update={"block_rows": 100})})
+    changed = cfg.model_copy(update={"ceiling": cfg.ceiling.model_copy(update={"samples": 100})})
     third = run_pipeline(changed, resume=True)
     rerun = {s for s, v in third["stages"].items() if "skipped" not in v}
     assert rerun == {"evaluate", "report"}
