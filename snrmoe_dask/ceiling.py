@@ -374,7 +374,8 @@ def ceiling_summary(post: np.ndarray, sampled_bins: np.ndarray, logg: np.ndarray
         var = float(np.var(logg))
         overall = {"r2_max": 1.0 - mse / var, "r2_max_se": float(np.sqrt(mse_var)) / var, "mse_bayes": mse,
                    "var_logg": var, "n": int(logg.size), "n_sampled": int(np.isfinite(post[:, col]).sum()),
-                   "median_ess": float(np.nanmedian(post[:, col + 1])) if post.size else None}
+                   "median_ess": (float(np.median(post[np.isfinite(post[:, col]), col + 1]))
+                                  if np.isfinite(post[:, col]).any() else None)}
         out[key] = {"overall": overall, "per_snr_bin": per_bin}
     return out
 
