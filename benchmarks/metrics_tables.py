@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from snrmoe_dask.evaluate import r2_table
-from snrmoe_dask.report import _gate_table, ceiling_table, coverage_table
+from snrmoe_dask.report import ceiling_table, coverage_table, gate_table
 
 
 def tables(metrics: dict) -> str:
@@ -29,7 +29,7 @@ def tables(metrics: dict) -> str:
     if "ceiling" in metrics:
         out += ["### Bayes ceilings and efficiency", "", ceiling_table(metrics), ""]
     if any("gate_confusion" in m for m in metrics["models"].values()):
-        out += ["### Gates: deployed vs soft mixture", "", _gate_table(metrics), "",
+        out += ["### Gates: deployed vs soft mixture", "", gate_table(metrics), "",
                 "### Coverage of σ (±1σ / ±2σ; 0.683 / 0.954 expected)", "", coverage_table(metrics), ""]
     return "\n".join(out)
 

@@ -32,10 +32,13 @@ from dask.base import tokenize
 from .ridge import eigen, ridge_alphas, ridge_coef, solve_ridge
 from .stats import SufficientStats
 
-__all__ = ["FAMILIES", "ExpertSpec", "expert_specs", "leave_cells_out_prior", "solve_expert", "fit_experts",
+__all__ = ["FAMILIES", "ORACLE_FAMILIES", "ExpertSpec", "expert_specs", "leave_cells_out_prior", "solve_expert",
+           "fit_experts",
            "experts_dataset"]
 
 FAMILIES = ("global", "oracle_snr", "oracle_phys", "oracle_joint", "hierarchical")
+#: the families routed by the true bins (compared with the ceiling that is given the bins too)
+ORACLE_FAMILIES = FAMILIES[1:]
 
 
 @dataclass(frozen=True)

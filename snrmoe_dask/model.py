@@ -51,7 +51,7 @@ from .checkpoint import Checkpoint, plan_token
 from .cluster import compute
 from .config import Config
 from .evaluate import expert_predictions, r2_score, regression_metrics, route_oracle
-from .experts import FAMILIES, ExpertSpec, expert_specs, experts_dataset, fit_experts
+from .experts import FAMILIES, ORACLE_FAMILIES, ExpertSpec, expert_specs, experts_dataset, fit_experts
 from .features import FEATURE_NAMES, QUALITY_FEATURES, feature_table
 from .gates import GATE_SPECS, ORACLE_OF, Gate, entropy, mixture
 from .mixture import apply_model_gate, calibrate_sigma, fit_gates, gate_inputs, gate_tau, physical_names
@@ -515,8 +515,12 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     sub = ds.isel(spectrum=rows)
     feats_d = feature_table(sub, cfg.catalog.min_good_fraction)
     base_d = baseline_predictions(ds, model.baselines, rows) if model.baselines is not None else dask.delayed(None)
-    proj, feats, base_pred = compute(pred_d, feats_d, base_d, client=client, label=f"predict {rows.size} test rows",
-                                     progress=progress)
+    with_ceiling = cfg.ceiling.enabled and str(ds.attrs.get("simulated", "")).lower() == "true"
+    # the ceiling's spectra are drawn from the labels, so their flux comes from this same read of the test rows
+    ceiling_rows = ceiling_spectra(sub, model.edges, cfg) if with_ceiling else np.empty(0, np.int64)
+    flux_d = sub["flux"].data[ceiling_rows] if ceiling_rows.size else dask.delayed(None)
+    proj, feats, base_pred, ceiling_flux = compute(pred_d, feats_d, base_d, flux_d, client=client,
+                                                   label=f"predict {rows.size} test rows", progress=progress)
     usable = feats["usable"].values
     y = np.asarray(sub[target].values, np.float64)
     snr_values = np.asarray(sub["snr"].values if "snr" in sub else feats["snr_est"].values, np.float64)
@@ -558,10 +562,11 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     metrics["delta_r2_vs_global"] = {f: (m["r2"] - g if m["r2"] is not None and g is not None else None)
                                      for f, m in metrics["models"].items()}
     add_standard_errors(metrics, y, yhats, softs, s_b, model.snr_names, cfg.evaluate)
-    if cfg.ceiling.enabled and str(ds.attrs.get("simulated", "")).lower() == "true":
+    if with_ceiling:
         t0 = time.perf_counter()
-        ceiling = ceiling_stage(sub.isel(spectrum=np.flatnonzero(usable)), model.edges, cfg, client=client,
-                                progress=progress)
+        keep = usable[ceiling_rows]
+        ceiling = ceiling_stage(sub, model.edges, cfg, client=client, progress=progress, usable=usable,
+                                rows=ceiling_rows[keep], flux=np.asarray(ceiling_flux)[keep])
         metrics["ceiling_seconds"] = time.perf_counter() - t0
         metrics["ceiling"] = ceiling["summary"]
         for name, m in metrics["models"].items():
@@ -582,35 +587,46 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     return metrics
 
 
-#: families routed by the true bins: compared with the ceiling that is given them too
-ORACLE_FAMILIES = ("oracle_snr", "oracle_phys", "oracle_joint", "hierarchical")
+def ceiling_spectra(ds: xr.Dataset, edges: dict, cfg: Config) -> np.ndarray:
+    """Positions in ``ds`` of the spectra the Bayes ceiling samples: up to ``spectra_per_snr_bin`` per true S/N bin."""
+    from .ceiling import choose_spectra
+
+    snr_b = snr_bin(np.asarray(ds["snr"].values, np.float64), edges["snr_edges"])
+    return choose_spectra(snr_b, len(cfg.catalog.snr_bin_names), cfg.ceiling.spectra_per_snr_bin, cfg.ceiling.seed)
 
 
-def ceiling_stage(ds: xr.Dataset, edges: dict, cfg: Config, *, client=None, progress: bool = True) -> dict:
+def ceiling_stage(ds: xr.Dataset, edges: dict, cfg: Config, *, client=None, progress: bool = True,
+                  usable: np.ndarray | None = None, rows: np.ndarray | None = None,
+                  flux: np.ndarray | None = None) -> dict:
     """Both Bayes ceilings of logg for the rows of ``ds`` (a simulated catalog's test rows).
 
-    ``spectra_per_snr_bin`` rows are drawn per true S/N bin; the posterior of
-    each is importance-sampled (:func:`~snrmoe_dask.ceiling.posterior_block`),
-    reading only those rows' flux.
+    The spectra of :func:`ceiling_spectra` (or ``rows``, with their already
+    read ``flux``) have their posteriors importance-sampled
+    (:func:`~snrmoe_dask.ceiling.posterior_block`). Without ``flux`` the
+    drawn rows' flux is read here, each chunk that holds one once. ``usable``
+    restricts the rows whose logg variance R²_max is measured against.
 
     Returns ``{"summary": ceiling_summary(...), "post": (m, 4) array, "spectrum": ids of the m drawn rows}``.
     """
-    from .ceiling import bayes_ceiling_tasks, ceiling_summary, choose_spectra
+    from .ceiling import bayes_ceiling_tasks, ceiling_summary
 
     snr_names = list(cfg.catalog.snr_bin_names)
     n_snr = len(snr_names)
     snr_b = snr_bin(np.asarray(ds["snr"].values, np.float64), edges["snr_edges"])
     p_b = phys_bin(ds["teff"].values, ds["mh"].values, edges["teff_edges"], edges["mh_edges"]).astype(np.int64)
-    rows = choose_spectra(snr_b, n_snr, cfg.ceiling.spectra_per_snr_bin, cfg.ceiling.seed)
+    if rows is None:
+        rows = ceiling_spectra(ds, edges, cfg)
+    if flux is None:
+        (flux,) = compute(ds["flux"].data[rows], client=client, label=f"Bayes ceiling: flux of {rows.size} spectra",
+                          progress=False)
     cell0 = p_b[rows] * n_snr + snr_b[rows]
-    # the drawn rows' flux in one read (each chunk that holds one is read once), then one task per few spectra
-    (flux,) = compute(ds["flux"].data[rows], client=client, label=f"Bayes ceiling: flux of {rows.size} spectra",
-                      progress=False)
     parts = bayes_ceiling_tasks(ds, rows, np.asarray(flux, np.float64), cell0, edges, n_snr, cfg.ceiling)
     (parts,) = compute(parts, client=client, label=f"Bayes ceiling: posteriors of {rows.size} spectra",
                        progress=progress)
     post = np.concatenate(parts) if parts else np.empty((0, 4))
-    summary = ceiling_summary(post, snr_b[rows], np.asarray(ds["logg"].values, np.float64), snr_b, snr_names)
+    keep = np.ones(snr_b.shape, bool) if usable is None else np.asarray(usable, bool)
+    summary = ceiling_summary(post, snr_b[rows], np.asarray(ds["logg"].values, np.float64)[keep], snr_b[keep],
+                              snr_names)
     summary["method"] = (f"Bayes minimum MSE of logg under the simulator's uniform prior box, by importance sampling "
                          f"({cfg.ceiling.samples} samples per spectrum) of {rows.size} test spectra, up to "
                          f"{cfg.ceiling.spectra_per_snr_bin} per S/N bin")

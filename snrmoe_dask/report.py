@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_report", "seed_summary", "write_seeds_report", "coverage_table", "ceiling_table", "FIGURES"]
+from .experts import ORACLE_FAMILIES
+
+__all__ = ["write_report", "seed_summary", "write_seeds_report", "coverage_table", "ceiling_table", "gate_table",
+           "FIGURES"]
 
 #: file name -> caption, in report order
 FIGURES = {
@@ -25,7 +28,6 @@ FIGURES = {
     "ceiling_efficiency.png": "Bayes ceilings R²_max (flux only; flux + oracle bins) and efficiency per S/N bin",
     "audit.png": "Leakage audit: Ridge R² of logg and of S/N from each error representation",
 }
-_ORACLES = ("oracle_snr", "oracle_phys", "oracle_joint", "hierarchical")
 
 
 def _plt():
@@ -55,7 +57,7 @@ def _kind(name: str, m: dict) -> str:
 
 
 def _best_oracle(models: dict) -> str:
-    return max((f for f in _ORACLES if f in models), key=lambda f: _r2(models[f]["r2"]))
+    return max((f for f in ORACLE_FAMILIES if f in models), key=lambda f: _r2(models[f]["r2"]))
 
 
 def _deployed(metrics: dict) -> str | None:
@@ -306,7 +308,8 @@ def _pm(v, e, nd: int = 3) -> str:
     return _fmt(v, nd) if e is None or v is None else f"{v:.{nd}f} ± {e:.{nd}f}"
 
 
-def _gate_table(metrics: dict) -> str:
+def gate_table(metrics: dict) -> str:
+    """Every gate: ρ, deployed vs soft R², fallback τ and fraction, accuracy, coverage."""
     lines = ["| gate | oracle | ρ | deployed R² | soft R² | fallback τ | fallback fraction | accuracy | "
              "±1σ coverage | ±2σ coverage |", "|---" * 10 + "|"]
     for name, m in metrics["models"].items():
@@ -408,7 +411,7 @@ def write_report(run_dir: str | Path) -> list[str]:
         md += ["## Gates", "", f"Default gate (chosen on held-out val rows): `{metrics.get('default_gate')}`. "
                "Each gate is deployed as it was trained: the MSE-trained gates as their soft mixture, the classifier "
                "gates with a fallback to global only where it lowered the error on the selection rows (fallback τ).",
-               "", _gate_table(metrics), "", "### Coverage of the calibrated σ (±1σ / ±2σ; expected 0.683 / 0.954)",
+               "", gate_table(metrics), "", "### Coverage of the calibrated σ (±1σ / ±2σ; expected 0.683 / 0.954)",
                "", coverage_table(metrics), "", f"![{FIGURES['gate_confusion.png']}](figures/gate_confusion.png)", "",
                f"![{FIGURES['gate_entropy.png']}](figures/gate_entropy.png)", ""]
     if "ceiling" in metrics:
