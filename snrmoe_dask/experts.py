@@ -33,8 +33,7 @@ from .ridge import eigen, ridge_alphas, ridge_coef, solve_ridge
 from .stats import SufficientStats
 
 __all__ = ["FAMILIES", "ORACLE_FAMILIES", "ExpertSpec", "expert_specs", "leave_cells_out_prior", "solve_expert",
-           "fit_experts",
-           "experts_dataset"]
+           "fit_experts", "experts_dataset"]
 
 FAMILIES = ("global", "oracle_snr", "oracle_phys", "oracle_joint", "hierarchical")
 #: the families routed by the true bins (compared with the ceiling that is given the bins too)

@@ -55,7 +55,7 @@ def shift_from_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | Non
     overall = x.mean(axis=0, dtype=np.float64)
     cells = np.tile(overall, (n_cells, 1))
     if cell is not None and usable.any():
-        c = np.asarray(cell)[usable] if usable.any() else np.asarray(cell)
+        c = np.asarray(cell)[usable]  # aligned with x, the usable rows
         for k in np.unique(c[c >= 0]):
             cells[k] = x[c == k].mean(axis=0, dtype=np.float64)
     return {"all": overall, "cells": cells}
