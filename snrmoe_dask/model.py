@@ -514,13 +514,18 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     pred_d = expert_predictions(ds, coef, icpt, rows)
     sub = ds.isel(spectrum=rows)
     feats_d = feature_table(sub, cfg.catalog.min_good_fraction)
-    base_d = baseline_predictions(ds, model.baselines, rows) if model.baselines is not None else dask.delayed(None)
+    lazy = {"proj": pred_d, "feats": feats_d}
+    if model.baselines is not None:
+        lazy["base"] = baseline_predictions(ds, model.baselines, rows)
     with_ceiling = cfg.ceiling.enabled and str(ds.attrs.get("simulated", "")).lower() == "true"
     # the ceiling's spectra are drawn from the labels, so their flux comes from this same read of the test rows
     ceiling_rows = ceiling_spectra(sub, model.edges, cfg) if with_ceiling else np.empty(0, np.int64)
-    flux_d = sub["flux"].data[ceiling_rows] if ceiling_rows.size else dask.delayed(None)
-    proj, feats, base_pred, ceiling_flux = compute(pred_d, feats_d, base_d, flux_d, client=client,
-                                                   label=f"predict {rows.size} test rows", progress=progress)
+    if ceiling_rows.size:
+        lazy["ceiling_flux"] = sub["flux"].data[ceiling_rows]
+    done = dict(zip(lazy, compute(*lazy.values(), client=client, label=f"predict {rows.size} test rows",
+                                  progress=progress)))
+    proj, feats, base_pred = done["proj"], done["feats"], done.get("base")
+    ceiling_flux = done.get("ceiling_flux", np.empty((0, ds.sizes["wavelength"])))
     usable = feats["usable"].values
     y = np.asarray(sub[target].values, np.float64)
     snr_values = np.asarray(sub["snr"].values if "snr" in sub else feats["snr_est"].values, np.float64)
