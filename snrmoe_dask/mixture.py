@@ -92,7 +92,7 @@ def apply_gate(gate: Gate, table: Mapping[str, np.ndarray], member_pred: np.ndar
     return {"yhat": yhat, "sigma": sigma, "soft": soft, "weights": w, "fallback": fallback}
 
 
-_Z1, _Z2 = 0.682689, 0.954500  # Gaussian coverage of +-1 and +-2 sigma
+GAUSS_1SIGMA, GAUSS_2SIGMA = 0.682689, 0.954500  # Gaussian coverage of +-1 and +-2 sigma
 _GAMMAS = np.linspace(0.0, 8.0, 33)
 
 
@@ -118,9 +118,9 @@ def _two_quantile_fit(r: np.ndarray, u: np.ndarray) -> dict:
     best = None
     for g in _GAMMAS:
         ug = u**g
-        s = float(np.quantile(r / ug, _Z1))
+        s = float(np.quantile(r / ug, GAUSS_1SIGMA))
         c2 = float(np.mean(r <= 2.0 * s * ug))
-        key = (round(abs(c2 - _Z2), 3), abs(g - 1.0))
+        key = (round(abs(c2 - GAUSS_2SIGMA), 3), abs(g - 1.0))
         if best is None or key < best[0]:
             best = (key, {"scale": s, "gamma": float(g), "coverage_2sigma": c2})
     return best[1]

@@ -54,7 +54,7 @@ from .evaluate import expert_predictions, r2_score, regression_metrics, route_or
 from .experts import FAMILIES, ORACLE_FAMILIES, ExpertSpec, expert_specs, experts_dataset, fit_experts
 from .features import FEATURE_NAMES, QUALITY_FEATURES, feature_table
 from .gates import GATE_SPECS, ORACLE_OF, Gate, entropy, mixture
-from .mixture import apply_model_gate, calibrate_sigma, fit_gates, gate_inputs, gate_tau, physical_names
+from .mixture import GAUSS_1SIGMA, GAUSS_2SIGMA, apply_model_gate, calibrate_sigma, fit_gates, gate_inputs, gate_tau, physical_names
 from .pca import pca_from_stats
 from .reduce import auto_chains, features_dataset, fold_blas_threads, one_pass
 from .split import TRAIN, VAL, id_hash
@@ -675,12 +675,20 @@ def add_standard_errors(metrics: dict, y: np.ndarray, yhats: dict, softs: dict, 
 
 
 def coverage(y: np.ndarray, yhat: np.ndarray, sigma: np.ndarray, s_b: np.ndarray, snr_names) -> dict:
-    """Share of rows within ±1σ and ±2σ, overall and per (true) S/N bin."""
+    """Share of rows within ±1σ and ±2σ, overall and per (true) S/N bin.
+
+    ``se_if_calibrated`` is the binomial standard error a perfectly calibrated
+    σ would show on that many test rows, ``sqrt(p (1 - p) / n)`` at the
+    Gaussian ``p``: the yardstick for whether a miss is more than sampling.
+    """
     z = np.abs(y - yhat) / sigma
 
     def frac(sel):
-        return {"1sigma": float(np.mean(z[sel] <= 1.0)) if sel.any() else None,
-                "2sigma": float(np.mean(z[sel] <= 2.0)) if sel.any() else None, "n": int(sel.sum())}
+        n = int(sel.sum())
+        return {"1sigma": float(np.mean(z[sel] <= 1.0)) if n else None,
+                "2sigma": float(np.mean(z[sel] <= 2.0)) if n else None, "n": n,
+                "se_if_calibrated": {k: (float(np.sqrt(p * (1 - p) / n)) if n else None)
+                                     for k, p in (("1sigma", GAUSS_1SIGMA), ("2sigma", GAUSS_2SIGMA))}}
 
     out = frac(np.ones(z.shape, bool))
     out["per_snr_bin"] = {b: frac(s_b == i) for i, b in enumerate(snr_names)}

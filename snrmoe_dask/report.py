@@ -325,13 +325,21 @@ def gate_table(metrics: dict) -> str:
 
 
 def coverage_table(metrics: dict) -> str:
-    """±1σ / ±2σ coverage of every gate per S/N bin (68.3 % / 95.4 % expected)."""
+    """±1σ / ±2σ coverage of every gate per S/N bin (68.3 % / 95.4 % expected), with the standard error a
+    calibrated σ would show on that many rows."""
     gates = [n for n, m in metrics["models"].items() if "coverage" in m]
     if not gates:
         return ""
-    bins = list(metrics["models"][gates[0]]["coverage"]["per_snr_bin"])
-    lines = ["| gate | all | " + " | ".join(f"{b} (n={metrics['models'][gates[0]]['coverage']['per_snr_bin'][b]['n']})"
-                                          for b in bins) + " |", "|---" * (len(bins) + 2) + "|"]
+    first = metrics["models"][gates[0]]["coverage"]
+    bins = list(first["per_snr_bin"])
+
+    def head(c: dict, name: str) -> str:
+        se = c.get("se_if_calibrated") or {}
+        tail = f"; se {_fmt(se.get('1sigma'))} / {_fmt(se.get('2sigma'))}" if se.get("1sigma") is not None else ""
+        return f"{name} (n={c['n']}{tail})"
+
+    lines = ["| gate | " + " | ".join([head(first, "all")] + [head(first["per_snr_bin"][b], b) for b in bins]) + " |",
+             "|---" * (len(bins) + 2) + "|"]
     for n in gates:
         c = metrics["models"][n]["coverage"]
         cell = [f"{_fmt(c['1sigma'])} / {_fmt(c['2sigma'])}"]

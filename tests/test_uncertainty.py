@@ -105,3 +105,23 @@ def test_fallback_is_kept_only_for_classifier_gates_and_only_where_it_helps():
     assert choose_fallback_tau(_gate("deploy_snr_logreg"), 0.6, y, soft_good, glob + 1.0) == 0.0
     for name in ("deploy_snr_regress", "deploy_dual_concat", "deploy_dual_logitadd", "deploy_dual_temp"):
         assert choose_fallback_tau(_gate(name), 0.6, y, soft_bad, glob) == 0.0  # deployed as trained: soft
+
+
+def test_coverage_standard_error_matches_the_spread_of_a_calibrated_sigma_over_test_draws():
+    """The yardstick in ``metrics.json``: over many test draws with an exactly calibrated Gaussian σ, the spread
+    of the measured coverage equals ``se_if_calibrated``, and the coverage itself is the plain share of rows."""
+    from snrmoe_dask.model import coverage
+
+    rng = np.random.default_rng(3)
+    n, draws = 300, 2000
+    sigma = rng.uniform(0.2, 2.0, size=n)
+    c1 = []
+    for _ in range(draws):
+        y = rng.normal(0.0, sigma)
+        c = coverage(y, np.zeros(n), sigma, np.zeros(n, int), ["A"])
+        assert c["1sigma"] == np.mean(np.abs(y) <= sigma) and c["per_snr_bin"]["A"]["n"] == n
+        c1.append(c["1sigma"])
+    se = c["se_if_calibrated"]
+    assert abs(np.std(c1) / se["1sigma"] - 1) < 0.06
+    assert abs(np.mean(c1) - 0.6827) < 3 * se["1sigma"] / np.sqrt(draws)
+    assert se["2sigma"] == pytest.approx(np.sqrt(0.9545 * 0.0455 / n), rel=1e-3)
