@@ -54,7 +54,16 @@ from .evaluate import expert_predictions, r2_score, regression_metrics, route_or
 from .experts import FAMILIES, ORACLE_FAMILIES, ExpertSpec, expert_specs, experts_dataset, fit_experts
 from .features import FEATURE_NAMES, QUALITY_FEATURES, feature_table
 from .gates import GATE_SPECS, ORACLE_OF, Gate, entropy, mixture
-from .mixture import GAUSS_1SIGMA, GAUSS_2SIGMA, apply_model_gate, calibrate_sigma, fit_gates, gate_inputs, gate_tau, physical_names
+from .mixture import (
+    GAUSS_1SIGMA,
+    GAUSS_2SIGMA,
+    apply_model_gate,
+    calibrate_sigma,
+    fit_gates,
+    gate_inputs,
+    gate_tau,
+    physical_names,
+)
 from .pca import pca_from_stats
 from .reduce import auto_chains, features_dataset, fold_blas_threads, one_pass
 from .split import TRAIN, VAL, id_hash
