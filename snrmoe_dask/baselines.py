@@ -31,7 +31,7 @@ import xarray as xr
 
 from .catalog import good_pixel_mask
 from .features import FEATURE_NAMES, LINE_NAMES
-from .ridge import eigen, ridge_alphas, solve_ridge
+from .ridge import ridge_alphas, solve_ridge, spectrum
 from .stats import CellAccumulator, CenteredStats, SufficientStats, impute_bad_pixels
 
 __all__ = ["BASELINES", "TERM_NAMES", "whiten", "conditional_terms", "CrossStats", "BaselineStats",
@@ -196,7 +196,7 @@ def _conditional_centered(stats: SufficientStats, cross: CrossStats) -> tuple[Ce
 
 def _fit(cs: CenteredStats, relative_alphas, max_df_fraction, search_precision, alpha_scale_gram=None) -> dict:
     alphas = ridge_alphas(cs if alpha_scale_gram is None else alpha_scale_gram, relative_alphas)
-    sol = solve_ridge(cs, alphas, max_df_fraction=max_df_fraction, eig=eigen(cs, search_precision))
+    sol = solve_ridge(cs, alphas, max_df_fraction=max_df_fraction, spec=spectrum(cs, search_precision))
     return {"coef": sol.coef, "intercept": sol.intercept, "alpha": sol.alpha, "gcv": sol.gcv, "df": sol.df,
             "n": sol.n, "at_grid_edge": sol.at_grid_edge}
 

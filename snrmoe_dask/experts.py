@@ -29,7 +29,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from .ridge import eigen, ridge_alphas, ridge_coef, solve_ridge
+from .ridge import ridge_alphas, ridge_coef, solve_ridge, spectrum
 from .stats import SufficientStats
 
 __all__ = ["FAMILIES", "ORACLE_FAMILIES", "ExpertSpec", "expert_specs", "leave_cells_out_prior", "solve_expert",
@@ -96,7 +96,7 @@ def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequ
     """Fit one expert from the statistics (a small dict of arrays and numbers).
 
     With ``twin`` (an expert over the same cells that shrinks toward
-    ``parent``), both are fitted from one eigendecomposition and the result
+    ``parent``), both are scored from one tridiagonal reduction and the result
     is ``{spec.name: fit, twin.name: fit}``; the twin shrinks toward the
     parent refitted without these cells (:func:`leave_cells_out_prior`) when
     ``parent_cells`` is given.
@@ -110,14 +110,14 @@ def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequ
         return fits if twin is not None else fits[spec.name]
     cs = stats.cells(spec.cells)
     alphas = ridge_alphas(cs, relative_alphas)
-    eig = eigen(cs, search_precision)
+    sp = spectrum(cs, search_precision)
     out = {}
     for s in [spec] + ([twin] if twin is not None else []):
         prior = None
         if s.shrink and parent is not None:
             prior = (leave_cells_out_prior(stats, parent, parent_cells, spec.cells) if parent_cells is not None
                      else np.asarray(parent["coef"]))
-        out[s.name] = _as_dict(solve_ridge(cs, alphas, prior=prior, max_df_fraction=max_df_fraction, eig=eig), n)
+        out[s.name] = _as_dict(solve_ridge(cs, alphas, prior=prior, max_df_fraction=max_df_fraction, spec=sp), n)
     return out if twin is not None else out[spec.name]
 
 
@@ -126,7 +126,7 @@ def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[fl
     """Lazy fits: ``{name: Delayed[dict]}``; each depends on ``stats`` and its parent.
 
     A hierarchical expert is fitted in the same task as the joint expert of
-    its cell (one eigendecomposition for both).
+    its cell (one tridiagonal reduction for both).
     """
     solve = dask.delayed(solve_expert, pure=True)
     tok = tokenize(getattr(stats, "key", None), list(relative_alphas), min_rows, max_df_fraction, search_precision)

@@ -116,3 +116,52 @@ def test_hierarchical_prior_is_the_parent_refitted_without_the_cell():
     a = fits["hier"]["alpha"]  # 5 x the mean eigenvalue (a relative grid of one point)
     direct = np.linalg.solve(xs.T @ xs + a * np.eye(p), xs.T @ ys + a * prior)
     np.testing.assert_allclose(fits["hier"]["coef"], direct, rtol=1e-8)
+
+
+def _eigh_gcv(cs, alphas, prior=None):
+    """The reference: GCV of every alpha from a float64 eigendecomposition with vectors (plain NumPy)."""
+    b, yy = cs.xty, cs.yy
+    if prior is not None:
+        b, yy = b - cs.gram @ prior, yy - 2 * prior @ cs.xty + prior @ cs.gram @ prior
+    d, v = np.linalg.eigh(cs.gram)
+    d = np.clip(d, 0, None)
+    z = v.T @ b
+    out = []
+    for a in alphas:
+        rss = max(yy - np.sum(z**2 * (d + 2 * a) / (d + a) ** 2), 0.0)
+        out.append(cs.n * rss / (cs.n - 1 - np.sum(d / (d + a))) ** 2)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("n_rows", [300, 1500])  # fewer and more rows than pixels
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_tridiagonal_grid_scores_choose_the_exact_gcv_alpha_on_simulated_spectra(n_rows, precision):
+    """Scoring from ``?sytrd`` (no eigenvectors) equals a float64 eigendecomposition's GCV and its choice,
+    on spectra of the simulator (correlated pixels, a wide spectrum), with and without a shrinkage prior."""
+    from snrmoe_dask.config import FitConfig, SimulateConfig
+    from snrmoe_dask.ridge import spectrum
+    from snrmoe_dask.simulate import simulate_block
+
+    cfg = SimulateConfig(n=n_rows, n_pixels=512, seed=3)
+    blk = simulate_block(cfg, 0, n_rows)
+    x, y = blk["flux"].astype(np.float64), blk["logg"]
+    acc = CellAccumulator(1, x[:64].mean(0), precision="float64")
+    acc.add(x, y, np.zeros(n_rows, np.int64))
+    cs = acc.finalize().cells([0])
+    grid = ridge_alphas(cs, FitConfig().alphas_relative)
+    sp = spectrum(cs, precision)
+    np.testing.assert_allclose(sp.eigenvalues, np.clip(np.linalg.eigvalsh(cs.gram), 0, None),
+                               atol=(1e-5 if precision == "float32" else 1e-11) * np.linalg.norm(cs.gram, 2))
+    eligible = np.ones(grid.size, bool)
+    if cs.n <= x.shape[1]:  # singular Gram matrix: only alphas within the df cap are candidates
+        d = np.clip(np.linalg.eigvalsh(cs.gram), 0, None)
+        eligible = np.array([np.sum(d / (d + a)) for a in grid]) <= FitConfig().max_df_fraction * cs.n
+    for prior in (None, np.full(x.shape[1], 1e-3)):
+        sol = solve_ridge(cs, grid, prior=prior, spec=sp)
+        ref = _eigh_gcv(cs, grid, prior)
+        # every candidate alpha scores as in float64 (near interpolation, outside the cap, rounding rules both)
+        np.testing.assert_allclose(sol.gcv_path[eligible], ref[eligible], rtol=1e-3 if precision == "float32" else 1e-6)
+        sol = solve_ridge(cs, grid, prior=prior, spec=sp, max_df_fraction=FitConfig().max_df_fraction)
+        assert sol.alpha == grid[int(np.argmin(np.where(eligible, ref, np.inf)))]
+        ref_w = Ridge(alpha=sol.alpha).fit(x, y - (0 if prior is None else x @ prior)).coef_
+        np.testing.assert_allclose(sol.coef, ref_w + (0 if prior is None else prior), rtol=1e-6, atol=1e-10)
