@@ -40,7 +40,7 @@ from .evaluate import r2_score
 from .features import QUALITY_FEATURES, block_features
 from .lines import LINE_INDICES
 from .pacing import PacedReads
-from .stats import SufficientStats, impute_bad_pixels
+from .stats import SufficientStats, impute_bad_pixels, pack_lower, unpack_symmetric
 
 __all__ = ["REPRESENTATIONS", "TARGETS", "SMALL_TARGETS", "AuditAccumulator", "representations_block",
            "ridge_small", "hgb_small", "r2_from_stats", "pixel_importance"]
@@ -82,10 +82,9 @@ class AuditAccumulator:
         self.xty = {r: np.zeros((n_groups, p, t)) for r in _BIG}
         self.small: dict[str, list[np.ndarray]] = {}
         self.chunks_done: list[int] = []
-        self._symmetric = False
+        self._packed: dict[str, np.ndarray] = {}
 
     def add(self, reps: dict[str, np.ndarray], targets: np.ndarray, group: np.ndarray) -> None:
-        self._symmetric = False
         for k in np.unique(group[group >= 0]):
             sel = group == k
             y = targets[sel]
@@ -98,17 +97,14 @@ class AuditAccumulator:
                 self.xty[r][k] += xc.T @ y
                 c = self.xtx[r][k].T  # F-ordered view: syrk updates it in place (upper of F = lower of C)
                 syrk_update(c, np.ascontiguousarray(xc))
+        self._packed = {}
 
     def stats(self, rep: str, target: str) -> SufficientStats:
         """Per-group statistics of one representation and target (shares the Gram arrays)."""
         t = TARGETS.index(target)
-        if not self._symmetric:  # syrk filled the lower triangles; mirror them once, after the pass
-            il = np.tril_indices(self.p, -1)
-            for r in _BIG:
-                for k in range(self.n_groups):
-                    self.xtx[r][k][il[1], il[0]] = self.xtx[r][k][il]
-            self._symmetric = True
-        xtx = self.xtx[rep]
+        if rep not in self._packed:  # syrk filled the lower triangles: pack them once, after the pass
+            self._packed[rep] = np.stack([pack_lower(m) for m in self.xtx[rep]])
+        xtx = self._packed[rep]
         return SufficientStats(self.n.copy(), self.sx[rep], self.sy[:, t].copy(), self.syy[:, t].copy(), xtx,
                                self.xty[rep][:, :, t], self.shift[rep])
 
@@ -124,7 +120,7 @@ def r2_from_stats(stats: SufficientStats, groups, coef: np.ndarray, intercept: f
         stats = stats.reshift(stats.shift[idx[0]])
     b = intercept + float(coef @ stats.shift[idx[0]])
     sx, sy, syy = stats.sx[idx].sum(0), float(stats.sy[idx].sum()), float(stats.syy[idx].sum())
-    xtx = sum(stats.xtx[k] for k in idx)
+    xtx = unpack_symmetric(stats.xtx[idx].sum(0))
     xty = stats.xty[idx].sum(0)
     rss = syy - 2 * b * sy - 2 * coef @ xty + n * b * b + 2 * b * coef @ sx + coef @ xtx @ coef
     tss = syy - sy * sy / n

@@ -58,8 +58,8 @@ GIL_FREE: bool = all(f is not None for f in _SYRK.values())
 _INT_MAX = 2**31 - 1
 
 
-def syrk_update(c: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """``c += a.T @ a`` on the upper triangle of Fortran-ordered ``c``, in place.
+def syrk_update(c: np.ndarray, a: np.ndarray, beta: float = 1.0) -> np.ndarray:
+    """``c <- beta c + a.T @ a`` on the upper triangle of Fortran-ordered ``c``, in place.
 
     Parameters
     ----------
@@ -68,6 +68,8 @@ def syrk_update(c: np.ndarray, a: np.ndarray) -> np.ndarray:
         in the *lower* triangle; the other triangle is not touched.
     a : ndarray of shape (m, p), C-contiguous, same dtype as ``c``
         The rows to add (``m`` may be 0).
+    beta : float
+        1 adds to ``c``; 0 overwrites its triangle (no need to zero it first).
 
     Returns
     -------
@@ -81,19 +83,21 @@ def syrk_update(c: np.ndarray, a: np.ndarray) -> np.ndarray:
         raise ValueError(f"a and c must share a float32 or float64 dtype, got {a.dtype} and {c.dtype}")
     m, p = a.shape
     if m == 0:
+        if beta == 0.0:
+            c[...] = 0.0
         return c
     if max(m, p) > _INT_MAX:  # pragma: no cover - 32-bit BLAS integers
         raise ValueError(f"matrix too large for 32-bit BLAS: {a.shape}")
     fn = _SYRK[c.dtype]
     if fn is None:  # SciPy builds without the Cython BLAS capsule (tested by patching it away)
-        out = _F2PY[c.dtype](1.0, a.T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
+        out = _F2PY[c.dtype](1.0, a.T, beta=float(beta), c=c, trans=0, lower=0, overwrite_c=1)
         if not np.shares_memory(out, c):
             c[...] = out
         return c
-    # a.T is the Fortran-ordered (p, m) matrix A: C <- 1 * A A^T + 1 * C, i.e. trans = "N", k = m, lda = p
+    # a.T is the Fortran-ordered (p, m) matrix A: C <- 1 * A A^T + beta * C, i.e. trans = "N", k = m, lda = p
     real = _C_TYPES["s" if c.dtype == np.float32 else "d"]
     n_, k_ = ctypes.c_int(p), ctypes.c_int(m)
-    one = real(1.0)
+    one, b_ = real(1.0), real(beta)
     fn(b"U", b"N", ctypes.byref(n_), ctypes.byref(k_), ctypes.byref(one), a.ctypes.data, ctypes.byref(n_),
-       ctypes.byref(one), c.ctypes.data, ctypes.byref(n_))
+       ctypes.byref(b_), c.ctypes.data, ctypes.byref(n_))
     return c

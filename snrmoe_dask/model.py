@@ -327,7 +327,7 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     stats_d, feats_d, bstats_d = one_pass(
         ds, y, cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows, precision=cfg.fit.precision,
         min_good_fraction=cfg.catalog.min_good_fraction, meta=meta_stats,
-        blas_threads=fold_blas_threads(threads, chains), finalize_threads=threads, baselines=baselines,
+        blas_threads=fold_blas_threads(threads, chains), baselines=baselines,
         checkpoint=checkpoint)
     specs = expert_specs(snr_names, phys_names)
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,

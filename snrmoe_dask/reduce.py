@@ -8,7 +8,7 @@ Graph plan (all lazy; nothing computes here)::
     stats = sum of the C finalised accumulators (in place)
 
 * **Bounded memory.** Each of the ``C`` chains owns one
-  :class:`~snrmoe_dask.stats.CellAccumulator` (K·P²·8 bytes + buffers) and
+  :class:`~snrmoe_dask.stats.CellAccumulator` (K·P(P+1)/2·8 bytes packed + buffers) and
   folds its chunks into it in place, so the partial sums never multiply with
   the number of chunks: peak ≈ C × accumulator + in-flight chunks,
   whatever N is.
@@ -35,7 +35,7 @@ from .catalog import good_pixel_mask
 from .checkpoint import Checkpoint
 from .features import FEATURE_NAMES, PIXEL_COUNTS, block_features
 from .pacing import PacedReads
-from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, map_cells, memory_bytes, symmetrize_lower
+from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes
 
 __all__ = ["auto_chains", "fold_blas_threads", "one_pass", "shift_from_block"]
 
@@ -97,9 +97,7 @@ def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good
     return acc
 
 
-def _finalize(threads: int, *accs: CellAccumulator) -> tuple[SufficientStats, BaselineStats | None]:
-    # nothing else runs at this point: spread the independent cells over the worker's threads,
-    # each with single-threaded BLAS
+def _finalize(*accs: CellAccumulator) -> tuple[SufficientStats, BaselineStats | None]:
     excluded = sum(acc.excluded_unusable for acc in accs)
     resumed = sum(acc.resumed_chunks for acc in accs)
     folded = sum(len(acc.chunks_done) for acc in accs) - resumed
@@ -109,11 +107,9 @@ def _finalize(threads: int, *accs: CellAccumulator) -> tuple[SufficientStats, Ba
             part = acc.baselines.finalize()
             baselines = part if baselines is None else baselines + part
             acc.baselines = None
-    with threadpool_limits(limits=1, user_api="blas"):
-        total = accs[0].finalize(symmetrize=False, workers=threads)
-        for acc in accs[1:]:
-            acc.finalize(into=total, workers=threads)  # folds straight into the first chain's totals
-        map_cells(lambda k: symmetrize_lower(total.xtx[k]), total.n_cells, threads)
+    total = accs[0].finalize()
+    for acc in accs[1:]:
+        acc.finalize(into=total)  # the other chains' packed totals add into the first chain's
     total.meta["train_rows_excluded_unusable"] = int(excluded)
     total.meta["chunks_from_checkpoint"] = int(resumed)
     total.meta["chunks_folded"] = int(folded)
@@ -129,10 +125,12 @@ def _features(flux, error, mask, wavelength, checkpoint: Checkpoint | None = Non
 
 def auto_chains(n_threads: int, n_chunks: int, n_cells: int, n_features: int, flush_rows: int, precision: str,
                 memory_budget: float) -> int:
-    """Parallel accumulators: one per thread, bounded by chunks and by memory."""
+    """Parallel accumulators: one per thread but one (that thread reads and decompresses the chunks, as
+    :func:`fold_blas_threads` assumes), bounded by chunks and by memory. A chain's ``syrk`` is GIL-free and
+    multithreaded, so one chain already keeps the other threads busy."""
     per_chain = memory_bytes(n_cells, n_features, flush_rows, precision)
     by_memory = max(1, int(memory_budget // per_chain))
-    return max(1, min(n_threads, by_memory, math.ceil(n_chunks / 4)))
+    return max(1, min(n_threads - 1, by_memory, math.ceil(n_chunks / 4)))
 
 
 def fold_blas_threads(threads: int, chains: int) -> int:
@@ -150,7 +148,7 @@ def fold_blas_threads(threads: int, chains: int) -> int:
 def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, chains: int = 1,
              flush_rows: int = 1024, precision: str = "float32", min_good_fraction: float = 0.5,
              meta: dict | None = None, blas_threads: int = 1, baselines: tuple[str, ...] = (),
-             checkpoint: Checkpoint | None = None, read_ahead: int = 4, finalize_threads: int | None = None):
+             checkpoint: Checkpoint | None = None, read_ahead: int = 4):
     """Build the lazy one-pass graph.
 
     Parameters
@@ -169,9 +167,6 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         BLAS threads inside each fold. One (the default) lets a worker's
         other threads read and compute features while a chain folds (the
         fold's ``syrk`` releases the GIL, :mod:`snrmoe_dask.blas`).
-    finalize_threads : int, optional
-        Threads that fold the partials into the totals at the end, when
-        nothing else runs (default ``blas_threads * chains``).
     baselines : tuple of str
         Baselines (:data:`~snrmoe_dask.baselines.BASELINES`) whose statistics
         the same folds accumulate.
@@ -235,8 +230,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
                            feats[-1], checkpoint, c,
                            dask_key_name=f"acc-fold-{tok}-{c}-{i}")
             reads.folded(accs[c], i)
-    both = dask.delayed(_finalize, pure=True, nout=2)(finalize_threads or blas_threads * chains, *accs,
-                                                      dask_key_name=f"stats-finalize-{tok}")
+    both = dask.delayed(_finalize, pure=True, nout=2)(*accs, dask_key_name=f"stats-finalize-{tok}")
     return both[0], feats, both[1]
 
 

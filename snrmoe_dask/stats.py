@@ -22,6 +22,13 @@ float64.
 :class:`CellAccumulator` is the streaming kernel: rows are appended to
 per-cell float32 buffers and folded in with one BLAS ``syrk`` per
 ``flush_rows`` rows, so the GEMMs stay large whatever the cell mix of a block.
+
+Each cell's Gram matrix is kept **packed**: its lower triangle, row by row,
+``P (P + 1) / 2`` float64 numbers (row ``i`` holds ``xtx[i, :i + 1]`` at
+offset ``i (i + 1) / 2``). A flush's ``syrk`` lands in one full-storage
+scratch matrix per accumulator and is added into the packed total at once,
+so no cell ever holds a full ``P x P`` matrix: the totals of 36 cells of
+4096 pixels take 36 x 8,390,656 x 8 B = 2.4 GB, in memory and on disk.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +45,56 @@ import numpy as np
 from .blas import syrk_update
 
 __all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "impute_bad_pixels", "memory_bytes",
-           "symmetrize_lower", "map_cells"]
+           "symmetrize_lower", "map_cells", "tri_size", "pack_lower", "unpack_symmetric"]
+
+
+# ---------------------------------------------------------------- packed triangles
+def tri_size(p: int) -> int:
+    """Length of a packed lower triangle of a ``p x p`` matrix."""
+    return p * (p + 1) // 2
+
+
+@lru_cache(maxsize=8)
+def _offsets(p: int) -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(np.arange(1, p + 1, dtype=np.int64))))
+
+
+def _side(packed_len: int) -> int:
+    p = int((np.sqrt(8 * packed_len + 1) - 1) // 2)
+    if tri_size(p) != packed_len:
+        raise ValueError(f"{packed_len} is not the length of a packed triangle")
+    return p
+
+
+def pack_lower(m: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``out += lower triangle of m``, row by row (``out`` float64, new zeros if None).
+
+    ``m`` is a C-ordered square matrix whose lower triangle holds the data
+    (the upper one is not read), of any float dtype.
+    """
+    p = m.shape[0]
+    off = _offsets(p)
+    out = np.zeros(tri_size(p)) if out is None else out
+    for i in range(p):
+        out[off[i]:off[i + 1]] += m[i, :i + 1]
+    return out
+
+
+def unpack_symmetric(packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The full symmetric float64 matrix of a packed lower triangle."""
+    p = _side(packed.shape[-1])
+    off = _offsets(p)
+    m = np.empty((p, p)) if out is None else out
+    for i in range(p):
+        m[i, :i + 1] = packed[off[i]:off[i + 1]]
+    return symmetrize_lower(m)
+
+
+def _packed_sym_outer_add(packed: np.ndarray, h: np.ndarray, d: np.ndarray) -> None:
+    """``packed += lower(h d^T + d h^T)`` in place."""
+    off = _offsets(h.shape[0])
+    for i in range(h.shape[0]):
+        packed[off[i]:off[i + 1]] += h[i] * d[:i + 1] + d[i] * h[:i + 1]
 
 
 @dataclass(frozen=True)
@@ -65,7 +122,8 @@ class SufficientStats:
     n : ndarray of shape (K,)
     sx, xty : ndarray of shape (K, P)
     sy, syy : ndarray of shape (K,)
-    xtx : ndarray of shape (K, P, P), symmetric
+    xtx : ndarray of shape (K, P (P + 1) / 2)
+        Each cell's Gram matrix, packed lower triangle (:func:`pack_lower`).
     shift : ndarray of shape (K, P)
         Per-cell shift (a shape (P,) shift given to the constructor is shared by every cell).
     meta : dict
@@ -88,6 +146,9 @@ class SufficientStats:
             shift = np.broadcast_to(shift, (self.n.shape[0], shift.shape[0])).copy()
         if shift.shape != self.sx.shape:
             raise ValueError(f"shift must have shape (P,) or {self.sx.shape}, got {shift.shape}")
+        if self.xtx.shape != (self.sx.shape[0], tri_size(self.sx.shape[1])):
+            raise ValueError(f"xtx must be packed, shape {(self.sx.shape[0], tri_size(self.sx.shape[1]))}; "
+                             f"got {self.xtx.shape}")
         self.shift = shift
 
     @property
@@ -103,7 +164,8 @@ class SufficientStats:
         """Empty statistics; ``shift`` of shape (P,) (shared) or (n_cells, P)."""
         p = np.shape(shift)[-1]
         return cls(np.zeros(n_cells), np.zeros((n_cells, p)), np.zeros(n_cells), np.zeros(n_cells),
-                   np.zeros((n_cells, p, p)), np.zeros((n_cells, p)), np.array(shift, np.float64), dict(meta or {}))
+                   np.zeros((n_cells, tri_size(p))), np.zeros((n_cells, p)), np.array(shift, np.float64),
+                   dict(meta or {}))
 
     # ---------------------------------------------------------- algebra
     def reshift_(self, shift: np.ndarray) -> SufficientStats:
@@ -119,9 +181,7 @@ class SufficientStats:
             if not d.any():
                 continue
             if self.n[k]:
-                h = self.sx[k] + 0.5 * self.n[k] * d
-                self.xtx[k] += np.outer(h, d)
-                self.xtx[k] += np.outer(d, h)
+                _packed_sym_outer_add(self.xtx[k], self.sx[k] + 0.5 * self.n[k] * d, d)
                 self.sx[k] += self.n[k] * d
                 self.xty[k] += self.sy[k] * d
             self.shift[k] = new[k]
@@ -172,9 +232,11 @@ class SufficientStats:
         syy = float(self.syy[index].sum())
         mu = nk @ mu_k / n
         ybar_k = self.sy[index] / nk
-        xtx = self.xtx[index[0]].copy()  # summed one cell at a time: no (len(index), P, P) temporary
+        packed = self.xtx[index[0]].copy()  # summed one cell at a time: no (len(index), P^2/2) temporary
         for k in index[1:]:
-            xtx += self.xtx[k]
+            packed += self.xtx[k]
+        xtx = unpack_symmetric(packed)
+        del packed
         # sum_k [n_k (mu_k - mu)(mu_k - mu)^T - n_k m_k m_k^T] as two products of (P, cells) factors
         a = (mu_k - mu) * np.sqrt(nk)[:, None]
         b = m * np.sqrt(nk)[:, None]
@@ -191,13 +253,14 @@ class SufficientStats:
         ds = xr.Dataset(
             {
                 "n": ("cell", self.n), "sx": (("cell", "feature"), self.sx), "sy": ("cell", self.sy),
-                "syy": ("cell", self.syy), "xtx": (("cell", "feature", "feature_t"), self.xtx),
+                "syy": ("cell", self.syy), "xtx": (("cell", "packed_lower"), self.xtx),
                 "xty": (("cell", "feature"), self.xty), "shift": (("cell", "feature"), self.shift),
             },
-            attrs={"meta": json.dumps(self.meta), "kind": "snrmoe.SufficientStats", "version": "2"},
+            attrs={"meta": json.dumps(self.meta), "kind": "snrmoe.SufficientStats", "version": "3",
+                   "xtx_layout": "lower triangle packed by rows: row i holds xtx[i, :i+1] at offset i(i+1)/2"},
         )
         # random-looking float64 sums do not compress; skipping the codec makes the write I/O-bound
-        enc = {"xtx": {"chunks": (1, self.n_features, self.n_features), "compressors": None}}
+        enc = {"xtx": {"chunks": (1, self.xtx.shape[1]), "compressors": None}}
         ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=enc)
 
     @classmethod
@@ -209,10 +272,15 @@ class SufficientStats:
         if ds.attrs.get("kind") != "snrmoe.SufficientStats":
             raise ValueError(f"{path} is not a snrmoe sufficient-statistics store")
         k, p = ds.sizes["cell"], ds.sizes["feature"]
-        if ds["xtx"].shape != (k, p, p):
-            raise ValueError(f"{path}: xtx has shape {ds['xtx'].shape}, expected {(k, p, p)}")
+        if ds["xtx"].shape == (k, p, p):  # version 2: full matrices (lower triangle used)
+            xtx = np.stack([pack_lower(np.asarray(ds["xtx"][c].values, np.float64)) for c in range(k)])
+        elif ds["xtx"].shape == (k, tri_size(p)):
+            xtx = np.asarray(ds["xtx"].values, dtype=np.float64)
+        else:
+            raise ValueError(f"{path}: xtx has shape {ds['xtx'].shape}, expected {(k, tri_size(p))} (packed)")
         arrs = {name: np.asarray(ds[name].values, dtype=np.float64)
-                for name in ("n", "sx", "sy", "syy", "xtx", "xty", "shift")}
+                for name in ("n", "sx", "sy", "syy", "xty", "shift")}
+        arrs["xtx"] = xtx
         return cls(**arrs, meta=json.loads(ds.attrs.get("meta", "{}")))
 
 
@@ -242,14 +310,14 @@ def impute_bad_pixels(flux: np.ndarray, good: np.ndarray, copy: bool = True) -> 
 
 
 def memory_bytes(n_cells: int, n_features: int, flush_rows: int, precision: str = "float32") -> int:
-    """Resident bytes of one :class:`CellAccumulator` at its peak (see README formula).
+    """Resident bytes of one :class:`CellAccumulator` at its peak (see docs/design.md).
 
-    Float64 totals (K P^2 8) + working-precision partials (K P^2 w) + row
-    buffers (K B P w).
+    Packed float64 totals (K P(P+1)/2 8) + one working-precision scratch
+    matrix (P^2 w) + row buffers (K B P w).
     """
     item = 4 if precision == "float32" else 8
-    partial = 0 if precision == "float64" else n_cells * n_features * n_features * item
-    return n_cells * n_features * n_features * 8 + partial + n_cells * flush_rows * n_features * item
+    return (n_cells * tri_size(n_features) * 8 + n_features * n_features * item
+            + n_cells * flush_rows * n_features * item)
 
 
 def symmetrize_lower(m: np.ndarray, tile: int = 512) -> np.ndarray:
@@ -273,12 +341,12 @@ def symmetrize_lower(m: np.ndarray, tile: int = 512) -> np.ndarray:
 class CellAccumulator:
     """Streaming per-cell accumulation with large, in-place BLAS calls.
 
-    Rows are appended to per-cell buffers. A full buffer is folded into the
-    cell's working-precision partial Gram matrix by one in-place ``syrk``
-    (``C <- C + A^T A``, upper triangle). Every ``fold_every`` flushes, and at
-    :meth:`finalize`, a partial is added into the float64 totals and reset.
-    All large arrays are allocated zeroed and lazily, so untouched cells cost
-    no resident memory.
+    Rows are appended to per-cell buffers. A full buffer is multiplied out by
+    one ``syrk`` (``C <- A^T A``) into the accumulator's single
+    working-precision scratch matrix, whose triangle is then added into the
+    cell's packed float64 total. Float32 products therefore sum at most
+    ``flush_rows`` rows before they reach float64. Buffers are allocated
+    lazily, so untouched cells cost no resident memory.
 
     Parameters
     ----------
@@ -288,20 +356,15 @@ class CellAccumulator:
     flush_rows : int
         Rows buffered per cell before one ``syrk``.
     precision : {"float32", "float64"}
-        Arithmetic of the products. With float64 the partial *is* the total.
-    fold_every : int
-        Flushes a float32 partial absorbs before it is added to the float64
-        total (bounds float32 accumulation error to ``fold_every * flush_rows``
-        rows).
+        Arithmetic of the products.
     """
 
     def __init__(self, n_cells: int, shift: np.ndarray, *, flush_rows: int = 1024, precision: str = "float32",
-                 fold_every: int = 64, meta: dict | None = None):
+                 meta: dict | None = None):
         if precision not in ("float32", "float64"):
             raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
         self.dtype = np.float32 if precision == "float32" else np.float64
         self.flush_rows = int(flush_rows)
-        self.fold_every = int(fold_every)
         # the shift is applied in the working precision, so record exactly that value
         shift = np.asarray(shift)
         p = shift.shape[-1]
@@ -311,34 +374,27 @@ class CellAccumulator:
         self._buf = np.empty((n_cells, self.flush_rows, p), self.dtype)
         self._ybuf = np.empty((n_cells, self.flush_rows), np.float64)
         self._fill = np.zeros(n_cells, np.int64)
-        self._partial: list[np.ndarray | None] = [None] * n_cells
-        self._n_partial = np.zeros(n_cells, np.int64)
-        self._folded = np.zeros(n_cells, bool)  # has this chain's own float64 total been written?
+        self._scratch: np.ndarray | None = None
         self.rows_seen = 0
         self.chunks_done: list[int] = []
 
     def flush_all(self) -> SufficientStats:
-        """Flush every buffer and fold every partial into the float64 totals.
+        """Flush every buffer into the float64 totals and return them (shared with the accumulator).
 
-        Returns the totals (lower triangle, not symmetrised; shared with the
-        accumulator). A fresh :meth:`resume` of them continues bit-identically,
-        because both start from empty buffers and zero partials.
+        A fresh :meth:`resume` of them continues bit-identically, because
+        both start from empty buffers.
         """
         for k in range(self.stats.n_cells):
             self._flush(k)
-            self._fold(k)
         return self.stats
 
     @classmethod
-    def resume(cls, stats: SufficientStats, *, flush_rows: int = 1024, precision: str = "float32",
-               fold_every: int = 64) -> CellAccumulator:
+    def resume(cls, stats: SufficientStats, *, flush_rows: int = 1024, precision: str = "float32") -> CellAccumulator:
         """An accumulator that continues from totals written by :meth:`flush_all`."""
-        acc = cls(stats.n_cells, stats.shift, flush_rows=flush_rows, precision=precision, fold_every=fold_every,
-                  meta=stats.meta)
+        acc = cls(stats.n_cells, stats.shift, flush_rows=flush_rows, precision=precision, meta=stats.meta)
         if not np.array_equal(acc.stats.shift, stats.shift):
             raise ValueError("checkpoint shift is not representable in the working precision")
         acc.stats = stats
-        acc._folded[:] = True
         return acc
 
     def add(self, x: np.ndarray, y: np.ndarray, cell: np.ndarray) -> None:
@@ -375,13 +431,6 @@ class CellAccumulator:
             if self._fill[k] == self.flush_rows:
                 self._flush(k)
 
-    def _partial_of(self, k: int) -> np.ndarray:
-        if self.dtype == np.float64:
-            return self.stats.xtx[k].T  # F-ordered view of the total: syrk updates it in place
-        if self._partial[k] is None:
-            self._partial[k] = np.zeros((self._p, self._p), self.dtype, order="F")
-        return self._partial[k]
-
     def _flush(self, k: int) -> None:
         m = int(self._fill[k])
         if m == 0:
@@ -389,11 +438,12 @@ class CellAccumulator:
         a = self._buf[k, :m]
         yk = self._ybuf[k, :m]
         s = self.stats
-        c = self._partial_of(k)
-        # C <- C + a^T a on C's upper triangle; a.T is Fortran-ordered, so nothing is copied.
-        # C is Fortran-ordered, so as a C-ordered array (C.T) the data sit in the *lower* triangle:
-        # that is the convention of the float64 totals (the float64 C is the total's own .T view).
-        syrk_update(c, a)  # releases the GIL: the worker's other tasks run meanwhile
+        if self._scratch is None:
+            self._scratch = np.empty((self._p, self._p), self.dtype, order="F")
+        # C <- a^T a on C's upper triangle; a.T is Fortran-ordered, so nothing is copied. C is Fortran-ordered,
+        # so as a C-ordered array (C.T) the products sit in the *lower* triangle, the packed layout's.
+        syrk_update(self._scratch, a, beta=0.0)  # releases the GIL: the worker's other tasks run meanwhile
+        pack_lower(self._scratch.T, out=s.xtx[k])
         # sum(x - c) and sum((x - c) y) in one GEMV in the working precision, added into float64
         w = np.empty((2, m), self.dtype)
         w[0] = 1.0
@@ -405,58 +455,15 @@ class CellAccumulator:
         s.sy[k] += yk.sum()
         s.syy[k] += yk @ yk
         self._fill[k] = 0
-        self._n_partial[k] += 1
-        if self._n_partial[k] >= self.fold_every:
-            self._fold(k)
 
-    def _fold(self, k: int, into: np.ndarray | None = None) -> None:
-        """Add cell k's float32 partial into a float64 total (lower triangle, C order)."""
-        target = self.stats.xtx[k] if into is None else into
-        if self.dtype == np.float64:
-            if into is not None:
-                target += self.stats.xtx[k]
-            self._n_partial[k] = 0
-            return
-        c = self._partial[k]
-        if c is not None:
-            target += c.T  # c.T is C-contiguous: a streaming add into the total's lower triangle
-            c[...] = 0.0
-        if into is not None and self._folded[k]:
-            target += self.stats.xtx[k]  # what this chain folded earlier into its own totals
-        elif into is None:
-            self._folded[k] = True
-        self._n_partial[k] = 0
-
-    def finalize(self, into: SufficientStats | None = None, symmetrize: bool = True,
-                 workers: int = 1) -> SufficientStats:
-        """Flush and fold everything; returns the statistics (or adds them to ``into``).
-
-        With ``into`` (same shift and shape), partials are folded straight into
-        ``into``'s float64 totals, so merging chains needs no second copy of
-        the (K, P, P) array. Buffers and partials are freed. Cells are
-        independent, so ``workers`` threads process them concurrently (the
-        BLAS and copy kernels release the GIL).
-        """
-        s = self.stats
-        if into is not None and not (np.array_equal(into.shift, s.shift) and into.xtx.shape == s.xtx.shape):
-            into.iadd(self.finalize(symmetrize=True, workers=workers))
-            return into
-
-        def one_cell(k: int) -> None:
-            self._flush(k)
-            self._fold(k, None if into is None else into.xtx[k])
-            self._partial[k] = None  # release the float32 partial as soon as it is folded
-            if symmetrize and into is None:
-                symmetrize_lower(s.xtx[k])
-
-        map_cells(one_cell, s.n_cells, workers)
-        self._buf = self._ybuf = None
-        if into is not None:
-            for name in ("n", "sx", "sy", "syy", "xty"):
-                getattr(into, name).__iadd__(getattr(s, name))
-            self.stats = None
-            return into
-        return s
+    def finalize(self, into: SufficientStats | None = None) -> SufficientStats:
+        """Flush everything and free the buffers; returns the statistics, or adds them to ``into``."""
+        s = self.flush_all()
+        self._buf = self._ybuf = self._scratch = None
+        if into is None:
+            return s
+        self.stats = None
+        return into.iadd(s)
 
 
 def map_cells(fn, n_cells: int, workers: int = 1) -> None:

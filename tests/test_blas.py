@@ -112,3 +112,14 @@ def test_without_the_capsule_the_f2py_fallback_gives_the_same_result(dtype, monk
         monkeypatch.setitem(blas_mod._SYRK, np.dtype(dtype), None)
         slow = syrk_update(c0.copy(order="F"), a)
     np.testing.assert_array_equal(slow, fast)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_syrk_with_beta_zero_overwrites_the_triangle(dtype):
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(50, 12)).astype(dtype)
+    c = np.asfortranarray(np.full((12, 12), np.nan, dtype))  # whatever was there is not read
+    syrk_update(c, a, beta=0.0)
+    np.testing.assert_allclose(np.triu(c), np.triu(a.T.astype(np.float64) @ a), rtol=1e-5)
+    syrk_update(c, a[:0], beta=0.0)
+    assert not c.any()

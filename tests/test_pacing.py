@@ -126,7 +126,8 @@ def test_thread_split_leaves_the_reads_a_thread_and_never_zero():
     assert fold_blas_threads(16, 1) == 15
     assert fold_blas_threads(16, 4) == 3
     assert fold_blas_threads(4, 4) == fold_blas_threads(1, 1) == 1
-    # chains are bounded by threads, chunks and memory (one 4096-pixel, 36-cell accumulator is ~7.8 GB)
-    assert auto_chains(2, 489, 36, 4096, 1024, "float32", 8e9) == 1
-    assert auto_chains(8, 489, 36, 4096, 1024, "float32", 64e9) == 8
+    # chains are bounded by threads (one reads), chunks and memory (a 4096-pixel, 36-cell accumulator is ~3.1 GB)
+    assert auto_chains(2, 489, 36, 4096, 1024, "float32", 64e9) == 1
+    assert auto_chains(16, 489, 36, 4096, 1024, "float32", 8e9) == 2
+    assert auto_chains(8, 489, 36, 4096, 1024, "float32", 64e9) == 7
     assert auto_chains(8, 8, 36, 4096, 1024, "float32", 64e9) == 2

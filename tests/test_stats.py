@@ -5,7 +5,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snrmoe_dask.stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes, symmetrize_lower
+from snrmoe_dask.stats import (
+    CellAccumulator,
+    SufficientStats,
+    impute_bad_pixels,
+    memory_bytes,
+    pack_lower,
+    symmetrize_lower,
+    tri_size,
+    unpack_symmetric,
+)
 
 
 def _direct(x, y, cell, k, shift):
@@ -37,7 +46,7 @@ def test_accumulator_matches_direct_sums_float64(flush_rows):
         assert s.n[k] == n
         np.testing.assert_allclose(s.sx[k], sx, rtol=1e-12, atol=1e-9)
         np.testing.assert_allclose([s.sy[k], s.syy[k]], [sy, syy], rtol=1e-12)
-        np.testing.assert_allclose(s.xtx[k], xtx, rtol=1e-12, atol=1e-8)
+        np.testing.assert_allclose(unpack_symmetric(s.xtx[k]), xtx, rtol=1e-12, atol=1e-8)
         np.testing.assert_allclose(s.xty[k], xty, rtol=1e-12, atol=1e-9)
     assert acc.rows_seen == (cell >= 0).sum()
 
@@ -123,29 +132,40 @@ def test_impute_bad_pixels_uses_row_median():
 
 
 def test_memory_formula():
-    assert memory_bytes(36, 4096, 1024) == 36 * 4096**2 * (8 + 4) + 36 * 1024 * 4096 * 4
-    assert memory_bytes(36, 4096, 1024, "float64") == 36 * 4096**2 * 8 + 36 * 1024 * 4096 * 8
+    packed = 36 * (4096 * 4097 // 2) * 8
+    assert memory_bytes(36, 4096, 1024) == packed + 4096**2 * 4 + 36 * 1024 * 4096 * 4
+    assert memory_bytes(36, 4096, 1024, "float64") == packed + 4096**2 * 8 + 36 * 1024 * 4096 * 8
     with pytest.raises(ValueError, match="precision"):
         CellAccumulator(1, np.zeros(2), precision="float16")
 
 
+def test_packed_triangle_round_trip_equals_numpy_tril():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(37, 37))
+    sym = np.tril(m) + np.tril(m, -1).T
+    packed = pack_lower(m)
+    assert packed.shape == (tri_size(37),) == (37 * 38 // 2,)
+    np.testing.assert_array_equal(packed, m[np.tril_indices(37)])  # row by row, as NumPy orders tril
+    np.testing.assert_array_equal(unpack_symmetric(packed), sym)
+    with pytest.raises(ValueError, match="packed triangle"):
+        unpack_symmetric(np.zeros(10 + 1))
+
+
 @pytest.mark.parametrize("precision", ["float32", "float64"])
-@pytest.mark.parametrize("fold_every", [1, 3, 1000])
-def test_partials_fold_and_chains_merge(precision, fold_every):
+def test_chains_merge_and_stats_stay_packed(precision):
     x, y, cell = _data(5, n=2000, p=20)
     shift = x[:30].mean(0).astype(np.float64)
     ref = _stats(x, y, cell, shift)
 
     def acc_of(sl):
-        a = CellAccumulator(5, shift, flush_rows=16, precision=precision, fold_every=fold_every)
+        a = CellAccumulator(5, shift, flush_rows=16, precision=precision)
         a.add(x[sl], y[sl], cell[sl])
         return a
 
     a, b = acc_of(slice(0, 1100)), acc_of(slice(1100, None))
-    total = a.finalize(symmetrize=False)
+    total = a.finalize()
     b.finalize(into=total)
-    for k in range(5):
-        symmetrize_lower(total.xtx[k])
+    assert total.xtx.shape == (5, tri_size(20))
     tol = 1e-6 if precision == "float32" else 1e-11
     for k in range(5):
         np.testing.assert_allclose(total.cells([k]).gram, ref.cells([k]).gram, rtol=tol,
@@ -158,18 +178,6 @@ def test_symmetrize_lower_tiles():
     m = rng.normal(size=(37, 37))
     ref = np.tril(m) + np.tril(m, -1).T
     np.testing.assert_array_equal(symmetrize_lower(m.copy(), tile=8), ref)
-
-
-def test_threaded_finalize_equals_serial():
-    x, y, cell = _data(6, n=3000, p=30)
-    shift = x[:30].mean(0).astype(np.float64)
-    res = []
-    for workers in (1, 3):
-        a = CellAccumulator(5, shift, flush_rows=64)
-        a.add(x, y, cell)
-        res.append(a.finalize(workers=workers))
-    np.testing.assert_array_equal(res[0].xtx, res[1].xtx)
-    np.testing.assert_array_equal(res[0].xty, res[1].xty)
 
 
 def _spectra(rng, level, n, p=256):
@@ -221,3 +229,21 @@ def test_union_of_cells_with_their_own_shifts_equals_the_direct_centred_sums():
     np.testing.assert_allclose(cs.xty, xc.T @ yc, rtol=1e-10, atol=1e-8)
     np.testing.assert_allclose(cs.xbar, x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(cs.yy, yc @ yc, rtol=1e-12)
+
+
+def test_statistics_written_by_version_2_full_matrices_load_packed(tmp_path):
+    """Stores from before the packed layout (full (K, P, P) Gram matrices) still load, and give the same cells."""
+    import json
+
+    import xarray as xr
+
+    x, y, cell = _data(8, n=400, p=9)
+    s = _stats(x, y, cell, x[:20].mean(0).astype(np.float64))
+    full = np.stack([unpack_symmetric(v) for v in s.xtx])
+    xr.Dataset({"n": ("cell", s.n), "sx": (("cell", "feature"), s.sx), "sy": ("cell", s.sy), "syy": ("cell", s.syy),
+                "xtx": (("cell", "feature", "feature_t"), full), "xty": (("cell", "feature"), s.xty),
+                "shift": (("cell", "feature"), s.shift)},
+               attrs={"meta": json.dumps({}), "kind": "snrmoe.SufficientStats", "version": "2"}).to_zarr(
+        tmp_path / "v2.zarr", zarr_format=3, consolidated=False)
+    back = SufficientStats.from_zarr(tmp_path / "v2.zarr")
+    np.testing.assert_array_equal(back.xtx, s.xtx)
