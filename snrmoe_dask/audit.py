@@ -202,8 +202,7 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int 
 
     from .bins import tertile_edges
     from .cluster import compute
-    from .config import FitConfig
-    from .ridge import ridge_alphas, solve_ridge
+    from .ridge import ridge_alphas, solve_ridge, spectrum
     from .split import TRAIN
 
     p = ds.sizes["wavelength"]
@@ -249,15 +248,18 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int 
     cat = {k: np.concatenate(v) for k, v in acc.small.items()}
     y_tr, y_te = cat["targets/train"], cat["targets/test"]
 
-    rel = FitConfig().alphas_relative
+    # the user's fit settings; every target of a representation shares its Gram matrix, so one reduction
+    rel, cap, precision = cfg.fit.alphas_relative, cfg.fit.max_df_fraction, cfg.fit.alpha_search_precision
     reps: dict[str, dict] = {}
     solutions = {}
     for r in _BIG:
         reps[r] = {}
+        sp = None
         for t, target in enumerate(TARGETS):
             st = acc.stats(r, target)
             cs = st.cells(range(n_groups))
-            sol = solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=0.5)
+            sp = spectrum(cs, precision) if sp is None else sp
+            sol = solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=cap, spec=sp)
             solutions[(r, target)] = (sol, st)
             yhat = cat[f"{r}/test"].astype(np.float64) @ sol.coef + sol.intercept
             reps[r][f"{target}_r2"] = r2_score(y_te[:, t], yhat)
@@ -288,10 +290,12 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int 
     for g in range(n_groups):
         row = {"group": g, "n": int(acc.n[g])}
         others = [k for k in range(n_groups) if k != g]
+        sp = None
         for target in ("logg", "snr"):
             st = solutions[("full", target)][1]
             cs = st.cells(others)
-            sol = solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=0.5)
+            sp = spectrum(cs, precision) if sp is None else sp
+            sol = solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=cap, spec=sp)
             row[f"{target}_r2"] = r2_from_stats(st, [g], sol.coef, sol.intercept)
         cv["per_group"].append(row)
     for target in ("logg", "snr"):

@@ -154,6 +154,8 @@ class FitConfig(_Strict):
     flush_rows: int = Field(1024, ge=1)
     chains: int | None = Field(None, ge=1)
     memory_budget: str = "8GB"
+    # val rows cached beside the model for the gates (a hash-selected subset above this; frozen-test rows always)
+    cache_max_val_rows: int | None = Field(200_000, ge=1)
     baselines: list[Literal["whitened", "conditional"]] = Field(
         default_factory=lambda: ["whitened", "conditional"])
     checkpoint_every: int | None = Field(None, ge=0)

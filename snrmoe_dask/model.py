@@ -45,6 +45,7 @@ from .baselines import (
     solve_baselines,
 )
 from .bins import cell_index, phys_bin, phys_bin_names, snr_bin
+from .cache import CACHE_DIR, cached_rows, open_row_cache, plan_row_cache
 from .catalog import CatalogError, bin_edges, open_catalog
 from .ceiling import efficiency
 from .checkpoint import Checkpoint, plan_token
@@ -85,6 +86,7 @@ class Model:
                  baselines: xr.Dataset | None = None):
         self.experts = experts
         self.meta = meta
+        self.path: Path | None = None  # the store it was loaded from (load_model)
         self.baselines = baselines
         fields = ("name", "family", "member", "parent", "shrink")
         self.specs = [ExpertSpec(cells=tuple(s["cells"]), **{k: s[k] for k in fields}) for s in meta["experts"]]
@@ -154,6 +156,12 @@ def _n_threads(client) -> int:
     if client is None:
         return os.cpu_count() or 1
     return max(1, sum(client.nthreads().values()))
+
+
+def _threads_per_worker(client) -> int:
+    if client is None:
+        return os.cpu_count() or 1
+    return max(1, min(client.nthreads().values()))
 
 
 def _save_stats(stats: SufficientStats, path: str) -> dict:
@@ -242,7 +250,9 @@ def load_model(model_dir: str | Path) -> Model:
         if not np.all(np.isfinite(experts[name].values)):
             raise ModelError(f"{model_dir}: experts.zarr '{name}' has non-finite values")
     gates = load_gates(model_dir / "gates.zarr", meta.get("gates", {}))
-    return Model(experts, meta, gates, _load_baselines(model_dir, meta))
+    model = Model(experts, meta, gates, _load_baselines(model_dir, meta))
+    model.path = model_dir
+    return model
 
 
 def _load_baselines(model_dir: Path, meta: dict) -> xr.Dataset | None:
@@ -299,12 +309,19 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     n_snr = len(snr_names)
     n_cells = len(phys_names) * n_snr
 
+    # the val and frozen-test rows are cached by whichever pass reads the chunks first (gates, evaluate)
+    if not resume:
+        shutil.rmtree(model_dir / CACHE_DIR, ignore_errors=True)
+    cache_keep = cached_rows(ds, cfg.fit.cache_max_val_rows, cfg.catalog.split_salt)
+    row_cache = plan_row_cache(ds, cache_keep, model_dir / CACHE_DIR, np.r_[0, np.cumsum(ds["flux"].chunks[0])],
+                               {"max_val_rows": cfg.fit.cache_max_val_rows,
+                                "split": cfg.catalog.model_dump(mode="json")})
     timings: dict[str, float] = {}
     feature_blocks = None
     if "snr" in ds:
         snr_route, snr_source = np.asarray(ds["snr"].values, np.float64), "snr (true S/N label)"
     else:  # real data: route training cells by the estimate -> features first (an extra pass)
-        _, fblocks, _ = one_pass(ds, np.zeros(n), np.full(n, -1), n_cells=1, chains=1)
+        _, fblocks, _ = one_pass(ds, np.zeros(n), np.full(n, -1), n_cells=1, chains=1, row_cache=row_cache)
         t0 = time.perf_counter()
         (feature_blocks,) = compute(fblocks, client=client, label="features (S/N estimate)", progress=progress)
         timings["features_pass_s"] = time.perf_counter() - t0
@@ -328,10 +345,11 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         ds, y, cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows, precision=cfg.fit.precision,
         min_good_fraction=cfg.catalog.min_good_fraction, meta=meta_stats,
         blas_threads=fold_blas_threads(threads, chains), baselines=baselines,
-        checkpoint=checkpoint)
+        checkpoint=checkpoint, row_cache=row_cache if feature_blocks is None else None)
     specs = expert_specs(snr_names, phys_names)
+    # one solve at a time with all the worker's cores in the BLAS (the statistics live on one worker)
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
-                         cfg.fit.alpha_search_precision)
+                         cfg.fit.alpha_search_precision, blas_threads=_threads_per_worker(client), one_at_a_time=True)
     saved_d = dask.delayed(_save_stats)(stats_d, str(model_dir / "stats.zarr"))
     pca_d = dask.delayed(pca_from_stats)(stats_d, cfg.gates.n_pca) if cfg.gates.n_pca else dask.delayed(None)
     base_d = dask.delayed(None)
@@ -426,13 +444,19 @@ def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.nd
     meta: dict[str, Any] = {"fallback_tau": cfg.gates.fallback_tau, "snr_cliff": cfg.gates.snr_cliff,
                             "inputs": {"quality": list(QUALITY_FEATURES), "physical": physical_names(n_pca)},
                             "fitted": {}, "default": None, "selection": {}}
-    val = np.flatnonzero((ds["split"].values == VAL) & features["usable"].values)
+    src = open_row_cache(model_dir / CACHE_DIR, ds)  # the val rows as the pass cached them: no second read
+    meta["val_rows_source"] = "row cache" if src is not None else "catalog (no complete row cache)"
+    if src is None:
+        src = ds
+    pos = src["position"].values if "position" in src else np.arange(src.sizes["spectrum"])
+    val_local = np.flatnonzero((src["split"].values == VAL) & features["usable"].values[pos])
+    val = pos[val_local]
     select = id_hash(ds["spectrum"].values[val], cfg.catalog.split_salt, stream=2) < cfg.gates.select_fraction
     if val.size < 20 or select.sum() < 2 or (~select).sum() < 10:
         warnings.warn(f"only {val.size} usable val rows: gates are not fitted (predict needs a gate)", stacklevel=3)
         return {}, meta
     coef, icpt = model.projection()
-    (proj,) = compute(expert_predictions(ds, coef, icpt, val), client=client,
+    (proj,) = compute(expert_predictions(src, coef, icpt, val_local), client=client,
                       label=f"gate table: {val.size} val rows x {coef.shape[0]} projections", progress=progress)
     n_exp = len(model.specs)
     pred, pca = proj[:, :n_exp], proj[:, n_exp:]
@@ -505,6 +529,18 @@ def predict_catalog(model: Model, catalog: str | Path, out: str | Path, cfg: Con
     return xr.open_zarr(out, consolidated=False)
 
 
+def _test_rows_source(model: Model, ds: xr.Dataset, rows: np.ndarray) -> tuple[xr.Dataset, np.ndarray, str]:
+    """Where evaluate reads the frozen-test rows: the model's row cache when it holds every one of them
+    (written from this catalog by the fit's pass), else the catalog; with the rows' positions there."""
+    cache = open_row_cache(model.path / CACHE_DIR, ds) if model.path is not None else None
+    if cache is not None:
+        pos = cache["position"].values
+        at = np.searchsorted(pos, rows)
+        if np.all(at < pos.size) and np.array_equal(pos[np.minimum(at, pos.size - 1)], rows):
+            return cache, at, "row cache"
+    return ds, rows, "catalog"
+
+
 def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=None, progress: bool = True,
                    predictions_out: str | Path | None = None) -> dict:
     """Score every family on the frozen test subset; returns the metrics dict.
@@ -519,13 +555,14 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     rows = np.flatnonzero(ds["frozen_test"].values)
     if rows.size == 0:
         raise CatalogError(f"{catalog}: the frozen test subset is empty")
+    src, rows, rows_source = _test_rows_source(model, ds, rows)
     coef, icpt = model.projection()
-    pred_d = expert_predictions(ds, coef, icpt, rows)
-    sub = ds.isel(spectrum=rows)
+    pred_d = expert_predictions(src, coef, icpt, rows)
+    sub = src.isel(spectrum=rows)
     feats_d = feature_table(sub, cfg.catalog.min_good_fraction)
     lazy = {"proj": pred_d, "feats": feats_d}
     if model.baselines is not None:
-        lazy["base"] = baseline_predictions(ds, model.baselines, rows)
+        lazy["base"] = baseline_predictions(src, model.baselines, rows)
     with_ceiling = cfg.ceiling.enabled and str(ds.attrs.get("simulated", "")).lower() == "true"
     # the ceiling's spectra are drawn from the labels, so their flux comes from this same read of the test rows
     ceiling_rows = ceiling_spectra(sub, model.edges, cfg) if with_ceiling else np.empty(0, np.int64)
@@ -551,6 +588,7 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
         "n_test_excluded_unusable": int((~usable).sum()),
         "target": target,
         "catalog": str(catalog),
+        "test_rows_source": rows_source,
         "snr_routing_source": "snr (true S/N label)" if "snr" in sub else "snr_est",
         "models": {},
     }

@@ -31,6 +31,7 @@ from dask.base import tokenize
 from threadpoolctl import threadpool_limits
 
 from .baselines import BaselineAccumulator, BaselineStats
+from .cache import CachePart, write_part
 from .catalog import good_pixel_mask
 from .checkpoint import Checkpoint
 from .features import FEATURE_NAMES, PIXEL_COUNTS, block_features
@@ -116,7 +117,10 @@ def _finalize(*accs: CellAccumulator) -> tuple[SufficientStats, BaselineStats | 
     return total, baselines
 
 
-def _features(flux, error, mask, wavelength, checkpoint: Checkpoint | None = None, index: int = 0) -> np.ndarray:
+def _features(flux, error, mask, wavelength, checkpoint: Checkpoint | None = None, index: int = 0,
+              cache_part: CachePart | None = None) -> np.ndarray:
+    if cache_part is not None:  # before the features' checkpoint: a chunk with saved features has its part
+        write_part(cache_part, flux, error, mask)
     out = block_features(flux, error, mask, wavelength)
     if checkpoint is not None:
         checkpoint.save_features(index, out)
@@ -148,7 +152,8 @@ def fold_blas_threads(threads: int, chains: int) -> int:
 def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, chains: int = 1,
              flush_rows: int = 1024, precision: str = "float32", min_good_fraction: float = 0.5,
              meta: dict | None = None, blas_threads: int = 1, baselines: tuple[str, ...] = (),
-             checkpoint: Checkpoint | None = None, read_ahead: int = 4):
+             checkpoint: Checkpoint | None = None, read_ahead: int = 4,
+             row_cache: list[CachePart | None] | None = None):
     """Build the lazy one-pass graph.
 
     Parameters
@@ -178,6 +183,10 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         Chunks per chain that may be read before the chain has folded them
         (:class:`~snrmoe_dask.pacing.PacedReads`): bounds the blocks waiting
         in memory, whatever N is.
+    row_cache : list of CachePart or None, optional
+        One entry per chunk (:func:`~snrmoe_dask.cache.plan_row_cache`): the
+        features task of each chunk writes its cached rows from the block it
+        already holds, so the cache costs no read.
 
     Returns
     -------
@@ -199,7 +208,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
     chains = max(1, min(chains, n_chunks))
     baselines = tuple(baselines)
     tok = tokenize(ds["flux"].data.name, ds["error"].data.name, y, cell, n_cells, chains, flush_rows, precision,
-                   min_good, baselines)
+                   min_good, baselines, [p.path if p is not None else None for p in row_cache or []])
     reads = PacedReads(ds, ("flux", "error", "mask"), read_ahead * chains, tok)
 
     wave = dask.delayed(np.asarray(ds["wavelength"].values, np.float64), name=f"wavelength-{tok}")
@@ -220,7 +229,8 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         if i in feats_done:
             feats.append(dask.delayed(checkpoint.load_features, pure=True)(i, dask_key_name=f"features-{tok}-{i}"))
         else:
-            feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, wave, checkpoint, i,
+            part = row_cache[i] if row_cache is not None else None
+            feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, wave, checkpoint, i, part,
                                                             dask_key_name=f"features-{tok}-{i}"))
         # the fold takes the chunk's feature rows even when no baseline needs them: then the chunk's
         # block is released as soon as it is folded (independent features tasks were scheduled late,

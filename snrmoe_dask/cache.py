@@ -1,0 +1,140 @@
+"""The val and frozen-test rows, cached beside the model by the fit's one read.
+
+The gates are fitted on the val rows and ``evaluate`` scores the frozen-test
+rows; both need every expert's prediction, so both need the rows' flux after
+the experts are solved. Those rows are spread over every chunk of the catalog:
+reading them back would be a second (and third) read of the whole cube. The
+pass therefore writes them as it reads each chunk, into ``MODEL/rows/``:
+
+    rows/part-00000.zarr ...   one catalog-shaped zarr store per catalog chunk
+                               with cached rows: flux, error, mask and every
+                               per-spectrum variable (labels, split,
+                               frozen_test), plus ``position`` (the row's index
+                               in the catalog)
+    rows/cache.json            what was cached, from which catalog (fingerprint)
+
+Each part is written to a temporary name and renamed, so a killed pass leaves
+only whole parts, and a resumed pass skips the parts it finds.
+:func:`open_row_cache` returns the union as one lazy :class:`xarray.Dataset`
+that the gate stage and ``evaluate`` use exactly as they would use the
+catalog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .split import VAL, id_hash
+
+__all__ = ["CachePart", "catalog_fingerprint", "cached_rows", "open_row_cache", "plan_row_cache", "write_part",
+           "CACHE_DIR"]
+
+CACHE_DIR = "rows"
+
+
+def catalog_fingerprint(ds: xr.Dataset) -> str:
+    """A short hash of a catalog's shape, wavelength grid and spectrum ids (what identifies its rows)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([int(ds.sizes["spectrum"]), int(ds.sizes["wavelength"])]).encode())
+    h.update(np.ascontiguousarray(ds["wavelength"].values, np.float64).tobytes())
+    h.update(np.ascontiguousarray(ds["spectrum"].values).astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_rows(ds: xr.Dataset, max_val_rows: int | None, salt: int) -> np.ndarray:
+    """Boolean mask of the rows to cache: every frozen-test row and the val rows, at most ``max_val_rows``
+    of them (a hash-selected subset when there are more)."""
+    val = ds["split"].values == VAL
+    n_val = int(val.sum())
+    if max_val_rows is not None and n_val > max_val_rows:
+        h = id_hash(ds["spectrum"].values, salt, stream=4)
+        val &= h <= np.sort(h[val])[max_val_rows - 1]
+    return val | ds["frozen_test"].values
+
+
+@dataclass(frozen=True)
+class CachePart:
+    """The cached rows of one catalog chunk: where they go and their per-spectrum variables."""
+
+    path: str
+    rows: np.ndarray
+    columns: dict
+    attrs: dict
+    wavelength: np.ndarray
+
+
+def plan_row_cache(ds: xr.Dataset, keep: np.ndarray, root: str | Path, starts: np.ndarray,
+                   meta: dict) -> list[CachePart | None]:
+    """One :class:`CachePart` per chunk (``None`` where no row is kept); writes ``cache.json``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    columns = {name: np.asarray(v.values) for name, v in ds.data_vars.items() if v.dims == ("spectrum",)}
+    ids = np.asarray(ds["spectrum"].values)
+    wave = np.asarray(ds["wavelength"].values)
+    parts: list[CachePart | None] = []
+    for i in range(len(starts) - 1):
+        lo, hi = int(starts[i]), int(starts[i + 1])
+        local = np.flatnonzero(keep[lo:hi])
+        if local.size == 0:
+            parts.append(None)
+            continue
+        cols = {name: v[lo + local] for name, v in columns.items()}
+        cols["position"] = (lo + local).astype(np.int64)
+        cols["spectrum"] = ids[lo + local]
+        parts.append(CachePart(str(root / f"part-{i:05d}.zarr"), local, cols, dict(ds.attrs), wave))
+    info = {"kind": "snrmoe.row_cache", "catalog_fingerprint": catalog_fingerprint(ds), "rows": int(keep.sum()),
+            "parts": sum(p is not None for p in parts), **meta}
+    (root / "cache.json").write_text(json.dumps(info, indent=2))
+    return parts
+
+
+def write_part(part: CachePart, flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None) -> int:
+    """Write one chunk's cached rows (atomically: a temporary store renamed); returns the rows written."""
+    final = Path(part.path)
+    if final.exists():  # a resumed pass: the part was written before the interruption
+        return int(part.rows.size)
+    data = {"flux": (("spectrum", "wavelength"), np.asarray(flux)[part.rows]),
+            "error": (("spectrum", "wavelength"), np.asarray(error)[part.rows])}
+    if mask is not None:
+        data["mask"] = (("spectrum", "wavelength"), np.asarray(mask)[part.rows])
+    for name, v in part.columns.items():
+        if name != "spectrum":
+            data[name] = ("spectrum", v)
+    out = xr.Dataset(data, coords={"spectrum": part.columns["spectrum"], "wavelength": part.wavelength},
+                     attrs=part.attrs)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+    tmp.rename(final)
+    return int(part.rows.size)
+
+
+def open_row_cache(root: str | Path, ds: xr.Dataset | None = None) -> xr.Dataset | None:
+    """The cached rows as one lazy catalog-shaped Dataset, or ``None`` if there is no complete cache.
+
+    With ``ds``, the cache is used only if it was written from that catalog
+    (same fingerprint), so a model evaluated on another catalog reads that
+    catalog instead.
+    """
+    root = Path(root)
+    info_path = root / "cache.json"
+    if not info_path.exists():
+        return None
+    info = json.loads(info_path.read_text())
+    if ds is not None and info.get("catalog_fingerprint") != catalog_fingerprint(ds):
+        return None
+    paths = sorted(root.glob("part-*.zarr"))
+    if len(paths) != info.get("parts") or not paths:
+        return None
+    parts = [xr.open_zarr(p, consolidated=False) for p in paths]
+    out = xr.concat(parts, dim="spectrum", data_vars="all", coords="minimal", compat="override",
+                    join="override", combine_attrs="override") if len(parts) > 1 else parts[0]
+    out.attrs.update({"row_cache": str(root), "catalog_fingerprint": info["catalog_fingerprint"]})
+    return out

@@ -1,0 +1,72 @@
+"""The study reads each chunk of the catalog's cube once: fit (pass + gates) and evaluate, counted at the store."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import dask
+import numpy as np
+import pytest
+from conftest import fit_cfg
+from zarr.storage import LocalStore
+
+from snrmoe_dask.cache import CACHE_DIR, open_row_cache
+from snrmoe_dask.catalog import open_catalog
+from snrmoe_dask.model import evaluate_model, fit_model, load_model
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """Every ``get`` of a chunk from any local zarr store, by full path (stores may be opened at a group or
+    straight at an array)."""
+    counts: Counter = Counter()
+    original = LocalStore.get
+
+    async def get(self, key, prototype=None, byte_range=None):
+        full = f"{self.root}/{key}"
+        if "/c/" in full:
+            counts[full] += 1
+        return await original(self, key, prototype, byte_range)
+
+    monkeypatch.setattr(LocalStore, "get", get)
+    return counts
+
+
+def test_fit_and_evaluate_read_every_cube_chunk_of_the_catalog_once(fit_catalog, tmp_path, counted_reads):
+    cfg = fit_cfg()
+    with dask.config.set(scheduler="threads"):  # in-process, so the patched store sees every read
+        fit_model(fit_catalog, tmp_path / "m", cfg, progress=False)
+    model = load_model(tmp_path / "m")
+    with dask.config.set(scheduler="threads"):
+        evaluate_model(model, fit_catalog, cfg, progress=False)
+    ds = open_catalog(fit_catalog, config=cfg.catalog)
+    n_chunks = len(ds["flux"].chunks[0])
+    cube = {k: v for k, v in counted_reads.items()
+            if k.startswith(f"{fit_catalog}/") and k[len(str(fit_catalog)) + 1:].split("/")[0] in ("flux", "error")}
+    per_var = Counter(k[len(str(fit_catalog)) + 1:].split("/")[0] for k in cube)
+    assert per_var["flux"] == per_var["error"] == n_chunks  # every chunk once (and no mask in this catalog)
+    assert max(cube.values()) == 1
+    # the gates and evaluate read the rows the pass cached, and they are the catalog's rows, bit for bit
+    cache = open_row_cache(tmp_path / "m" / CACHE_DIR, ds)
+    assert cache is not None and model.meta["gates"]["val_rows_source"] == "row cache"
+    pos = cache["position"].values
+    expect = np.flatnonzero((ds["split"].values == 1) | ds["frozen_test"].values)
+    np.testing.assert_array_equal(pos, expect)
+    np.testing.assert_array_equal(cache["flux"].values, ds["flux"].values[pos])
+    np.testing.assert_array_equal(cache["logg"].values, ds["logg"].values[pos])
+    np.testing.assert_array_equal(cache["spectrum"].values, ds["spectrum"].values[pos])
+
+
+def test_evaluate_from_the_cache_equals_evaluate_from_the_catalog(fit_catalog, fitted, tmp_path):
+    """The same metrics whether the frozen-test rows come from the cache or (cache removed) from the catalog."""
+    import shutil
+
+    _, cfg, model_dir = fitted
+    a = evaluate_model(load_model(model_dir), fit_catalog, cfg, progress=False)
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    shutil.rmtree(copy / CACHE_DIR)
+    b = evaluate_model(load_model(copy), fit_catalog, cfg, progress=False)
+    assert a["test_rows_source"] == "row cache" and b["test_rows_source"] == "catalog"
+    for name in a["models"]:
+        assert a["models"][name]["r2"] == b["models"][name]["r2"], name
