@@ -418,7 +418,9 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     save_model(model_dir, experts, meta, gates, baselines_ds)
     if checkpoint is not None:
         checkpoint.clear()  # the statistics are in stats.zarr now
-    return Model(experts, meta, gates, baselines_ds)
+    model = Model(experts, meta, gates, baselines_ds)
+    model.path = model_dir
+    return model
 
 
 def _checkpoint(model_dir: Path, cfg: Config, catalog, ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, n_cells: int,

@@ -98,6 +98,14 @@ def test_killed_reduction_resumes_to_identical_statistics(slow_catalog, tmp_path
     ma = json.loads((killed / "metrics.json").read_text())
     mb = json.loads((clean / "metrics.json").read_text())
     assert ma["models"] == mb["models"]
+    # the row cache survived the kill whole: the resumed gates and evaluate read it, and it equals a clean run's
+    from snrmoe_dask.cache import open_row_cache
+
+    for run in (killed, clean):
+        assert json.loads((run / "model" / "model.json").read_text())["gates"]["val_rows_source"] == "row cache"
+        assert json.loads((run / "metrics.json").read_text())["test_rows_source"] == "row cache"
+    xr.testing.assert_equal(open_row_cache(killed / "model" / "rows").load(),
+                            open_row_cache(clean / "model" / "rows").load())
     assert not (killed / "model" / "checkpoints").exists()  # removed once the fit completed
     stages = json.loads((killed / "run.json").read_text())["stages"]
     assert stages["fit"]["chunks_from_checkpoint"] == acc["chunks_from_checkpoint"]
