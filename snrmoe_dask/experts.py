@@ -112,13 +112,15 @@ def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequ
     cs = stats.cells(spec.cells)
     alphas = ridge_alphas(cs, relative_alphas)
     sp = spectrum(cs, search_precision)
+    factors: dict = {}  # the twin at the same alpha reuses the Cholesky factor
     out = {}
     for s in [spec] + ([twin] if twin is not None else []):
         prior = None
         if s.shrink and parent is not None:
             prior = (leave_cells_out_prior(stats, parent, parent_cells, spec.cells) if parent_cells is not None
                      else np.asarray(parent["coef"]))
-        out[s.name] = _as_dict(solve_ridge(cs, alphas, prior=prior, max_df_fraction=max_df_fraction, spec=sp), n)
+        out[s.name] = _as_dict(solve_ridge(cs, alphas, prior=prior, max_df_fraction=max_df_fraction, spec=sp,
+                                              factors=factors), n)
     return out if twin is not None else out[spec.name]
 
 

@@ -16,7 +16,9 @@ The whole grid is scored from one Householder tridiagonalisation
 ``G = Q T Q^T`` (LAPACK ``?sytrd``, :func:`spectrum`): ``T`` has the
 eigenvalues of ``G`` (``?sterf``, O(P^2)), and with ``q = Q^T b`` every
 ``b.w = q.(T + aI)^-1 q`` and ``|w| = |(T + aI)^-1 q|`` is a tridiagonal
-solve, O(P) per alpha. No eigenvectors are formed: the reduction is the
+solve, O(P) per alpha (an expert whose rows span at most a quarter of the
+pixels is scored from the exact float64 eigenpairs of its range instead,
+:func:`range_spectrum`, cheaper still). No eigenvectors are formed: the reduction is the
 O(P^3) step, about half the cost of an eigendecomposition with vectors, and
 alpha is chosen with no further pass over the data. The reduction used to
 *score* the grid may be float32 (``ssytrd`` is ~2x faster than ``dsytrd``
@@ -41,7 +43,8 @@ import scipy.linalg
 
 from .stats import CenteredStats
 
-__all__ = ["RidgeSolution", "Spectrum", "spectrum", "solve_ridge", "ridge_alphas", "ridge_coef"]
+__all__ = ["RidgeSolution", "RangeSpectrum", "Spectrum", "range_spectrum", "spectrum", "solve_ridge", "ridge_alphas",
+           "ridge_coef"]
 
 
 @dataclass(frozen=True)
@@ -136,11 +139,54 @@ class Spectrum:
         return scipy.linalg.solve_banded((1, 1), band, q, check_finite=False)
 
 
-def spectrum(cs: CenteredStats, precision: str = "float64") -> Spectrum:
-    """The tridiagonal form of the centred Gram matrix, reduced in ``precision`` (``?sytrd``, blocked)."""
+@dataclass(frozen=True)
+class RangeSpectrum:
+    """``G = V diag(d) V^T`` on the range of a Gram matrix of low rank (fewer rows than pixels).
+
+    Centred rows span at most ``n - 1`` directions, and ``b = Xc^T yc`` lies in
+    that span, so the eigenpairs of the range are all GCV needs.
+    """
+
+    eigenvalues: np.ndarray
+    vectors: np.ndarray
+
+    def rotate(self, b: np.ndarray) -> np.ndarray:
+        """``V^T b``."""
+        return self.vectors.T @ b
+
+    def solve(self, q: np.ndarray, alpha: float) -> np.ndarray:
+        """``(diag(d) + alpha I)^-1 q``."""
+        return q / (self.eigenvalues + alpha)
+
+
+_RANGE_OVERSAMPLE = 8
+
+
+def range_spectrum(cs: CenteredStats, seed: int = 0) -> RangeSpectrum:
+    """Exact eigenpairs of the range of a rank-deficient centred Gram matrix, float64.
+
+    A Gaussian sketch ``Y = G Omega`` with ``k = n - 1 + 8`` columns spans the
+    range of ``G`` (rank at most ``n - 1``); ``B = Q^T G Q`` on its orthonormal
+    basis has the same non-zero eigenvalues. Cost ``~3 P^2 k`` instead of the
+    ``~4/3 P^3`` of a reduction: 0.3 s against 2.4 s for a 4096-pixel cell of
+    200 rows here.
+    """
+    p = cs.gram.shape[0]
+    k = min(p, max(int(cs.n) - 1, 1) + _RANGE_OVERSAMPLE)
+    omega = np.random.default_rng(seed).standard_normal((p, k))
+    q, _ = np.linalg.qr(cs.gram @ omega)
+    d, u = np.linalg.eigh(q.T @ (cs.gram @ q))
+    return RangeSpectrum(eigenvalues=np.clip(d, 0.0, None), vectors=q @ u)
+
+
+def spectrum(cs: CenteredStats, precision: str = "float64") -> Spectrum | RangeSpectrum:
+    """What scores the alpha grid: :func:`range_spectrum` (float64) when the rows span at most a quarter of
+    the pixels, else the tridiagonal form reduced in ``precision`` (``?sytrd``, blocked)."""
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
     p = cs.gram.shape[0]
+    if 4 * (max(int(cs.n) - 1, 1) + _RANGE_OVERSAMPLE) <= p:
+        return range_spectrum(cs)
     lapack = scipy.linalg.lapack
     sytrd, lwork = (lapack.ssytrd, lapack.ssytrd_lwork) if precision == "float32" else (lapack.dsytrd,
                                                                                          lapack.dsytrd_lwork)
@@ -154,14 +200,23 @@ def spectrum(cs: CenteredStats, precision: str = "float64") -> Spectrum:
                     shift=shift)
 
 
-def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
-    """(G + alpha I)^-1 b in float64; least squares if G + alpha I is singular."""
+def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float, factors: dict | None = None) -> np.ndarray:
+    """(G + alpha I)^-1 b in float64; least squares if G + alpha I is singular.
+
+    ``factors`` (a dict owned by the caller, for one ``G``) keeps the Cholesky
+    factor of each alpha, so a second right-hand side at the same alpha (an
+    expert and its shrunk twin) costs two triangular solves, not a factorisation.
+    """
+    if factors is not None and alpha in factors:
+        return scipy.linalg.cho_solve(factors[alpha], b, check_finite=False)
     a = gram + alpha * np.eye(gram.shape[0])
     try:
-        c = scipy.linalg.cho_factor(a, lower=True, check_finite=False)
-        return scipy.linalg.cho_solve(c, b, check_finite=False)
+        c = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:
-        return scipy.linalg.lstsq(a, b, check_finite=False)[0]
+        return scipy.linalg.lstsq(gram + alpha * np.eye(gram.shape[0]), b, check_finite=False)[0]
+    if factors is not None:
+        factors[alpha] = c
+    return scipy.linalg.cho_solve(c, b, check_finite=False)
 
 
 def ridge_coef(cs: CenteredStats, alpha: float) -> np.ndarray:
@@ -171,7 +226,7 @@ def ridge_coef(cs: CenteredStats, alpha: float) -> np.ndarray:
 
 def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | None = None,
                 fixed_alpha: float | None = None, max_df_fraction: float = 1.0,
-                spec: Spectrum | None = None) -> RidgeSolution:
+                spec: Spectrum | RangeSpectrum | None = None, factors: dict | None = None) -> RidgeSolution:
     """Solve an intercept Ridge from centred statistics, alpha by GCV.
 
     Parameters
@@ -191,10 +246,13 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
         fraction of the rows are eligible; if none qualifies, the largest is
         used. An expert with more rows than pixels gets the exact GCV choice
         over the whole grid.
-    spec : Spectrum, optional
+    spec : Spectrum or RangeSpectrum, optional
         A precomputed :func:`spectrum` of ``cs`` (experts sharing a Gram
         matrix share the O(P^3) step); it may be a float32 reduction. The
         coefficients are always the float64 Cholesky solution.
+    factors : dict, optional
+        Cholesky factors of ``G + alpha I`` by alpha, shared by solves of the
+        same Gram matrix (filled as they are computed).
 
     Returns
     -------
@@ -233,7 +291,7 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
     else:
         best = int(np.argmax(grid))
     a = grid[best]
-    w = _exact_solve(cs.gram, b, a)
+    w = _exact_solve(cs.gram, b, a, factors)
     if prior is not None:
         w = w + prior
     intercept = cs.ybar - float(cs.xbar @ w)
