@@ -111,7 +111,9 @@ def write_part(part: CachePart, flux: np.ndarray, error: np.ndarray, mask: np.nd
                      attrs=part.attrs)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    out.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+    # one chunk per variable: a part is a chunk's worth of rows, read whole (zarr would split wide arrays)
+    enc = {name: {"chunks": out[name].shape} for name in ("flux", "error", "mask") if name in out}
+    out.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=enc)
     tmp.rename(final)
     return int(part.rows.size)
 
@@ -133,7 +135,7 @@ def open_row_cache(root: str | Path, ds: xr.Dataset | None = None) -> xr.Dataset
     paths = sorted(root.glob("part-*.zarr"))
     if len(paths) != info.get("parts") or not paths:
         return None
-    parts = [xr.open_zarr(p, consolidated=False) for p in paths]
+    parts = [xr.open_zarr(p, consolidated=False).chunk({"wavelength": -1}) for p in paths]
     out = xr.concat(parts, dim="spectrum", data_vars="all", coords="minimal", compat="override",
                     join="override", combine_attrs="override") if len(parts) > 1 else parts[0]
     out.attrs.update({"row_cache": str(root), "catalog_fingerprint": info["catalog_fingerprint"]})

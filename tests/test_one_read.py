@@ -70,3 +70,26 @@ def test_evaluate_from_the_cache_equals_evaluate_from_the_catalog(fit_catalog, f
     assert a["test_rows_source"] == "row cache" and b["test_rows_source"] == "catalog"
     for name in a["models"]:
         assert a["models"][name]["r2"] == b["models"][name]["r2"], name
+
+
+def test_a_wide_cache_part_is_one_block_per_variable(tmp_path):
+    """Parts of 4096-pixel rows: zarr's default would split the pixels, and the predictions need whole rows."""
+    import xarray as xr
+
+    from snrmoe_dask.cache import cached_rows, plan_row_cache, write_part
+
+    n, p = 300, 4096
+    rng = np.random.default_rng(0)
+    ds = xr.Dataset({"flux": (("spectrum", "wavelength"), rng.normal(size=(n, p)).astype(np.float32)),
+                     "error": (("spectrum", "wavelength"), np.ones((n, p), np.float32)),
+                     "logg": ("spectrum", rng.uniform(0, 5, n)), "split": ("spectrum", np.ones(n, np.int8)),
+                     "frozen_test": ("spectrum", np.zeros(n, bool))},
+                    coords={"spectrum": np.arange(n), "wavelength": np.linspace(7000, 9000, p)})
+    keep = cached_rows(ds, None, 0)
+    (part,) = plan_row_cache(ds, keep, tmp_path / "rows", np.array([0, n]), {})
+    write_part(part, ds["flux"].values, ds["error"].values, None)
+    cache = open_row_cache(tmp_path / "rows", ds)
+    assert cache["flux"].data.numblocks == (1, 1)
+    stored = xr.open_zarr(part.path, consolidated=False)["flux"].encoding["chunks"]
+    assert tuple(stored) == (n, p)
+    np.testing.assert_array_equal(cache["flux"].values, ds["flux"].values)
