@@ -22,7 +22,6 @@ catalog.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -31,21 +30,36 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from .checkpoint import plan_token
 from .split import VAL, id_hash
 
-__all__ = ["CachePart", "catalog_fingerprint", "cached_rows", "open_row_cache", "plan_row_cache", "write_part",
-           "CACHE_DIR"]
+__all__ = ["CachePart", "catalog_fingerprint", "cached_rows", "open_row_cache", "plan_row_cache", "remove_row_cache",
+           "write_part", "CACHE_DIR"]
 
 CACHE_DIR = "rows"
 
 
 def catalog_fingerprint(ds: xr.Dataset) -> str:
     """A short hash of a catalog's shape, wavelength grid and spectrum ids (what identifies its rows)."""
-    h = hashlib.sha256()
-    h.update(json.dumps([int(ds.sizes["spectrum"]), int(ds.sizes["wavelength"])]).encode())
-    h.update(np.ascontiguousarray(ds["wavelength"].values, np.float64).tobytes())
-    h.update(np.ascontiguousarray(ds["spectrum"].values).astype(np.int64).tobytes())
-    return h.hexdigest()[:16]
+    return plan_token(shape=[int(ds.sizes["spectrum"]), int(ds.sizes["wavelength"])],
+                      wavelength=np.asarray(ds["wavelength"].values, np.float64),
+                      ids=np.asarray(ds["spectrum"].values).astype(np.int64))[:16]
+
+
+def _cache_info(root: Path) -> dict | None:
+    """``cache.json`` of a row cache, or ``None`` if ``root`` holds none (or not one this package wrote)."""
+    try:
+        info = json.loads((root / "cache.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("kind") == "snrmoe.row_cache" else None
+
+
+def remove_row_cache(root: str | Path) -> None:
+    """Delete a row cache this package wrote (a directory without its ``cache.json`` is left alone)."""
+    root = Path(root)
+    if _cache_info(root) is not None:
+        shutil.rmtree(root)
 
 
 def cached_rows(ds: xr.Dataset, max_val_rows: int | None, salt: int) -> np.ndarray:
@@ -126,10 +140,9 @@ def open_row_cache(root: str | Path, ds: xr.Dataset | None = None) -> xr.Dataset
     catalog instead.
     """
     root = Path(root)
-    info_path = root / "cache.json"
-    if not info_path.exists():
+    info = _cache_info(root)
+    if info is None:
         return None
-    info = json.loads(info_path.read_text())
     if ds is not None and info.get("catalog_fingerprint") != catalog_fingerprint(ds):
         return None
     paths = sorted(root.glob("part-*.zarr"))

@@ -45,7 +45,7 @@ from .baselines import (
     solve_baselines,
 )
 from .bins import cell_index, phys_bin, phys_bin_names, snr_bin
-from .cache import CACHE_DIR, cached_rows, open_row_cache, plan_row_cache
+from .cache import CACHE_DIR, cached_rows, open_row_cache, plan_row_cache, remove_row_cache
 from .catalog import CatalogError, bin_edges, open_catalog
 from .ceiling import efficiency
 from .checkpoint import Checkpoint, plan_token
@@ -311,7 +311,7 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
 
     # the val and frozen-test rows are cached by whichever pass reads the chunks first (gates, evaluate)
     if not resume:
-        shutil.rmtree(model_dir / CACHE_DIR, ignore_errors=True)
+        remove_row_cache(model_dir / CACHE_DIR)
     cache_keep = cached_rows(ds, cfg.fit.cache_max_val_rows, cfg.catalog.split_salt)
     row_cache = plan_row_cache(ds, cache_keep, model_dir / CACHE_DIR, np.r_[0, np.cumsum(ds["flux"].chunks[0])],
                                {"max_val_rows": cfg.fit.cache_max_val_rows,

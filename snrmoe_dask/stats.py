@@ -45,7 +45,7 @@ import numpy as np
 from .blas import syrk_update
 
 __all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "impute_bad_pixels", "memory_bytes",
-           "symmetrize_lower", "map_cells", "tri_size", "pack_lower", "unpack_symmetric"]
+           "symmetrize_lower", "tri_size", "pack_lower", "unpack_symmetric"]
 
 
 # ---------------------------------------------------------------- packed triangles
@@ -464,16 +464,3 @@ class CellAccumulator:
             return s
         self.stats = None
         return into.iadd(s)
-
-
-def map_cells(fn, n_cells: int, workers: int = 1) -> None:
-    """Run ``fn(k)`` for every cell, on ``workers`` threads (cells touch disjoint arrays)."""
-    if workers <= 1:
-        for k in range(n_cells):
-            fn(k)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(fn, range(n_cells)):
-            pass

@@ -93,3 +93,18 @@ def test_a_wide_cache_part_is_one_block_per_variable(tmp_path):
     stored = xr.open_zarr(part.path, consolidated=False)["flux"].encoding["chunks"]
     assert tuple(stored) == (n, p)
     np.testing.assert_array_equal(cache["flux"].values, ds["flux"].values)
+
+
+def test_a_damaged_or_foreign_rows_directory_is_neither_trusted_nor_deleted(tmp_path):
+    from snrmoe_dask.cache import remove_row_cache
+
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    (rows / "notes.txt").write_text("the user's own file")
+    (rows / "cache.json").write_text("{not json")
+    assert open_row_cache(rows) is None  # unreadable: the stages read the catalog instead
+    remove_row_cache(rows)
+    assert (rows / "notes.txt").read_text() == "the user's own file"  # not ours: left alone
+    (rows / "cache.json").write_text('{"kind": "snrmoe.row_cache", "parts": 0, "catalog_fingerprint": "x"}')
+    remove_row_cache(rows)
+    assert not rows.exists()
