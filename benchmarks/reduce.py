@@ -73,7 +73,7 @@ def measure(path: Path, client, fit: FitConfig, blas_threads: int = 0) -> dict:
     out["blas_s"] = blas_floor(ds, np.flatnonzero(train))
     out["floor_s"] = out["read_s"] + out["blas_s"]
 
-    stats, feats, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=fit.flush_rows,
+    stats, feats, _, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=fit.flush_rows,
                                precision=fit.precision, blas_threads=blas_threads or fold_blas_threads(threads, chains))
     rows_counted = dask.delayed(lambda s: float(s.n.sum()))(stats)
     base = PeakRSS.current()

@@ -1,17 +1,29 @@
-"""Leakage audit of the error vector (SPEC section 5).
+"""Leakage audit of the error vector (docs/method.md, "The audit").
 
 Question: does a representation of ``error`` predict logg (a leak: the
 Poisson term of the noise carries the star's own spectrum) while keeping the
 S/N information a gate needs? For each representation, a Ridge fitted on the
-train rows is scored on the frozen test rows, for logg and for the true S/N:
+audit's train rows is scored on the frozen test rows, for logg and for the
+true S/N:
 
 * ``full``: the whole error vector (bad pixels imputed by the row median),
-  solved from sufficient statistics accumulated in one pass, like the experts;
+  solved from sufficient statistics, like the experts;
 * ``S1``:  each error vector divided by its own median (same machinery);
 * ``S2``:  template x scale: the scale is the least-squares factor of the
-  spectrum on the median error vector of (up to 2000) train rows;
+  spectrum on the template, the mean error vector of the pass's first block;
 * ``S3b``: the 10 quality statistics of the feature table;
 * ``S4``:  the norm of the error vector.
+
+**No read of its own.** The audit rides the fit's one pass
+(:func:`~snrmoe_dask.reduce.one_pass` with an :class:`AuditPlan`): each
+chain folds its audit rows into an :class:`AuditAccumulator`, per-magnitude-
+group statistics of ``full`` and ``S1`` for the three targets (logg, S/N and
+logg shuffled) plus the small representations of each row. The audit's
+train rows are at most ``audit.max_rows`` train rows, selected by a hash of
+the spectrum id (two more Gram matrices per row would otherwise double the
+pass's arithmetic). The frozen-test rows are scored afterwards from the row
+cache the same pass writes (:mod:`snrmoe_dask.cache`), so every R² comes with
+a bootstrap standard error over the test rows.
 
 Small representations use scikit-learn's ``RidgeCV`` (efficient leave-one-out
 over an alpha grid) on standardised, log-transformed inputs, and a nonlinear
@@ -19,9 +31,9 @@ learner (``HistGradientBoostingRegressor``), for logg, S/N and the routing
 labels teff, [M/H] and magnitude: a summary that predicts the routing labels
 tells a gate where a star sits without looking at its flux. Checks:
 
-* **shuffle**: logg permuted among train spectra of the same magnitude bin;
-  the ``full`` fit then must lose its logg skill (what remains is what the
-  error vector says about magnitude, not about logg);
+* **shuffle**: logg permuted among the audit's train spectra of the same
+  magnitude bin; the ``full`` fit then must lose its logg skill (what remains
+  is what the error vector says about magnitude, not about logg);
 * **mask only**: Ridge on the bad-pixel counts per reason;
 * **group CV by magnitude**: ``full`` fitted with one magnitude bin left out,
   scored on that bin, from the per-bin statistics (no refit pass).
@@ -32,81 +44,257 @@ is summed over sky-line pixels and stellar line windows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
-from .blas import syrk_update
+from .bootstrap import bootstrap_counts, r2_draws, se
 from .catalog import good_pixel_mask
 from .evaluate import r2_score
-from .features import QUALITY_FEATURES, block_features
+from .features import FEATURE_NAMES, PIXEL_COUNTS, QUALITY_FEATURES, block_features
 from .lines import LINE_INDICES
-from .pacing import PacedReads
-from .stats import SufficientStats, impute_bad_pixels, pack_lower, unpack_symmetric
+from .split import TRAIN, id_hash
+from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, unpack_symmetric
 
-__all__ = ["REPRESENTATIONS", "TARGETS", "SMALL_TARGETS", "AuditAccumulator", "representations_block",
-           "ridge_small", "hgb_small", "r2_from_stats", "pixel_importance"]
+__all__ = ["REPRESENTATIONS", "TARGETS", "SMALL_TARGETS", "AuditPlan", "AuditAccumulator", "AuditStats",
+           "audit_plan", "audit_shifts", "audit_solutions", "audit_result", "audit_catalog", "representations_block",
+           "ridge_small", "hgb_small", "r2_from_stats", "pixel_importance", "write_audit"]
 
 REPRESENTATIONS = ("full", "S1", "S2", "S3b", "S4")
 TARGETS = ("logg", "snr", "logg_shuffled")
 #: labels the small representations are also regressed on (nonlinearly too)
 SMALL_TARGETS = ("logg", "snr", "teff", "mh", "mag")
 _BIG = ("full", "S1")
+_SMALL = ("S2", "S4", "S3b", "counts")
+_COUNTS = [FEATURE_NAMES.index(k) for k in PIXEL_COUNTS[:3]]  # n_bad_flux, n_bad_error, n_masked
+#: columns of the per-row table an audit chain keeps: group, targets, labels, then the small representations
+_ROW_COLUMNS = ("group", *TARGETS, *(f"label_{k}" for k in SMALL_TARGETS), "S2", "S4",
+                *(f"S3b_{k}" for k in QUALITY_FEATURES), *(f"counts_{k}" for k in PIXEL_COUNTS[:3]))
+
+
+def error_representations(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
+    """``full`` (the imputed error vectors, float32) and ``S1`` (each divided by its own median)."""
+    good = good_pixel_mask(flux, error, mask)
+    e = impute_bad_pixels(np.where(np.isfinite(error), error, np.nan), good)
+    med = np.median(e, axis=1)
+    return e, e / np.where(med > 0, med, 1.0).astype(e.dtype)[:, None]
 
 
 def representations_block(error: np.ndarray, flux: np.ndarray, mask: np.ndarray | None,
-                          template: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The representations of one block of error vectors (float64)."""
-    good = good_pixel_mask(flux, error, mask)
-    e = impute_bad_pixels(np.where(np.isfinite(error), error, np.nan), good).astype(np.float64)
-    med = np.median(e, axis=1)
-    out = {"full": e, "S1": e / np.where(med > 0, med, 1.0)[:, None], "S4": np.linalg.norm(e, axis=1)[:, None]}
+                          template: np.ndarray | None, features: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every representation of one block of error vectors (``full`` and ``S1`` float32, the small ones float64).
+
+    ``features`` are the block's feature rows (:func:`~snrmoe_dask.features.block_features`), computed
+    here when not given.
+    """
+    e, s1 = error_representations(flux, error, mask)
+    feats = block_features(flux, error, mask) if features is None else features
+    out = {"full": e, "S1": s1, "S4": np.linalg.norm(e.astype(np.float64), axis=1)[:, None],
+           "S3b": feats[:, :len(QUALITY_FEATURES)], "counts": feats[:, _COUNTS]}
     if template is not None:
-        out["S2"] = ((e @ template) / float(template @ template))[:, None]
-    feats = block_features(flux, error, mask)
-    out["S3b"] = feats[:, :len(QUALITY_FEATURES)]
-    out["counts"] = feats[:, -4:-1]  # n_bad_flux, n_bad_error, n_masked
+        t = np.asarray(template, np.float64)
+        out["S2"] = ((e.astype(np.float64) @ t) / float(t @ t))[:, None]
     return out
 
 
-class AuditAccumulator:
-    """Per-group float64 sufficient statistics of ``full`` and ``S1`` for several targets."""
+# ---------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class AuditPlan:
+    """Which rows the audit folds, and their targets (every array has one entry per catalog row).
 
-    def __init__(self, n_groups: int, p: int, shift_full: np.ndarray, shift_s1: np.ndarray):
-        self.n_groups, self.p = n_groups, p
-        self.shift = {"full": np.asarray(shift_full, np.float64), "S1": np.asarray(shift_s1, np.float64)}
-        t = len(TARGETS)
-        self.n = np.zeros(n_groups)
-        self.sy = np.zeros((n_groups, t))
-        self.syy = np.zeros((n_groups, t))
-        self.sx = {r: np.zeros((n_groups, p)) for r in _BIG}
-        self.xtx = {r: np.zeros((n_groups, p, p)) for r in _BIG}  # lower triangle filled by syrk, C order
-        self.xty = {r: np.zeros((n_groups, p, t)) for r in _BIG}
-        self.small: dict[str, list[np.ndarray]] = {}
-        self.chunks_done: list[int] = []
-        self._packed: dict[str, np.ndarray] = {}
+    ``group`` is the magnitude group of an audit train row and ``-1`` for
+    every other row; ``targets`` holds logg, the true S/N and logg shuffled
+    within magnitude groups; ``labels`` the :data:`SMALL_TARGETS` (NaN where
+    the catalog lacks one).
+    """
 
-    def add(self, reps: dict[str, np.ndarray], targets: np.ndarray, group: np.ndarray) -> None:
+    group: np.ndarray
+    targets: np.ndarray
+    labels: np.ndarray
+    n_groups: int
+    mag_edges: list[float]
+    train_rows: int
+    flush_rows: int
+    precision: str
+
+    def block(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.group[lo:hi], self.targets[lo:hi], self.labels[lo:hi]
+
+    @property
+    def rows(self) -> int:
+        return int((self.group >= 0).sum())
+
+
+def audit_plan(ds, cfg) -> AuditPlan:
+    """The audit's rows and targets from the catalog's labels (``logg``, ``snr`` and ``mag`` required)."""
+    from .bins import tertile_edges
+
+    n_groups = cfg.audit.n_mag_groups
+    train = ds["split"].values == TRAIN
+    mag = np.asarray(ds["mag"].values, np.float64)
+    edges = tertile_edges(mag[train], n_groups)
+    rows = train.copy()
+    if int(train.sum()) > cfg.audit.max_rows:  # a hash-selected subset of the train rows
+        h = id_hash(ds["spectrum"].values, cfg.catalog.split_salt, stream=5)
+        rows &= h <= np.sort(h[train])[cfg.audit.max_rows - 1]
+    group = np.where(rows, np.searchsorted(edges, mag, side="left"), -1).astype(np.int64)
+    logg = np.asarray(ds["logg"].values, np.float64)
+    shuffled = logg.copy()
+    rng = np.random.default_rng(cfg.audit.seed)
+    for g in range(n_groups):
+        idx = np.flatnonzero(group == g)
+        shuffled[idx] = logg[rng.permutation(idx)]
+    targets = np.column_stack([logg, np.asarray(ds["snr"].values, np.float64), shuffled])
+    labels = np.column_stack([np.asarray(ds[k].values, np.float64) if k in ds else np.full(logg.shape, np.nan)
+                              for k in SMALL_TARGETS])
+    return AuditPlan(group, targets, labels, n_groups, [float(e) for e in edges], int(train.sum()),
+                     cfg.audit.flush_rows, cfg.fit.precision)
+
+
+def audit_shifts(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, group: np.ndarray,
+                 n_groups: int) -> dict[str, np.ndarray]:
+    """Accumulation shifts of ``full`` and ``S1`` per group (the mean of the group's rows in one block, the
+    block's mean for a group without rows there) and the S2 template (the block's mean error vector)."""
+    e, s1 = error_representations(flux, error, mask)
+    out = {"template": e.mean(axis=0, dtype=np.float64)}
+    for name, x in (("full", e), ("S1", s1)):
+        shift = np.tile(x.mean(axis=0, dtype=np.float64), (n_groups, 1))
         for k in np.unique(group[group >= 0]):
-            sel = group == k
-            y = targets[sel]
-            self.n[k] += sel.sum()
-            self.sy[k] += y.sum(0)
-            self.syy[k] += (y * y).sum(0)
-            for r in _BIG:
-                xc = reps[r][sel] - self.shift[r]
-                self.sx[r][k] += xc.sum(0)
-                self.xty[r][k] += xc.T @ y
-                c = self.xtx[r][k].T  # F-ordered view: syrk updates it in place (upper of F = lower of C)
-                syrk_update(c, np.ascontiguousarray(xc))
-        self._packed = {}
+            shift[k] = x[group == k].mean(axis=0, dtype=np.float64)
+        out[name] = shift
+    return out
+
+
+# ---------------------------------------------------------------- accumulation
+@dataclass
+class AuditStats:
+    """The audit's additive statistics: per group, ``full`` and ``S1`` for logg (``big``), the other targets'
+    sums sharing those Gram matrices (``extra``), and the per-row table of the small representations."""
+
+    big: dict[str, SufficientStats]
+    extra: dict[str, dict[str, np.ndarray]]  # rep -> sy (G, T-1), syy (G, T-1), xty (G, P, T-1)
+    rows: np.ndarray  # (m, len(_ROW_COLUMNS))
+    template: np.ndarray
+
+    @classmethod
+    def zeros(cls, shifts: dict[str, np.ndarray]) -> AuditStats:
+        g, p = shifts["full"].shape
+        t = len(TARGETS) - 1
+        return cls({r: SufficientStats.zeros(g, shifts[r]) for r in _BIG},
+                   {r: {"sy": np.zeros((g, t)), "syy": np.zeros((g, t)), "xty": np.zeros((g, p, t))} for r in _BIG},
+                   np.zeros((0, len(_ROW_COLUMNS))), np.asarray(shifts["template"], np.float64))
+
+    def iadd(self, other: AuditStats) -> AuditStats:
+        for r in _BIG:
+            d = other.big[r].shift - self.big[r].shift  # x - c_self = (x - c_other) + d
+            other.extra[r]["xty"] += d[:, :, None] * other.extra[r]["sy"][:, None, :]
+            self.big[r].iadd(other.big[r])
+            for k in ("sy", "syy", "xty"):
+                self.extra[r][k] += other.extra[r][k]
+        self.rows = np.concatenate([self.rows, other.rows])
+        return self
 
     def stats(self, rep: str, target: str) -> SufficientStats:
         """Per-group statistics of one representation and target (shares the Gram arrays)."""
+        b = self.big[rep]
         t = TARGETS.index(target)
-        if rep not in self._packed:  # syrk filled the lower triangles: pack them once, after the pass
-            self._packed[rep] = np.stack([pack_lower(m) for m in self.xtx[rep]])
-        xtx = self._packed[rep]
-        return SufficientStats(self.n.copy(), self.sx[rep], self.sy[:, t].copy(), self.syy[:, t].copy(), xtx,
-                               self.xty[rep][:, :, t], self.shift[rep])
+        if t == 0:
+            return b
+        ex = self.extra[rep]
+        return SufficientStats(b.n, b.sx, ex["sy"][:, t - 1].copy(), ex["syy"][:, t - 1].copy(), b.xtx,
+                               np.ascontiguousarray(ex["xty"][:, :, t - 1]), b.shift, dict(b.meta))
+
+    def column(self, name: str) -> np.ndarray:
+        return self.rows[:, _ROW_COLUMNS.index(name)]
+
+    def small(self, rep: str) -> np.ndarray:
+        cols = [i for i, c in enumerate(_ROW_COLUMNS) if c == rep or c.startswith(rep + "_")]
+        return self.rows[:, cols]
+
+    # checkpoints of a chain (beside its cell statistics)
+    def to_zarr(self, root: str | Path) -> None:
+        import xarray as xr
+
+        root = Path(root)
+        for r in _BIG:
+            self.big[r].to_zarr(root / f"audit-{r}.zarr")
+        data = {f"{r}_{k}": (tuple(f"{r}_{k}_{i}" for i in range(v.ndim)), v)
+                for r in _BIG for k, v in self.extra[r].items()}
+        data["rows"] = (("row", "column"), self.rows)
+        data["template"] = ("feature", self.template)
+        xr.Dataset(data).to_zarr(root / "audit-extra.zarr", mode="w", zarr_format=3, consolidated=False)
+
+    @classmethod
+    def from_zarr(cls, root: str | Path) -> AuditStats:
+        import xarray as xr
+
+        root = Path(root)
+        ds = xr.open_zarr(root / "audit-extra.zarr", consolidated=False).load()
+        return cls({r: SufficientStats.from_zarr(root / f"audit-{r}.zarr") for r in _BIG},
+                   {r: {k: np.asarray(ds[f"{r}_{k}"].values) for k in ("sy", "syy", "xty")} for r in _BIG},
+                   np.asarray(ds["rows"].values), np.asarray(ds["template"].values))
+
+
+class AuditAccumulator:
+    """The audit's share of one pass chain: a :class:`~snrmoe_dask.stats.CellAccumulator` per big
+    representation (cells = magnitude groups, target logg), the other targets' sums beside it, and the
+    rows of the small representations."""
+
+    def __init__(self, shifts: dict[str, np.ndarray], flush_rows: int, precision: str):
+        self.flush_rows, self.precision = int(flush_rows), precision
+        self.acc = {r: CellAccumulator(shifts[r].shape[0], shifts[r], flush_rows=flush_rows, precision=precision)
+                    for r in _BIG}
+        self.totals = AuditStats.zeros({r: self.acc[r].stats.shift for r in _BIG} | {"template": shifts["template"]})
+        for r in _BIG:
+            self.totals.big[r] = self.acc[r].stats
+        self._rows: list[np.ndarray] = []
+
+    @classmethod
+    def resume(cls, saved: AuditStats, flush_rows: int, precision: str) -> AuditAccumulator:
+        acc = cls({r: saved.big[r].shift for r in _BIG} | {"template": saved.template}, flush_rows, precision)
+        for r in _BIG:
+            acc.acc[r] = CellAccumulator.resume(saved.big[r], flush_rows=flush_rows, precision=precision)
+        acc.totals = saved
+        return acc
+
+    def add(self, flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, features: np.ndarray,
+            group: np.ndarray, targets: np.ndarray, labels: np.ndarray) -> None:
+        """Fold the block's audit rows (``group >= 0``)."""
+        sel = np.flatnonzero(group >= 0)
+        if sel.size == 0:
+            return
+        g, y = group[sel], targets[sel]
+        reps = representations_block(error[sel], flux[sel], None if mask is None else mask[sel],
+                                     self.totals.template, features[sel])
+        for r in _BIG:
+            x = reps[r]
+            self.acc[r].add(x, y[:, 0], g)
+            ex, shift, dtype = self.totals.extra[r], self.acc[r].stats.shift, self.acc[r].dtype
+            for k in np.unique(g):  # the other targets share the Gram: only their cross sums
+                rows = g == k
+                xc = x[rows].astype(dtype, copy=False) - shift[k].astype(dtype)  # as the accumulator centres
+                yk = y[rows, 1:]
+                ex["xty"][k] += xc.T.astype(np.float64) @ yk
+                ex["sy"][k] += yk.sum(0)
+                ex["syy"][k] += (yk * yk).sum(0)
+        self._rows.append(np.column_stack([g, y, labels[sel], reps["S2"], reps["S4"], reps["S3b"], reps["counts"]]))
+
+    def flush_all(self) -> AuditStats:
+        """Everything folded so far as :class:`AuditStats` (shares the accumulators' totals)."""
+        for r in _BIG:
+            self.totals.big[r] = self.acc[r].flush_all()
+        if self._rows:
+            self.totals.rows = np.concatenate([self.totals.rows, *self._rows])
+            self._rows = []
+        return self.totals
+
+    def finalize(self) -> AuditStats:
+        out = self.flush_all()
+        for r in _BIG:
+            self.acc[r].finalize()
+        return out
 
 
 def r2_from_stats(stats: SufficientStats, groups, coef: np.ndarray, intercept: float) -> float | None:
@@ -127,24 +315,23 @@ def r2_from_stats(stats: SufficientStats, groups, coef: np.ndarray, intercept: f
     return None if tss <= 0 else float(1 - rss / tss)
 
 
-def ridge_small(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float | None:
-    """Test R² of RidgeCV on log-transformed (positive columns), standardised inputs."""
+def ridge_small(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+    """Test predictions of RidgeCV on standardised inputs (log-transformed where a column is positive)."""
     from sklearn.linear_model import RidgeCV
 
     from .gates import Standardizer
 
     sc = Standardizer.fit(x_train)
     model = RidgeCV(alphas=np.logspace(-6, 6, 25)).fit(sc.transform(x_train), y_train)
-    return r2_score(y_test, model.predict(sc.transform(x_test)))
+    return model.predict(sc.transform(x_test))
 
 
-def hgb_small(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-              seed: int = 0) -> float | None:
-    """Test R² of scikit-learn's HistGradientBoostingRegressor (early stopping on a train split)."""
+def hgb_small(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Test predictions of scikit-learn's HistGradientBoostingRegressor (early stopping on a train split)."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     model = HistGradientBoostingRegressor(max_iter=300, early_stopping=True, random_state=seed)
-    return r2_score(y_test, model.fit(x_train, y_train).predict(x_test))
+    return model.fit(x_train, y_train).predict(x_test)
 
 
 def pixel_importance(coef: np.ndarray, gram_diag: np.ndarray, n: float) -> np.ndarray:
@@ -168,145 +355,148 @@ def importance_by_region(importance: np.ndarray, wavelength: np.ndarray, sky: np
     return out
 
 
-# ------------------------------------------------------------ dask layer
-def _fold(acc: AuditAccumulator, index: int, flux, error, mask, targets, group, is_test, template, labels):
-    if index in acc.chunks_done:  # a retried task must not count a chunk twice
-        return acc
-    acc.chunks_done.append(index)
-    reps = representations_block(error, flux, mask, template)
-    train = group >= 0
-    acc.add(reps, targets, group)
-    for name in ("S2", "S3b", "S4", "counts"):
-        acc.small.setdefault(f"{name}/train", []).append(reps[name][train])
-        acc.small.setdefault(f"{name}/test", []).append(reps[name][is_test])
-    for name in _BIG:
-        acc.small.setdefault(f"{name}/test", []).append(reps[name][is_test].astype(np.float32))
-    acc.small.setdefault("targets/train", []).append(targets[train])
-    acc.small.setdefault("targets/test", []).append(targets[is_test])
-    acc.small.setdefault("labels/train", []).append(labels[train])
-    acc.small.setdefault("labels/test", []).append(labels[is_test])
-    return acc
+# ------------------------------------------------------------ solving and scoring
+def audit_solutions(st: AuditStats, n_groups: int, fit_cfg) -> dict:
+    """Every Ridge of the big representations, solved where the statistics live (small arrays come back).
 
-
-def audit_catalog(ds, cfg, *, client=None, progress: bool = True, n_groups: int = 5, seed: int = 0,
-                  read_ahead: int = 4) -> dict:
-    """Run the audit on a catalog (one pass over the train and frozen-test rows).
-
-    Returns
-    -------
-    dict with ``representations``, ``checks``, ``pixel_importance`` (array),
-    ``importance_by_region`` and ``thresholds``.
+    Alpha by the fit's rule (``fit.alphas_relative``, ``fit.max_df_fraction``); every target of a
+    representation shares one spectrum of its Gram matrix. Also: the group CV by magnitude (scored from
+    each left-out group's statistics), the pixel importance of ``full`` for logg, and the rows of the small
+    representations.
     """
-    import dask
-    from dask.base import tokenize
-
-    from .bins import tertile_edges
-    from .cluster import compute
     from .ridge import ridge_alphas, solve_ridge, spectrum
-    from .split import TRAIN
 
-    p = ds.sizes["wavelength"]
-    train = ds["split"].values == TRAIN
-    is_test = ds["frozen_test"].values.astype(bool)
-    mag = np.asarray(ds["mag"].values, np.float64)
-    edges = tertile_edges(mag[train], n_groups)
-    mag_group = np.searchsorted(edges, mag, side="left")
-    group = np.where(train, mag_group, -1)
-    logg = np.asarray(ds["logg"].values, np.float64)
-    shuffled = logg.copy()
-    rng = np.random.default_rng(seed)
-    for g in range(n_groups):
-        idx = np.flatnonzero(group == g)
-        shuffled[idx] = logg[rng.permutation(idx)]
-    targets = np.column_stack([logg, np.asarray(ds["snr"].values, np.float64), shuffled])
-    # every SMALL_TARGETS column; teff / mh are NaN where the catalog lacks them
-    labels = np.column_stack([np.asarray(ds[k].values, np.float64) if k in ds else np.full(logg.shape, np.nan)
-                              for k in SMALL_TARGETS])
-
-    # template and shifts from up to 2000 train rows (a few chunks)
-    first = np.flatnonzero(train)[:2000]
-    sub = ds.isel(spectrum=first)
-    (e0, f0) = compute(sub["error"].data, sub["flux"].data, client=client, label="audit template",
-                       progress=False)
-    m0 = sub["mask"].values if "mask" in sub else None
-    reps0 = representations_block(e0, f0, m0, None)
-    template = np.median(reps0["full"], axis=0)
-    acc = dask.delayed(AuditAccumulator, pure=True)(n_groups, p, reps0["full"].mean(0), reps0["S1"].mean(0))
-    fold = dask.delayed(_fold, pure=True)
-    # the chain is the bottleneck: reads wait for it instead of piling up in memory
-    reads = PacedReads(ds, ("flux", "error", "mask"), read_ahead,
-                       tokenize(ds["flux"].data.name, ds["error"].data.name, targets, group, is_test))
-    starts = reads.starts
-    for i in range(len(starts) - 1):
-        lo, hi = int(starts[i]), int(starts[i + 1])
-        if (group[lo:hi] >= 0).any() or is_test[lo:hi].any():
-            acc = fold(acc, i, *reads.read(i), targets[lo:hi], group[lo:hi], is_test[lo:hi], template,
-                       labels[lo:hi])
-            reads.folded(acc, i)
-    (acc,) = compute(acc, client=client, label=f"audit pass ({int(train.sum())} train, {int(is_test.sum())} test)",
-                     progress=progress)
-    cat = {k: np.concatenate(v) for k, v in acc.small.items()}
-    y_tr, y_te = cat["targets/train"], cat["targets/test"]
-
-    # the user's fit settings; every target of a representation shares its Gram matrix, so one reduction
-    rel, cap, precision = cfg.fit.alphas_relative, cfg.fit.max_df_fraction, cfg.fit.alpha_search_precision
-    reps: dict[str, dict] = {}
-    solutions = {}
+    rel, cap, precision = fit_cfg.alphas_relative, fit_cfg.max_df_fraction, fit_cfg.alpha_search_precision
+    groups = [g for g in range(n_groups) if st.big["full"].n[g] > 0]
+    out: dict = {"solutions": {}, "n_per_group": st.big["full"].n.tolist(), "rows": st.rows,
+                 "template": st.template, "group_cv": []}
     for r in _BIG:
-        reps[r] = {}
         sp = None
-        for t, target in enumerate(TARGETS):
-            st = acc.stats(r, target)
-            cs = st.cells(range(n_groups))
+        for target in TARGETS:
+            cs = st.stats(r, target).cells(groups)
             sp = spectrum(cs, precision) if sp is None else sp
             sol = solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=cap, spec=sp)
-            solutions[(r, target)] = (sol, st)
-            yhat = cat[f"{r}/test"].astype(np.float64) @ sol.coef + sol.intercept
-            reps[r][f"{target}_r2"] = r2_score(y_te[:, t], yhat)
-            reps[r][f"{target}_alpha"] = float(sol.alpha)
-    l_tr, l_te = cat["labels/train"], cat["labels/test"]
-    for r in ("S2", "S3b", "S4"):
-        by = {}
-        for j, label in enumerate(SMALL_TARGETS):  # logg and snr are SMALL_TARGETS too: one Ridge fit each
-            if not (np.isfinite(l_tr[:, j]).all() and np.isfinite(l_te[:, j]).all()):
-                continue
-            by[label] = {"ridge_r2": ridge_small(cat[f"{r}/train"], l_tr[:, j], cat[f"{r}/test"], l_te[:, j]),
-                         "hgb_r2": hgb_small(cat[f"{r}/train"], l_tr[:, j], cat[f"{r}/test"], l_te[:, j], seed)}
-        reps[r] = {f"{target}_r2": by[target]["ridge_r2"] for target in TARGETS[:2]}
-        reps[r]["by_label"] = by
-    # checks
-    checks = {
-        "shuffle": {"what": "full, logg permuted among train spectra of the same magnitude bin",
-                    "logg_r2": reps["full"].pop("logg_shuffled_r2"),
-                    "logg_r2_unshuffled": reps["full"]["logg_r2"]},
-        "mask_only": {"what": "Ridge on the bad-pixel counts per reason (n_bad_flux, n_bad_error, n_masked)",
-                      "logg_r2": ridge_small(cat["counts/train"], y_tr[:, 0], cat["counts/test"], y_te[:, 0])},
-    }
-    reps["S1"].pop("logg_shuffled_r2", None)
-    for r in _BIG:
-        reps[r].pop("logg_shuffled_alpha", None)
-    cv = {"what": "full, fitted without one magnitude bin and scored on it (from per-bin statistics)",
-          "mag_edges": [float(e) for e in edges], "per_group": []}
-    for g in range(n_groups):
-        row = {"group": g, "n": int(acc.n[g])}
-        others = [k for k in range(n_groups) if k != g]
+            out["solutions"][f"{r}/{target}"] = {"coef": sol.coef, "intercept": float(sol.intercept),
+                                                 "alpha": float(sol.alpha)}
+            if (r, target) == ("full", "logg"):
+                out["importance"] = pixel_importance(sol.coef, np.diag(cs.gram), cs.n)
+    for g in groups:
+        row = {"group": g, "n": int(st.big["full"].n[g])}
+        others = [k for k in groups if k != g]
         sp = None
         for target in ("logg", "snr"):
-            st = solutions[("full", target)][1]
-            cs = st.cells(others)
-            sp = spectrum(cs, precision) if sp is None else sp
-            sol = solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=cap, spec=sp)
-            row[f"{target}_r2"] = r2_from_stats(st, [g], sol.coef, sol.intercept)
-        cv["per_group"].append(row)
+            stats = st.stats("full", target)
+            row[f"{target}_r2"] = None
+            if others:
+                cs = stats.cells(others)
+                sp = spectrum(cs, precision) if sp is None else sp
+                sol = solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=cap, spec=sp)
+                row[f"{target}_r2"] = r2_from_stats(stats, [g], sol.coef, sol.intercept)
+        out["group_cv"].append(row)
+    return out
+
+
+def _scored(y: np.ndarray, yhat: np.ndarray, counts: np.ndarray) -> tuple[float | None, float | None]:
+    """Test R² and its bootstrap standard error (the evaluation's paired draws)."""
+    return r2_score(y, yhat), se(r2_draws(y, yhat, counts))
+
+
+def audit_result(sol: dict, test, plan: AuditPlan, cfg) -> dict:
+    """Score the solutions and the small representations on the frozen-test rows ``test`` (a catalog-shaped
+    Dataset: the row cache). Every R² comes with its bootstrap standard error over those rows."""
+    flux = np.asarray(test["flux"].values)
+    error = np.asarray(test["error"].values)
+    mask = np.asarray(test["mask"].values) if "mask" in test else None
+    reps = representations_block(error, flux, mask, sol["template"])
+    y_test = {"logg": np.asarray(test["logg"].values, np.float64), "snr": np.asarray(test["snr"].values, np.float64)}
+    y_test["logg_shuffled"] = y_test["logg"]  # the shuffle check scores against the true logg
+    labels_test = {k: np.asarray(test[k].values, np.float64) if k in test else np.full(flux.shape[0], np.nan)
+                   for k in SMALL_TARGETS}
+    counts = bootstrap_counts(flux.shape[0], cfg.evaluate.n_bootstrap, cfg.evaluate.seed)
+    out: dict[str, dict] = {}
+    for r in _BIG:
+        out[r] = {}
+        x = reps[r].astype(np.float64)
+        for target in TARGETS:
+            s = sol["solutions"][f"{r}/{target}"]
+            r2, r2_se = _scored(y_test[target], x @ s["coef"] + s["intercept"], counts)
+            out[r][f"{target}_r2"], out[r][f"{target}_r2_se"], out[r][f"{target}_alpha"] = r2, r2_se, s["alpha"]
+    st = AuditStats({}, {}, sol["rows"], sol["template"])
+    train_labels = {k: st.column(f"label_{k}") for k in SMALL_TARGETS}
+    for r in ("S2", "S3b", "S4"):
+        x_tr, x_te = st.small(r), reps[r]
+        by = {}
+        for label in SMALL_TARGETS:  # logg and snr are SMALL_TARGETS too: one Ridge fit each
+            y_tr, y_te = train_labels[label], labels_test[label]
+            if not (np.isfinite(y_tr).all() and np.isfinite(y_te).all()) or y_tr.size < 10:
+                continue
+            ridge = _scored(y_te, ridge_small(x_tr, y_tr, x_te), counts)
+            hgb = _scored(y_te, hgb_small(x_tr, y_tr, x_te, cfg.audit.seed), counts)
+            by[label] = {"ridge_r2": ridge[0], "ridge_r2_se": ridge[1], "hgb_r2": hgb[0], "hgb_r2_se": hgb[1]}
+        out[r] = {f"{t}_r2": by.get(t, {}).get("ridge_r2") for t in TARGETS[:2]}
+        out[r].update({f"{t}_r2_se": by.get(t, {}).get("ridge_r2_se") for t in TARGETS[:2]})
+        out[r]["by_label"] = by
+    shuffled = {"logg_r2": out["full"].pop("logg_shuffled_r2"), "logg_r2_se": out["full"].pop("logg_shuffled_r2_se")}
+    for r in _BIG:
+        out[r].pop("logg_shuffled_alpha", None)
+    out["S1"].pop("logg_shuffled_r2", None)
+    out["S1"].pop("logg_shuffled_r2_se", None)
+    mask_only = _scored(y_test["logg"], ridge_small(st.small("counts"), train_labels["logg"], reps["counts"]), counts)
+    cv = {"what": "full, fitted without one magnitude bin and scored on it (from per-bin statistics)",
+          "mag_edges": plan.mag_edges, "per_group": sol["group_cv"]}
     for target in ("logg", "snr"):
-        vals = [r[f"{target}_r2"] for r in cv["per_group"] if r[f"{target}_r2"] is not None]
+        vals = [g[f"{target}_r2"] for g in cv["per_group"] if g[f"{target}_r2"] is not None]
         cv[f"mean_{target}_r2"] = float(np.mean(vals)) if vals else None
-    checks["group_cv_by_magnitude"] = cv
-    sol, st = solutions[("full", "logg")]
-    cs = st.cells(range(n_groups))
-    importance = pixel_importance(sol.coef, np.diag(cs.gram), cs.n)
-    return {"representations": reps, "checks": checks, "pixel_importance": importance,
-            "n_train": int(train.sum()), "n_test": int(is_test.sum())}
+    checks = {
+        "shuffle": {"what": "full, logg permuted among the audit's train spectra of the same magnitude bin",
+                    **shuffled, "logg_r2_unshuffled": out["full"]["logg_r2"]},
+        "mask_only": {"what": "Ridge on the bad-pixel counts per reason (n_bad_flux, n_bad_error, n_masked)",
+                      "logg_r2": mask_only[0], "logg_r2_se": mask_only[1]},
+        "group_cv_by_magnitude": cv,
+    }
+    n_train = int(sum(sol["n_per_group"]))
+    return {"representations": out, "checks": checks, "pixel_importance": sol["importance"],
+            "n_train": n_train, "n_test": int(flux.shape[0]),
+            "rows": {"train_used": n_train, "train_available": plan.train_rows, "max_rows": cfg.audit.max_rows,
+                     "subset": "all train rows" if n_train >= plan.train_rows else
+                     f"hash-selected {n_train} of {plan.train_rows} train rows (audit.max_rows)",
+                     "test": int(flux.shape[0]), "se": f"bootstrap over the test rows ({cfg.evaluate.n_bootstrap} "
+                                                       "draws)"}}
+
+
+def audit_catalog(ds, cfg, *, client=None, progress: bool = True, work_dir: str | Path | None = None) -> dict:
+    """The audit of a catalog on its own: one read of the cube (``snrmoe audit``).
+
+    ``snrmoe run`` does not call this: there the audit rides the fit's pass.
+    Here the pass folds only the audit's rows and caches the frozen-test rows
+    in ``work_dir/rows`` (removed afterwards) to score them.
+    """
+    import tempfile
+
+    import dask
+
+    from .cache import open_row_cache, plan_row_cache, remove_row_cache
+    from .cluster import compute
+    from .reduce import one_pass
+
+    plan = audit_plan(ds, cfg)
+    n = ds.sizes["spectrum"]
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="snrmoe-audit-") as tmp:
+        root = Path(tmp) / "rows"
+        starts = np.r_[0, np.cumsum(ds["flux"].chunks[0])]
+        parts = plan_row_cache(ds, np.asarray(ds["frozen_test"].values, bool), root, starts,
+                               {"purpose": "the audit's frozen-test rows"})
+        graph = one_pass(ds, np.zeros(n), np.full(n, -1), n_cells=1, chains=1, precision=cfg.fit.precision,
+                         min_good_fraction=cfg.catalog.min_good_fraction, audit=plan, row_cache=parts)
+        sol_d = dask.delayed(audit_solutions)(graph.audit, plan.n_groups, cfg.fit)
+        _, sol = compute(graph.features, sol_d, client=client, progress=progress,
+                         label=f"audit pass ({plan.rows} train rows, {int(ds['frozen_test'].values.sum())} test)")
+        test = open_row_cache(root, ds)
+        if test is None:
+            raise RuntimeError(f"{root}: the audit's test rows were not cached")
+        result = audit_result(sol, test.load(), plan, cfg)
+        remove_row_cache(root)
+    return result
 
 
 def write_audit(result: dict, out_dir, ds, cfg) -> dict:
@@ -348,6 +538,7 @@ def write_audit(result: dict, out_dir, ds, cfg) -> dict:
         "importance_by_region": importance_by_region(imp, wave, sky),
         "top_pixels": [{"wavelength": float(wave[i]), "importance": float(imp[i] / imp.sum())} for i in top],
         "n_train": result["n_train"], "n_test": result["n_test"],
+        "rows": result.get("rows", {}),
     }
     (out_dir / "audit.json").write_text(json.dumps(doc, indent=2))
     xr.Dataset({"importance": ("wavelength", imp)}, coords={"wavelength": wave}).to_zarr(

@@ -8,6 +8,7 @@ Layout (``DIR/``, on a filesystem the client and the workers share)::
         state.json         chunks folded, rows excluded, the chain's fold count
         stats.zarr         its float64 totals (a SufficientStats store)
         whitened.zarr, cross.zarr   the baselines' statistics, if any
+        audit-*.zarr       the audit's statistics and rows, if the audit rides the pass
     features/<i>.zarr      the feature block of chunk i
 
 Every write goes to a temporary name and is renamed into place, so a kill at
@@ -129,13 +130,18 @@ class Checkpoint:
                 from .baselines import BaselineStats
 
                 BaselineStats(cross=b.cross).to_zarr(tmp)
+        if getattr(acc, "audit", None) is not None:
+            acc.audit.flush_all().to_zarr(tmp)
         state = {"chunks_done": list(acc.chunks_done), "excluded_unusable": int(acc.excluded_unusable),
                  "rows_seen": int(acc.rows_seen), "folds": int(acc.folds)}
         (tmp / "state.json").write_text(json.dumps(state))
         _replace_dir(tmp, root / f"chain-{c}")
 
-    def load_chain(self, c: int, flush_rows: int, precision: str, baselines: tuple[str, ...]):
-        """The accumulator of chain ``c`` as last saved, or ``None``."""
+    def load_chain(self, c: int, flush_rows: int, precision: str, baselines: tuple[str, ...],
+                   audit: tuple[int, str] | None = None):
+        """The accumulator of chain ``c`` as last saved, or ``None``; ``audit`` = (flush_rows, precision) of
+        the audit's accumulator when it rides the pass."""
+        from .audit import AuditAccumulator, AuditStats
         from .baselines import BaselineAccumulator, BaselineStats
         from .stats import CellAccumulator, SufficientStats
 
@@ -159,4 +165,5 @@ class Checkpoint:
                                                              precision=precision)
             if saved.cross is not None:
                 acc.baselines.resume_cross(saved.cross)
+        acc.audit = AuditAccumulator.resume(AuditStats.from_zarr(d), *audit) if audit is not None else None
         return acc

@@ -238,8 +238,9 @@ def _cmd_audit(args) -> int:
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
     ds = open_catalog(args.catalog, require_labels=("logg", "snr", "mag"), config=cfg.catalog)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     with dask_session(cfg.cluster) as client:
-        result = audit_catalog(ds, cfg, client=client, n_groups=cfg.audit.n_mag_groups, seed=cfg.audit.seed)
+        result = audit_catalog(ds, cfg, client=client, work_dir=args.out)
     doc = write_audit(result, args.out, ds, cfg)
     print(audit_markdown(doc))
     print(f"wrote        {Path(args.out) / 'audit.json'}")

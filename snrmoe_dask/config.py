@@ -228,6 +228,10 @@ class AuditConfig(_Strict):
     snr_r2_min: float = 0.5
     n_mag_groups: int = Field(5, ge=2)
     seed: int = Field(0, ge=0)
+    # train rows the audit's Ridge fits use (a hash-selected subset above this): its statistics ride the fit's
+    # pass, two more Gram matrices per row, so the bound keeps the audit a small share of the pass at any N
+    max_rows: int = Field(100_000, ge=100)
+    flush_rows: int = Field(256, ge=1)  # rows buffered per magnitude group before one syrk (buffer memory)
 
 
 class RunConfig(_Strict):

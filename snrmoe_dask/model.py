@@ -36,6 +36,7 @@ import numpy as np
 import xarray as xr
 from dask.utils import parse_bytes
 
+from .audit import audit_plan, audit_result, audit_solutions, write_audit
 from .baselines import (
     BASELINES,
     TERM_NAMES,
@@ -66,7 +67,7 @@ from .mixture import (
     physical_names,
 )
 from .pca import pca_from_stats
-from .reduce import auto_chains, features_dataset, fold_blas_threads, one_pass
+from .reduce import SnrRouting, auto_chains, features_dataset, fold_blas_threads, one_pass
 from .split import TRAIN, VAL, id_hash
 from .stats import SufficientStats
 
@@ -276,7 +277,7 @@ def _load_baselines(model_dir: Path, meta: dict) -> xr.Dataset | None:
 
 # ---------------------------------------------------------------------- fit
 def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client=None,
-              progress: bool = True, resume: bool = False) -> Model:
+              progress: bool = True, resume: bool = False, audit_out: str | Path | None = None) -> Model:
     """Features + sufficient statistics in one pass, then every expert family.
 
     Parameters
@@ -292,6 +293,9 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         Continue the pass from ``MODEL_DIR/checkpoints`` if they belong to the
         same plan (same catalog layout, cells and settings); otherwise they
         are discarded.
+    audit_out : path-like, optional
+        Also run the leakage audit (:mod:`snrmoe_dask.audit`) in the same pass
+        and write it there (the catalog needs ``snr`` and ``mag``).
 
     Returns
     -------
@@ -317,20 +321,20 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
                                {"max_val_rows": cfg.fit.cache_max_val_rows,
                                 "split": cfg.catalog.model_dump(mode="json")})
     timings: dict[str, float] = {}
-    feature_blocks = None
+    train = ds["split"].values == TRAIN
+    p_b = phys_bin(ds["teff"].values, ds["mh"].values, edges["teff_edges"], edges["mh_edges"]).astype(np.int64)
+    routing = None
     if "snr" in ds:
-        snr_route, snr_source = np.asarray(ds["snr"].values, np.float64), "snr (true S/N label)"
-    else:  # real data: route training cells by the estimate -> features first (an extra pass)
-        _, fblocks, _ = one_pass(ds, np.zeros(n), np.full(n, -1), n_cells=1, chains=1, row_cache=row_cache)
-        t0 = time.perf_counter()
-        (feature_blocks,) = compute(fblocks, client=client, label="features (S/N estimate)", progress=progress)
-        timings["features_pass_s"] = time.perf_counter() - t0
-        snr_route = features_dataset(feature_blocks, ds, cfg.catalog.min_good_fraction)["snr_est"].values
+        snr_source = "snr (true S/N label)"
+        # NaN S/N only occurs for spectra without good pixels, which the fold leaves out anyway
+        s_b = snr_bin(np.nan_to_num(np.asarray(ds["snr"].values, np.float64), nan=0.0), edges["snr_edges"])
+        cell = np.where(train, cell_index(p_b, s_b, n_snr), -1).astype(np.int64)
+    else:  # real data: the fold routes each train row by its S/N estimate, from the block it already holds
         snr_source = "snr_est (no true S/N label in the catalog)"
-    # NaN S/N only occurs for spectra without good pixels, which the fold leaves out anyway
-    s_b, p_b = _routing_bins(ds, edges, np.nan_to_num(snr_route, nan=0.0))
-    cell = np.where(ds["split"].values == TRAIN, cell_index(p_b, s_b, n_snr), -1).astype(np.int64)
+        routing = SnrRouting(n_snr, tuple(edges["snr_edges"]))
+        cell = np.where(train, p_b, -1).astype(np.int64)
     y = np.asarray(ds[target].values, np.float64)
+    audit = audit_plan(ds, cfg) if audit_out is not None else None
 
     n_chunks = len(ds["flux"].chunks[0])
     threads = _n_threads(client)
@@ -339,13 +343,13 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     chains = cfg.fit.chains or auto_chains(threads, n_chunks, n_cells + ("whitened" in baselines), p,
                                            cfg.fit.flush_rows, cfg.fit.precision, parse_bytes(cfg.fit.memory_budget))
     meta_stats = {"n_snr": n_snr, "n_phys": len(phys_names), "bin_edges": edges, "catalog": str(catalog)}
-    checkpoint = _checkpoint(model_dir, cfg, catalog, ds, y, cell, n_cells, chains, baselines, resume)
+    checkpoint = _checkpoint(model_dir, cfg, catalog, ds, y, cell, n_cells, chains, baselines, resume, audit)
     features_resumed = len(checkpoint.features_done()) if checkpoint else 0
-    stats_d, feats_d, bstats_d = one_pass(
+    stats_d, feats_d, bstats_d, audit_d = one_pass(
         ds, y, cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows, precision=cfg.fit.precision,
         min_good_fraction=cfg.catalog.min_good_fraction, meta=meta_stats,
         blas_threads=fold_blas_threads(threads, chains), baselines=baselines,
-        checkpoint=checkpoint, row_cache=row_cache if feature_blocks is None else None)
+        checkpoint=checkpoint, row_cache=row_cache, routing=routing, audit=audit)
     specs = expert_specs(snr_names, phys_names)
     # one solve at a time with all the worker's cores in the BLAS (the statistics live on one worker)
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
@@ -357,15 +361,23 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         base_d = dask.delayed(_fit_and_save_baselines)(stats_d, bstats_d, cfg.fit.alphas_relative,
                                                        cfg.fit.max_df_fraction, cfg.fit.alpha_search_precision,
                                                        str(model_dir / "baseline_stats"))
+    audit_sol_d = (dask.delayed(audit_solutions)(audit_d, audit.n_groups, cfg.fit) if audit is not None
+                   else dask.delayed(None))
     t0 = time.perf_counter()
-    want_feats = feats_d if feature_blocks is None else []
-    feats, fits, saved, pca, base_fits = compute(
-        want_feats, fits_d, saved_d, pca_d, base_d, client=client, progress=progress,
-        label=f"one pass ({chains} accumulator chain(s)) + {len(specs)} experts + {len(baselines)} baselines")
+    feature_blocks, fits, saved, pca, base_fits, audit_sol = compute(
+        feats_d, fits_d, saved_d, pca_d, base_d, audit_sol_d, client=client, progress=progress,
+        label=f"one pass ({chains} accumulator chain(s)) + {len(specs)} experts + {len(baselines)} baselines"
+              + (" + audit" if audit is not None else ""))
     timings["pass_and_fit_s"] = time.perf_counter() - t0
-    feature_blocks = feature_blocks if feature_blocks is not None else feats
 
     features = features_dataset(feature_blocks, ds, cfg.catalog.min_good_fraction)
+    snr_route = np.asarray(ds["snr"].values, np.float64) if routing is None else features["snr_est"].values
+    if audit is not None:
+        t0 = time.perf_counter()
+        test_src, test_rows, _ = _rows_source(model_dir, ds, np.flatnonzero(ds["frozen_test"].values))
+        write_audit(audit_result(audit_sol, test_src.isel(spectrum=test_rows).load(), audit, cfg), audit_out, ds,
+                    cfg)
+        timings["audit_s"] = time.perf_counter() - t0
     features["split"] = ds["split"]
     features.to_zarr(model_dir / "features.zarr", mode="w", zarr_format=3, consolidated=False)
     fallbacks = {name: f["fallback"] for name, f in fits.items() if f["fallback"]}
@@ -424,7 +436,7 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
 
 
 def _checkpoint(model_dir: Path, cfg: Config, catalog, ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, n_cells: int,
-                chains: int, baselines: tuple[str, ...], resume: bool) -> Checkpoint | None:
+                chains: int, baselines: tuple[str, ...], resume: bool, audit=None) -> Checkpoint | None:
     """The pass's checkpoint directory (``None`` if ``fit.checkpoint_every`` is 0)."""
     per_chain = max(1, -(-len(ds["flux"].chunks[0]) // chains))
     every = cfg.fit.checkpoint_every if cfg.fit.checkpoint_every is not None else max(1, -(-per_chain // 4))
@@ -435,7 +447,9 @@ def _checkpoint(model_dir: Path, cfg: Config, catalog, ds: xr.Dataset, y: np.nda
                        chunks=[int(c) for c in ds["flux"].chunks[0]], ids=np.asarray(ds["spectrum"].values),
                        y=y, cell=cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows,
                        precision=cfg.fit.precision, min_good=cfg.catalog.min_good_fraction,
-                       baselines=list(baselines), every=every)
+                       baselines=list(baselines), every=every,
+                       audit=None if audit is None else plan_token(group=audit.group, targets=audit.targets,
+                                                                   layout=[audit.flush_rows, audit.precision]))
     return Checkpoint(str(model_dir / "checkpoints"), every, token).open(resume)
 
 
@@ -531,10 +545,10 @@ def predict_catalog(model: Model, catalog: str | Path, out: str | Path, cfg: Con
     return xr.open_zarr(out, consolidated=False)
 
 
-def _test_rows_source(model: Model, ds: xr.Dataset, rows: np.ndarray) -> tuple[xr.Dataset, np.ndarray, str]:
-    """Where evaluate reads the frozen-test rows: the model's row cache when it holds every one of them
+def _rows_source(model_dir: Path | None, ds: xr.Dataset, rows: np.ndarray) -> tuple[xr.Dataset, np.ndarray, str]:
+    """Where to read catalog rows (the frozen test): the model's row cache when it holds every one of them
     (written from this catalog by the fit's pass), else the catalog; with the rows' positions there."""
-    cache = open_row_cache(model.path / CACHE_DIR, ds) if model.path is not None else None
+    cache = open_row_cache(model_dir / CACHE_DIR, ds) if model_dir is not None else None
     if cache is not None:
         pos = cache["position"].values
         at = np.searchsorted(pos, rows)
@@ -557,7 +571,7 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     rows = np.flatnonzero(ds["frozen_test"].values)
     if rows.size == 0:
         raise CatalogError(f"{catalog}: the frozen test subset is empty")
-    src, rows, rows_source = _test_rows_source(model, ds, rows)
+    src, rows, rows_source = _rows_source(model.path, ds, rows)
     coef, icpt = model.projection()
     pred_d = expert_predictions(src, coef, icpt, rows)
     sub = src.isel(spectrum=rows)

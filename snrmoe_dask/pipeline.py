@@ -91,7 +91,7 @@ def _simulated_with(path: Path, sim: SimulateConfig) -> bool:
 #: (besides the stages before it, through their fingerprints).
 STAGES: dict[str, tuple[str, ...]] = {
     "catalog": ("simulate", "storage"),
-    "audit": ("catalog", "audit"),
+    "audit": ("catalog", "audit", "fit"),
     "fit": ("catalog", "fit", "gates"),
     "evaluate": ("catalog", "ceiling", "evaluate"),
     "report": (),
@@ -184,26 +184,33 @@ def run_study(cfg: Config, out: Path, *, client=None, overwrite: bool = False, r
     run.record["catalog"] = str(catalog)
     run.write()
 
+    # the audit rides the fit's pass (its statistics come from the same folds); on its own only if the fit is
+    # already complete and the audit is not
     missing = [k for k in ("snr", "mag") if k not in open_catalog(catalog, require_labels=()).variables]
+    want_audit = cfg.run.audit and not missing and not run.skip("audit")
     if cfg.run.audit and missing:  # real catalogs may lack the true S/N or magnitude the audit regresses on
         print(f"[audit] skipped: the catalog has no {', '.join(missing)} label(s)", file=sys.stderr)
         run.record["stages"]["audit"] = {"skipped": f"no {', '.join(missing)} label(s) in the catalog"}
-    elif cfg.run.audit and not run.skip("audit"):
-        t0 = time.perf_counter()
-        ds = open_catalog(catalog, require_labels=("logg", "snr", "mag"), config=cfg.catalog)
-        result = audit_catalog(ds, cfg, client=client, n_groups=cfg.audit.n_mag_groups, seed=cfg.audit.seed)
-        doc = write_audit(result, out / "audit", ds, cfg)
-        run.done("audit", t0, passes={k: v["pass"] for k, v in doc["representations"].items()})
-
     if run.skip("fit"):
         model = load_model(out / "model")
+        if want_audit:
+            t0 = time.perf_counter()
+            ds = open_catalog(catalog, require_labels=("logg", "snr", "mag"), config=cfg.catalog)
+            doc = write_audit(audit_catalog(ds, cfg, client=client, work_dir=out), out / "audit", ds, cfg)
+            run.done("audit", t0, passes={k: v["pass"] for k, v in doc["representations"].items()},
+                     own_pass=True)
     else:
         t0 = time.perf_counter()
-        model = fit_model(catalog, out / "model", cfg, client=client, resume=run.resume)
+        model = fit_model(catalog, out / "model", cfg, client=client, resume=run.resume,
+                          audit_out=out / "audit" if want_audit else None)
         acc = model.meta["accumulation"]
         run.done("fit", t0, n_experts=len(model.meta["experts"]), train_rows=model.meta["train_rows"],
                  chunks_from_checkpoint=acc["chunks_from_checkpoint"], chunks_folded=acc["chunks_folded"],
                  **model.meta["timings"])
+        if want_audit:
+            doc = json.loads((out / "audit" / "audit.json").read_text())
+            run.done("audit", time.perf_counter(), passes={k: v["pass"] for k, v in doc["representations"].items()},
+                     in_fit_pass=True, seconds_after_pass=model.meta["timings"].get("audit_s"))
     # the catalog summary comes from the fit's feature table: the same read of the cube
     features = xr.open_zarr(out / "model" / "features.zarr", consolidated=False).load()
     ds = open_catalog(catalog, require_labels=(), config=cfg.catalog)

@@ -2,10 +2,15 @@
 
 Graph plan (all lazy; nothing computes here)::
 
-    read chunk i ──┬── features(i)                        (every row)
-                   └── fold(acc[c], i)  for c = i mod C   (train rows)
+    read chunk i ──┬── features(i) [+ its cached rows]    (every row)
+                   └── fold(acc[c], i)  for c = i mod C   (train rows, audit rows)
     acc[c] chain:  init(shift) → fold → fold → ... → finalize
     stats = sum of the C finalised accumulators (in place)
+
+A chain's state is a :class:`~snrmoe_dask.stats.CellAccumulator` (the cells)
+with the baselines' and the audit's accumulators beside it
+(:class:`ChainState`), so everything the study needs from the flux comes out
+of the same fold of the same block.
 
 * **Bounded memory.** Each of the ``C`` chains owns one
   :class:`~snrmoe_dask.stats.CellAccumulator` (K·P(P+1)/2·8 bytes packed + buffers) and
@@ -23,6 +28,7 @@ Graph plan (all lazy; nothing computes here)::
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import dask
 import numpy as np
@@ -30,7 +36,9 @@ import xarray as xr
 from dask.base import tokenize
 from threadpoolctl import threadpool_limits
 
+from .audit import AuditAccumulator, AuditPlan, AuditStats, audit_shifts
 from .baselines import BaselineAccumulator, BaselineStats
+from .bins import snr_bin
 from .cache import CachePart, write_part
 from .catalog import good_pixel_mask
 from .checkpoint import Checkpoint
@@ -38,7 +46,30 @@ from .features import FEATURE_NAMES, PIXEL_COUNTS, block_features
 from .pacing import PacedReads
 from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes
 
-__all__ = ["auto_chains", "fold_blas_threads", "one_pass", "shift_from_block"]
+__all__ = ["PassGraph", "SnrRouting", "auto_chains", "fold_blas_threads", "one_pass", "shift_from_block"]
+
+_SNR_EST = FEATURE_NAMES.index("snr_est")
+
+
+class SnrRouting(NamedTuple):
+    """Route train rows by the S/N estimate of the feature table (a catalog without a true ``snr``): ``cell``
+    then holds each train row's physical bin, and the fold makes the cell from the block's features."""
+
+    n_snr: int
+    edges: tuple[float, ...]
+
+    def cells(self, phys: np.ndarray, features: np.ndarray) -> np.ndarray:
+        s = snr_bin(np.nan_to_num(features[:, _SNR_EST], nan=0.0), self.edges)
+        return np.where(phys >= 0, phys * self.n_snr + s, -1).astype(np.int64)
+
+
+class PassGraph(NamedTuple):
+    """The lazy results of :func:`one_pass`."""
+
+    stats: object  # Delayed SufficientStats
+    features: list  # Delayed feature blocks, one per chunk
+    baselines: object  # Delayed BaselineStats or None
+    audit: object  # Delayed AuditStats or None
 
 
 def shift_from_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, min_good: int,
@@ -62,10 +93,21 @@ def shift_from_block(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | Non
     return {"all": overall, "cells": cells}
 
 
+def _shifts(flux, error, mask, min_good: int, cell: np.ndarray, n_cells: int, routing: SnrRouting | None,
+            features: np.ndarray | None, audit_group: np.ndarray | None, n_groups: int) -> dict:
+    """Every shift of the chains from the first block (cells, baselines, audit)."""
+    if routing is not None:
+        cell = routing.cells(cell, features)
+    out = shift_from_block(flux, error, mask, min_good, cell, n_cells)
+    if audit_group is not None:
+        out["audit"] = audit_shifts(flux, error, mask, audit_group, n_groups)
+    return out
+
+
 def _init(shift, n_cells, flush_rows, precision, meta, baselines=(), checkpoint: Checkpoint | None = None,
-          chain: int = 0):
+          chain: int = 0, audit: tuple[int, str] | None = None):
     if checkpoint is not None:
-        acc = checkpoint.load_chain(chain, flush_rows, precision, baselines)
+        acc = checkpoint.load_chain(chain, flush_rows, precision, baselines, audit)
         if acc is not None:
             acc.stats.meta = meta
             return acc
@@ -74,13 +116,17 @@ def _init(shift, n_cells, flush_rows, precision, meta, baselines=(), checkpoint:
     acc.folds = 0
     acc.resumed_chunks = 0
     acc.baselines = (BaselineAccumulator(baselines, shift["all"], flush_rows, precision) if baselines else None)
+    acc.audit = AuditAccumulator(shift["audit"], *audit) if audit is not None else None
     return acc
 
 
 def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good: int,
-          blas_threads: int, features=None, checkpoint: Checkpoint | None = None, chain: int = 0) -> CellAccumulator:
+          blas_threads: int, features=None, checkpoint: Checkpoint | None = None, chain: int = 0,
+          routing: SnrRouting | None = None, audit_block: tuple | None = None) -> CellAccumulator:
     if index in acc.chunks_done:  # a retried task must not count a chunk twice
         return acc
+    if routing is not None:
+        cell = routing.cells(cell, features)
     good = good_pixel_mask(flux, error, mask)
     usable = good.sum(axis=1) >= min_good
     acc.excluded_unusable += int(((cell >= 0) & ~usable).sum())
@@ -91,6 +137,8 @@ def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good
         acc.add(x, y, keep)
         if acc.baselines is not None:
             acc.baselines.add(x, flux, error, good, features, y, keep >= 0)
+        if audit_block is not None:
+            acc.audit.add(flux, error, mask, features, *audit_block)
     acc.chunks_done.append(index)
     acc.folds += 1
     if checkpoint is not None and acc.folds % checkpoint.every == 0:
@@ -98,23 +146,27 @@ def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good
     return acc
 
 
-def _finalize(*accs: CellAccumulator) -> tuple[SufficientStats, BaselineStats | None]:
+def _finalize(*accs: CellAccumulator) -> tuple[SufficientStats, BaselineStats | None, AuditStats | None]:
     excluded = sum(acc.excluded_unusable for acc in accs)
     resumed = sum(acc.resumed_chunks for acc in accs)
     folded = sum(len(acc.chunks_done) for acc in accs) - resumed
-    baselines = None
+    baselines = audit = None
     for acc in accs:
         if acc.baselines is not None:
             part = acc.baselines.finalize()
             baselines = part if baselines is None else baselines + part
             acc.baselines = None
+        if acc.audit is not None:
+            part = acc.audit.finalize()
+            audit = part if audit is None else audit.iadd(part)
+            acc.audit = None
     total = accs[0].finalize()
     for acc in accs[1:]:
         acc.finalize(into=total)  # the other chains' packed totals add into the first chain's
     total.meta["train_rows_excluded_unusable"] = int(excluded)
     total.meta["chunks_from_checkpoint"] = int(resumed)
     total.meta["chunks_folded"] = int(folded)
-    return total, baselines
+    return total, baselines, audit
 
 
 def _features(flux, error, mask, wavelength, checkpoint: Checkpoint | None = None, index: int = 0,
@@ -153,7 +205,8 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
              flush_rows: int = 1024, precision: str = "float32", min_good_fraction: float = 0.5,
              meta: dict | None = None, blas_threads: int = 1, baselines: tuple[str, ...] = (),
              checkpoint: Checkpoint | None = None, read_ahead: int = 4,
-             row_cache: list[CachePart | None] | None = None):
+             row_cache: list[CachePart | None] | None = None, routing: SnrRouting | None = None,
+             audit: AuditPlan | None = None) -> PassGraph:
     """Build the lazy one-pass graph.
 
     Parameters
@@ -163,7 +216,8 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
     y : ndarray of shape (N,)
         Target (logg); ignored where ``cell < 0``.
     cell : ndarray of int, shape (N,)
-        Cell of each train row, ``-1`` for rows that are not trained on.
+        Cell of each train row, ``-1`` for rows that are not trained on
+        (with ``routing``: the physical bin of each train row).
     n_cells, chains, flush_rows, precision, min_good_fraction
         Accumulation layout (see :class:`~snrmoe_dask.stats.CellAccumulator`).
     meta : dict
@@ -187,17 +241,22 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         One entry per chunk (:func:`~snrmoe_dask.cache.plan_row_cache`): the
         features task of each chunk writes its cached rows from the block it
         already holds, so the cache costs no read.
+    routing : SnrRouting, optional
+        Make each train row's cell from its S/N estimate inside the fold (a
+        catalog without a true ``snr``): no features-first pass.
+    audit : AuditPlan, optional
+        Fold the audit's rows (:mod:`snrmoe_dask.audit`) in the same chains.
 
     Returns
     -------
-    stats : dask.delayed.Delayed
-        The summed :class:`~snrmoe_dask.stats.SufficientStats`. Keep it on the
-        cluster (compute only small things that depend on it).
-    features : list of dask.delayed.Delayed
-        One (rows, len(FEATURE_NAMES)) block per chunk, in order.
-    baseline_stats : dask.delayed.Delayed
-        The summed :class:`~snrmoe_dask.baselines.BaselineStats` (``None``
-        without baselines).
+    PassGraph
+        ``stats``: the summed :class:`~snrmoe_dask.stats.SufficientStats`
+        (keep it on the cluster; compute only small things that depend on
+        it); ``features``: one (rows, len(FEATURE_NAMES)) block per chunk, in
+        order; ``baselines``: the summed
+        :class:`~snrmoe_dask.baselines.BaselineStats` (``None`` without
+        baselines); ``audit``: the summed
+        :class:`~snrmoe_dask.audit.AuditStats` (``None`` without ``audit``).
     """
     n, p = ds.sizes["spectrum"], ds.sizes["wavelength"]
     if y.shape != (n,) or cell.shape != (n,):
@@ -208,20 +267,19 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
     chains = max(1, min(chains, n_chunks))
     baselines = tuple(baselines)
     tok = tokenize(ds["flux"].data.name, ds["error"].data.name, y, cell, n_cells, chains, flush_rows, precision,
-                   min_good, baselines, [p.path if p is not None else None for p in row_cache or []])
+                   min_good, baselines, [p.path if p is not None else None for p in row_cache or []], routing,
+                   None if audit is None else (audit.group, audit.targets, audit.flush_rows, audit.precision))
     reads = PacedReads(ds, ("flux", "error", "mask"), read_ahead * chains, tok)
 
     wave = dask.delayed(np.asarray(ds["wavelength"].values, np.float64), name=f"wavelength-{tok}")
     states = [checkpoint.chain_state(c) if checkpoint else None for c in range(chains)]
     done = [set(st["chunks_done"]) if st else set() for st in states]
     feats_done = checkpoint.features_done() if checkpoint else set()
-    shift = (dask.delayed(shift_from_block, pure=True)(*reads.read(0), min_good, cell[:int(starts[1])], n_cells)
-             if not all(states) else None)
+    audit_args = None if audit is None else (audit.flush_rows, audit.precision)
     init = dask.delayed(_init, pure=True)
     fold = dask.delayed(_fold, pure=True)
-    accs = [init(shift, n_cells, flush_rows, precision, dict(meta or {}), baselines, checkpoint, c,
-                 dask_key_name=f"acc-init-{tok}-{c}") for c in range(chains)]
     feats = []
+    accs: list = []
     for i in range(n_chunks):
         lo, hi = int(starts[i]), int(starts[i + 1])
         c = i % chains
@@ -232,16 +290,26 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
             part = row_cache[i] if row_cache is not None else None
             feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, wave, checkpoint, i, part,
                                                             dask_key_name=f"features-{tok}-{i}"))
+        if i == 0:  # the chains' shifts come from the first block (and its features, to route by S/N)
+            shift = (dask.delayed(_shifts, pure=True)(
+                fb, eb, mb, min_good, cell[lo:hi], n_cells, routing, feats[0] if routing else None,
+                None if audit is None else audit.group[lo:hi], 0 if audit is None else audit.n_groups,
+                dask_key_name=f"shifts-{tok}") if not all(states) else None)
+            accs = [init(shift, n_cells, flush_rows, precision, dict(meta or {}), baselines, checkpoint, k,
+                         audit_args, dask_key_name=f"acc-init-{tok}-{k}") for k in range(chains)]
         # the fold takes the chunk's feature rows even when no baseline needs them: then the chunk's
         # block is released as soon as it is folded (independent features tasks were scheduled late,
         # holding dozens of read blocks in memory)
-        if (cell[lo:hi] >= 0).any() and i not in done[c]:
+        audit_block = None
+        if audit is not None and (audit.group[lo:hi] >= 0).any():
+            audit_block = audit.block(lo, hi)
+        if ((cell[lo:hi] >= 0).any() or audit_block is not None) and i not in done[c]:
             accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_threads,
-                           feats[-1], checkpoint, c,
+                           feats[-1], checkpoint, c, routing, audit_block,
                            dask_key_name=f"acc-fold-{tok}-{c}-{i}")
             reads.folded(accs[c], i)
-    both = dask.delayed(_finalize, pure=True, nout=2)(*accs, dask_key_name=f"stats-finalize-{tok}")
-    return both[0], feats, both[1]
+    out = dask.delayed(_finalize, pure=True, nout=3)(*accs, dask_key_name=f"stats-finalize-{tok}")
+    return PassGraph(out[0], feats, out[1], out[2])
 
 
 def features_dataset(blocks: list[np.ndarray], ds: xr.Dataset, min_good_fraction: float) -> xr.Dataset:

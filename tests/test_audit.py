@@ -9,7 +9,15 @@ import pytest
 from conftest import write_raw
 from sklearn.linear_model import Ridge
 
-from snrmoe_dask.audit import AuditAccumulator, audit_catalog, r2_from_stats, representations_block, write_audit
+from snrmoe_dask.audit import (
+    AuditAccumulator,
+    AuditStats,
+    audit_catalog,
+    audit_shifts,
+    r2_from_stats,
+    representations_block,
+    write_audit,
+)
 from snrmoe_dask.catalog import open_catalog
 from snrmoe_dask.cli import main
 from snrmoe_dask.config import load_config
@@ -32,7 +40,9 @@ def _catalog(path, leak: bool, n=2400, p=64, seed=0):
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(overrides={"catalog": {"test_size": 400}, "cluster": {"scheduler": "threads"}})
+    # float64 products: the statistics-based fits are then comparable with scikit-learn to 1e-6
+    return load_config(overrides={"catalog": {"test_size": 400}, "cluster": {"scheduler": "threads"},
+                                  "fit": {"precision": "float64"}})
 
 
 @pytest.mark.parametrize("leak", [True, False])
@@ -73,16 +83,51 @@ def test_full_representation_matches_sklearn_ridge(tmp_path, cfg):
 
 def test_r2_from_statistics_equals_direct_r2():
     rng = np.random.default_rng(1)
-    x = rng.normal(5, 2, (300, 6))
-    y = x @ rng.normal(size=6) + rng.normal(size=300)
+    p = 6
+    x = rng.uniform(1, 9, (300, p))  # error vectors: positive, every pixel good
+    y = x @ rng.normal(size=p) + rng.normal(size=300)
     group = rng.integers(0, 3, 300)
-    acc = AuditAccumulator(3, 6, x.mean(0), x.mean(0))
-    acc.add({"full": x, "S1": x}, np.column_stack([y, y, y]), group)
-    st = acc.stats("full", "logg")
-    w, b = rng.normal(size=6), 0.7
+    flux = np.full_like(x, 100.0)
+    shifts = audit_shifts(flux, x, None, group, 3)
+    acc = AuditAccumulator(shifts, flush_rows=64, precision="float64")
+    feats = np.zeros((300, 40))
+    acc.add(flux, x, None, feats, group, np.column_stack([y, 2 * y, -y]), np.zeros((300, 5)))
+    st = acc.finalize()
+    w, b = rng.normal(size=p), 0.7
     sel = group == 2
-    direct = r2_score(y[sel], x[sel] @ w + b)
-    np.testing.assert_allclose(r2_from_stats(st, [2], w, b), direct, rtol=1e-10)
+    for target, scale in (("logg", 1.0), ("snr", 2.0), ("logg_shuffled", -1.0)):
+        xe = x[sel].astype(np.float32).astype(np.float64)  # the representation is float32
+        direct = r2_score(scale * y[sel], xe @ w + b)
+        np.testing.assert_allclose(r2_from_stats(st.stats("full", target), [2], w, b), direct, rtol=1e-10)
+
+
+def test_audit_statistics_of_two_chains_add_to_those_of_one(tmp_path):
+    """Chains that saw different first blocks (other shifts) merge exactly, and survive a checkpoint."""
+    rng = np.random.default_rng(2)
+    p = 5
+    e = rng.uniform(1, 3, (400, p))
+    flux = np.full_like(e, 50.0)
+    group = rng.integers(0, 2, 400)
+    y = np.column_stack([rng.normal(size=400), rng.normal(size=400), rng.normal(size=400)])
+    feats, labels = np.zeros((400, 40)), np.zeros((400, 5))
+
+    def run(blocks):
+        out = None
+        for lo, hi in blocks:
+            acc = AuditAccumulator(audit_shifts(flux[lo:hi], e[lo:hi], None, group[lo:hi], 2), 32, "float64")
+            acc.add(flux[lo:hi], e[lo:hi], None, feats[lo:hi], group[lo:hi], y[lo:hi], labels[lo:hi])
+            st = acc.finalize()
+            out = st if out is None else out.iadd(st)
+        return out
+
+    one, two = run([(0, 400)]), run([(0, 150), (150, 400)])
+    two.to_zarr(tmp_path)
+    two = AuditStats.from_zarr(tmp_path)
+    for target in ("logg", "snr", "logg_shuffled"):
+        a, b = one.stats("S1", target).reshift(two.big["S1"].shift), two.stats("S1", target)
+        for name in ("n", "sx", "sy", "syy", "xtx", "xty"):
+            np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(np.sort(two.rows[:, 1]), np.sort(one.rows[:, 1]))
 
 
 def test_audit_cli(tmp_path, capsys):

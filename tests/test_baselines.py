@@ -104,7 +104,7 @@ def test_evaluate_scores_both_baselines(fit_catalog, fitted, arrays):
 def _stats(ds, chunk, chains):
     ds = ds.chunk({"spectrum": chunk})
     cells = train_cells(ds)
-    stats, _, bstats = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=64,
+    stats, _, bstats, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=64,
                                 precision="float64", baselines=("whitened", "conditional"))
     with dask.config.set(scheduler="threads"):
         return dask.compute(stats, bstats)

@@ -63,7 +63,7 @@ def test_every_expert_matches_sklearn(fit_catalog, fitted):
 def _stats(ds, chunk, chains, precision="float64"):
     ds = ds.chunk({"spectrum": chunk})
     cells = train_cells(ds)
-    stats, _, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=64,
+    stats, _, _, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=64,
                         precision=precision)
     with dask.config.set(scheduler="threads"):
         return stats.compute()
@@ -97,7 +97,7 @@ def test_statistics_of_two_halves_add_up(fit_catalog):
         cells = cell_index(phys_bin(sub["teff"].values, sub["mh"].values, edges["teff_edges"], edges["mh_edges"]),
                            snr_bin(sub["snr"].values, edges["snr_edges"]), 4)
         cells = np.where(sub["split"].values == TRAIN, cells, -1)
-        stats, _, _ = one_pass(sub, sub["logg"].values, cells, n_cells=36, chains=1, precision="float64")
+        stats, _, _, _ = one_pass(sub, sub["logg"].values, cells, n_cells=36, chains=1, precision="float64")
         with dask.config.set(scheduler="threads"):
             return stats.compute()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import dask
@@ -32,10 +33,13 @@ def counted_reads(monkeypatch):
     return counts
 
 
-def test_fit_and_evaluate_read_every_cube_chunk_of_the_catalog_once(fit_catalog, tmp_path, counted_reads):
+def test_fit_audit_and_evaluate_read_every_cube_chunk_of_the_catalog_once(fit_catalog, tmp_path, counted_reads):
     cfg = fit_cfg()
     with dask.config.set(scheduler="threads"):  # in-process, so the patched store sees every read
-        fit_model(fit_catalog, tmp_path / "m", cfg, progress=False)
+        fit_model(fit_catalog, tmp_path / "m", cfg, progress=False, audit_out=tmp_path / "audit")
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert audit["rows"]["test"] == int(open_catalog(fit_catalog, config=cfg.catalog)["frozen_test"].values.sum())
+    assert audit["representations"]["full"]["snr_r2_se"] > 0
     model = load_model(tmp_path / "m")
     with dask.config.set(scheduler="threads"):
         evaluate_model(model, fit_catalog, cfg, progress=False)
@@ -108,3 +112,32 @@ def test_a_damaged_or_foreign_rows_directory_is_neither_trusted_nor_deleted(tmp_
     (rows / "cache.json").write_text('{"kind": "snrmoe.row_cache", "parts": 0, "catalog_fingerprint": "x"}')
     remove_row_cache(rows)
     assert not rows.exists()
+
+
+def test_a_catalog_without_snr_is_routed_by_the_estimate_in_the_same_read(tmp_path, counted_reads):
+    """No features-first pass: the fold routes each train row by its S/N estimate, as the feature table says."""
+    import xarray as xr
+    from conftest import write_raw
+
+    from snrmoe_dask.bins import phys_bin, snr_bin
+
+    rng = np.random.default_rng(3)
+    n, p = 1500, 48
+    error = rng.uniform(0.5, 4.0, (n, 1)) * rng.uniform(0.9, 1.1, (n, p))
+    flux = 50 + rng.normal(size=(n, p)) * error
+    path = write_raw(tmp_path / "nosnr.zarr", flux, error, chunk=300, logg=rng.uniform(0, 5, n),
+                     teff=rng.uniform(4000, 7000, n), mh=rng.uniform(-2, 0.5, n))
+    cfg = fit_cfg()
+    with dask.config.set(scheduler="threads"):
+        model = fit_model(path, tmp_path / "m", cfg, progress=False)
+    assert model.meta["snr_routing_source"].startswith("snr_est")
+    cube = [k for k in counted_reads if k.startswith(f"{path}/flux/") or k.startswith(f"{path}/error/")]
+    assert max(counted_reads[k] for k in cube) == 1 and len(cube) == 2 * 5
+    feats = xr.open_zarr(tmp_path / "m" / "features.zarr", consolidated=False).load()
+    ds = open_catalog(path, config=cfg.catalog)
+    e = model.edges
+    cells = (phys_bin(ds["teff"].values, ds["mh"].values, e["teff_edges"], e["mh_edges"]).astype(int)
+             * len(model.snr_names) + snr_bin(feats["snr_est"].values, e["snr_edges"]))
+    train = (ds["split"].values == 0) & feats["usable"].values
+    expect = np.bincount(cells[train], minlength=len(model.meta["rows_per_cell"]))
+    np.testing.assert_array_equal(model.meta["rows_per_cell"], expect)

@@ -50,7 +50,7 @@ def test_reads_never_run_more_than_read_ahead_chunks_before_the_chain(sim_catalo
     cells = train_cells(ds)
     n_chunks = len(ds["flux"].chunks[0])
     assert n_chunks >= 4
-    stats, feats, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=1, flush_rows=64,
+    stats, feats, _, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=1, flush_rows=64,
                                precision="float64", read_ahead=1)
     pile = _Pile()
     with dask.config.set(scheduler="threads", num_workers=4), pile:
@@ -62,7 +62,7 @@ def test_reads_never_run_more_than_read_ahead_chunks_before_the_chain(sim_catalo
     # the unpaced path (a rechunked catalog reads through its dask blocks) gives the same sums
     other = ds.chunk({"spectrum": 100})
     assert array_source(other["flux"].data) is None
-    stats2, feats2, _ = one_pass(other, ds["logg"].values, cells, n_cells=36, chains=1, flush_rows=64,
+    stats2, feats2, _, _ = one_pass(other, ds["logg"].values, cells, n_cells=36, chains=1, flush_rows=64,
                                  precision="float64")
     with dask.config.set(scheduler="threads"):
         unpaced, unpaced_feats = dask.compute(stats2, feats2)
@@ -90,7 +90,7 @@ def test_on_a_local_cluster_blocks_are_released_as_the_chain_folds(tmp_path, mon
     cat = write_sim(tmp_path / "many_chunks.zarr", small_sim_config(n=3000, n_pixels=96, chunk_size=50))
     ds = open_catalog(cat)
     assert len(ds["flux"].chunks[0]) == 60
-    stats, feats, _ = one_pass(ds, ds["logg"].values, train_cells(ds), n_cells=36, chains=1, flush_rows=32,
+    stats, feats, _, _ = one_pass(ds, ds["logg"].values, train_cells(ds), n_cells=36, chains=1, flush_rows=32,
                                precision="float64", read_ahead=2)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster) as client, get_task_stream(client) as ts:

@@ -33,7 +33,7 @@ def test_killing_a_worker_mid_reduction_gives_identical_statistics(kill_catalog)
     cells = train_cells(ds)
 
     def graph():
-        stats, _, bstats = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=2, flush_rows=64,
+        stats, _, bstats, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=2, flush_rows=64,
                                     precision="float64", baselines=("whitened", "conditional"))
         return stats, bstats
 

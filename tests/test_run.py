@@ -48,7 +48,7 @@ def slow_catalog(tmp_path_factory):
 @pytest.mark.slow
 def test_killed_reduction_resumes_to_identical_statistics(slow_catalog, tmp_path):
     sections = {"fit": {"min_cell_rows": 10, "chains": 1, "checkpoint_every": 4},
-                "run": {"catalog": str(slow_catalog), "audit": False, "report": False},
+                "run": {"catalog": str(slow_catalog), "audit": True, "report": False},
                 "ceiling": {"enabled": False}}
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     cfg_killed = _cfg(tmp_path, **{**sections, "run": {**sections["run"], "out": str(killed)}})
@@ -98,6 +98,10 @@ def test_killed_reduction_resumes_to_identical_statistics(slow_catalog, tmp_path
     ma = json.loads((killed / "metrics.json").read_text())
     mb = json.loads((clean / "metrics.json").read_text())
     assert ma["models"] == mb["models"]
+    # the audit rode the same chains: its state was checkpointed with theirs and resumes to the same figures
+    aa = json.loads((killed / "audit" / "audit.json").read_text())
+    ab = json.loads((clean / "audit" / "audit.json").read_text())
+    assert aa["representations"] == ab["representations"] and aa["checks"] == ab["checks"]
     # the row cache survived the kill whole: the resumed gates and evaluate read it, and it equals a clean run's
     from snrmoe_dask.cache import open_row_cache
 
@@ -124,12 +128,18 @@ def test_resume_skips_finished_stages_and_reruns_what_a_change_touches(tmp_path)
     third = run_pipeline(changed, resume=True)
     rerun = {s for s, v in third["stages"].items() if "skipped" not in v}
     assert rerun == {"evaluate", "report"}
-    # a fit setting reruns fit and everything downstream, not the catalog or the audit
+    # a fit setting reruns fit and everything downstream, and the audit that rides the fit's pass
     changed = cfg.model_copy(update={"fit": cfg.fit.model_copy(update={"min_cell_rows": 11})})
     fourth = run_pipeline(changed, resume=True)
-    assert {s for s, v in fourth["stages"].items() if "skipped" not in v} == {"fit", "evaluate", "report"}
+    assert {s for s, v in fourth["stages"].items() if "skipped" not in v} == {"fit", "audit", "evaluate", "report"}
+    assert fourth["stages"]["audit"]["in_fit_pass"]
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())
     assert recorded["config"]["fit"]["min_cell_rows"] == 11 and "versions" in recorded
+    # an audit setting alone: the fit is complete, so the audit reads the catalog on its own
+    changed = changed.model_copy(update={"audit": changed.audit.model_copy(update={"seed": 3})})
+    fifth = run_pipeline(changed, resume=True)
+    assert {s for s, v in fifth["stages"].items() if "skipped" not in v} == {"audit", "report"}
+    assert fifth["stages"]["audit"]["own_pass"]
 
 
 def test_report_has_every_figure_and_tables_from_metrics(tmp_path):
