@@ -190,7 +190,8 @@ def spectrum(cs: CenteredStats, precision: str = "float64") -> Spectrum | RangeS
     lapack = scipy.linalg.lapack
     sytrd, lwork = (lapack.ssytrd, lapack.ssytrd_lwork) if precision == "float32" else (lapack.dsytrd,
                                                                                          lapack.dsytrd_lwork)
-    c, d, e, tau, info = sytrd(cs.gram.astype(precision), lower=1, lwork=max(1, int(lwork(p)[0])))
+    # symmetric: the transposed view of the copy is the same matrix in Fortran order (reduced in place)
+    c, d, e, tau, info = sytrd(cs.gram.astype(precision).T, lower=1, overwrite_a=1, lwork=max(1, int(lwork(p)[0])))
     if info != 0:  # pragma: no cover - LAPACK reports an illegal argument only
         raise np.linalg.LinAlgError(f"?sytrd failed (info={info})")
     d, e = d.astype(np.float64), e.astype(np.float64)
@@ -209,11 +210,14 @@ def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float, factors: dict | 
     """
     if factors is not None and alpha in factors:
         return scipy.linalg.cho_solve(factors[alpha], b, check_finite=False)
-    a = gram + alpha * np.eye(gram.shape[0])
-    try:
-        c = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
+    a = np.array(gram, dtype=np.float64, copy=True)
+    a.flat[::a.shape[0] + 1] += alpha
+    try:  # symmetric: the transposed view is the same matrix, Fortran-ordered, so LAPACK factors it in place
+        c = scipy.linalg.cho_factor(a.T, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:
-        return scipy.linalg.lstsq(gram + alpha * np.eye(gram.shape[0]), b, check_finite=False)[0]
+        a = np.array(gram, dtype=np.float64, copy=True)
+        a.flat[::a.shape[0] + 1] += alpha
+        return scipy.linalg.lstsq(a, b, check_finite=False, overwrite_a=True)[0]
     if factors is not None:
         factors[alpha] = c
     return scipy.linalg.cho_solve(c, b, check_finite=False)

@@ -41,11 +41,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from scipy.linalg.blas import dsyrk as _dsyrk
 
 from .blas import syrk_update
 
 __all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "impute_bad_pixels", "memory_bytes",
-           "symmetrize_lower", "tri_size", "pack_lower", "unpack_symmetric"]
+           "symmetrize_lower", "tri_size", "pack_lower", "unpack_lower", "unpack_symmetric"]
 
 
 # ---------------------------------------------------------------- packed triangles
@@ -80,14 +81,19 @@ def pack_lower(m: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def unpack_symmetric(packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The full symmetric float64 matrix of a packed lower triangle."""
+def unpack_lower(packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A C-ordered float64 matrix whose lower triangle is the packed one (the upper one is left as it was)."""
     p = _side(packed.shape[-1])
     off = _offsets(p)
     m = np.empty((p, p)) if out is None else out
     for i in range(p):
         m[i, :i + 1] = packed[off[i]:off[i + 1]]
-    return symmetrize_lower(m)
+    return m
+
+
+def unpack_symmetric(packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The full symmetric float64 matrix of a packed lower triangle."""
+    return symmetrize_lower(unpack_lower(packed, out))
 
 
 def _packed_sym_outer_add(packed: np.ndarray, h: np.ndarray, d: np.ndarray) -> None:
@@ -235,12 +241,18 @@ class SufficientStats:
         packed = self.xtx[index[0]].copy()  # summed one cell at a time: no (len(index), P^2/2) temporary
         for k in index[1:]:
             packed += self.xtx[k]
-        xtx = unpack_symmetric(packed)
+        gram = unpack_lower(packed)
         del packed
-        # sum_k [n_k (mu_k - mu)(mu_k - mu)^T - n_k m_k m_k^T] as two products of (P, cells) factors
+        # + sum_k [n_k (mu_k - mu)(mu_k - mu)^T - n_k m_k m_k^T]: two rank-(cells) BLAS updates of the lower
+        # triangle in place (no P x P temporaries), then one symmetrisation
         a = (mu_k - mu) * np.sqrt(nk)[:, None]
         b = m * np.sqrt(nk)[:, None]
-        gram = xtx + a.T @ a - b.T @ b
+        g = gram.T  # Fortran-ordered: its upper triangle is gram's lower one
+        for sign, f in ((1.0, a), (-1.0, b)):
+            out = _dsyrk(sign, np.asfortranarray(f.T), beta=1.0, c=g, trans=0, lower=0, overwrite_c=1)
+            if not np.shares_memory(out, g):  # pragma: no cover - f2py copied: keep the result
+                g[...] = out
+        symmetrize_lower(gram)
         xty = ((self.xty[index] - m * self.sy[index][:, None]).sum(0)
                + (nk * (ybar_k - sy / n)) @ (mu_k - mu))
         return CenteredStats(n, mu, sy / n, gram, xty, syy - sy * sy / n)
