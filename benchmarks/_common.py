@@ -115,3 +115,77 @@ def daskml_ridge(x, y, xt, yt, alpha: float, solver: str, max_iter: int, ref_coe
     return {"solver": solver, "max_iter": max_iter, "rows": int(x.shape[0]), "seconds": seconds,
             "r2": r2(yt, (xt - xm) @ coef + ym),
             "coef_rel_err_vs_sklearn": float(np.abs(coef - ref_coef).max() / np.abs(ref_coef).max())}
+
+
+# ------------------------------------------------------- bytes read from a catalog, counted at the store
+def _install_read_counter(root: str) -> bool:
+    """Count every ``get`` of zarr's LocalStore under ``root`` in this process: (unix time, key, bytes).
+
+    The counter lives on the ``LocalStore`` class, so it persists in a worker process between tasks and
+    ``client.run`` calls. Returns True (so ``client.run`` has something to show per worker).
+    """
+    import time as _time
+
+    from zarr.storage import LocalStore
+
+    if not hasattr(LocalStore, "_bench_reads"):
+        original = LocalStore.get
+        LocalStore._bench_reads, LocalStore._bench_roots = [], set()
+
+        async def get(self, key, prototype=None, byte_range=None):
+            out = await original(self, key, prototype, byte_range)
+            full = f"{self.root}/{key}"
+            if out is not None and any(full.startswith(r) for r in LocalStore._bench_roots):
+                LocalStore._bench_reads.append((_time.time(), full, len(out)))
+            return out
+
+        LocalStore.get = get
+    LocalStore._bench_roots.add(str(root).rstrip("/") + "/")
+    return True
+
+
+def _collected_reads() -> list:
+    from zarr.storage import LocalStore
+
+    return list(getattr(LocalStore, "_bench_reads", []))
+
+
+class CatalogReads:
+    """Bytes read from one catalog store by the client and every worker of ``client``, measured at zarr's
+    ``LocalStore.get`` (compressed chunk bytes, as they come off the disk or the page cache)."""
+
+    def __init__(self, root: Path, client):
+        import cloudpickle
+
+        self.root, self.client = str(Path(root).resolve()), client
+        cloudpickle.register_pickle_by_value(__import__(__name__))  # workers cannot import benchmarks/
+        _install_read_counter(self.root)
+        if client is not None:
+            client.run(_install_read_counter, self.root)
+
+    def events(self) -> list[tuple[float, str, int]]:
+        out = _collected_reads()
+        if self.client is not None:
+            for reads in self.client.run(_collected_reads).values():
+                out.extend(reads)
+        return [e for e in out if e[1].startswith(self.root + "/")]
+
+    def summary(self, windows: dict[str, tuple[float, float]]) -> dict:
+        """Bytes per window (unix-time intervals), split into the cube (flux/error/mask) and the rest; and how
+        many cube chunks were read more than once over all windows."""
+        events = self.events()
+        cube = ("flux", "error", "mask")
+        out = {}
+        for name, (t0, t1) in windows.items():
+            sel = [e for e in events if t0 <= e[0] <= t1]
+            out[name] = {"bytes": int(sum(e[2] for e in sel)),
+                         "cube_bytes": int(sum(e[2] for e in sel if e[1][len(self.root) + 1:].split("/")[0] in cube))}
+        keys = [e[1] for e in events if e[1][len(self.root) + 1:].split("/")[0] in cube]
+        out["cube_chunks_read"] = len(set(keys))
+        out["cube_chunk_reads"] = len(keys)
+        return out
+
+
+def store_bytes(root: Path) -> int:
+    """Size of a store on disk (every file)."""
+    return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())

@@ -5,8 +5,10 @@ For each N: simulate (or reuse) an N x 4096 catalog, then in the same run
 * the reduce pass against its floor (``benchmarks/reduce.py``'s measurement:
   zarr read + in-memory BLAS X.T@X of the train rows);
 * the whole ``snrmoe run`` study (``config/full-1m.yaml`` settings with
-  ``simulate.n = N``): wall time per stage and the peak resident memory of the
-  process tree (client + workers);
+  ``simulate.n = N``): wall time per stage, the peak resident memory of the
+  process tree (client + workers), and the bytes read from the catalog per
+  stage, counted at zarr's store in the client and every worker
+  (:class:`_common.CatalogReads`), against the catalog's size on disk;
 * peers at ``min(N, --peer-max-n)`` train rows loaded in memory (float64):
   ``sklearn.linear_model.Ridge`` for the global model and for the four oracle
   S/N experts as separate fits (what the seeds did), and
@@ -34,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PeakRSS, daskml_ridge, ensure_catalog, load_rows, r2  # noqa: E402
+from _common import CatalogReads, PeakRSS, daskml_ridge, ensure_catalog, load_rows, r2, store_bytes  # noqa: E402
 from reduce import measure  # noqa: E402
 
 from snrmoe_dask.bins import snr_bin  # noqa: E402
@@ -137,10 +139,12 @@ def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep:
             _save(res, False)
             res["reduce"] = measure(catalog, client, cfg.fit)
             _save(res, False)
+        reads = CatalogReads(catalog, client)  # every get from the catalog store, in the client and the workers
         with PeakRSS() as peak:
-            t0 = time.perf_counter()
+            t0, t0_unix = time.perf_counter(), time.time()
             record = run_study(cfg, Path(cfg.run.out), client=client, resume=resume)
             res["study_s"] = time.perf_counter() - t0
+        res["catalog_bytes"] = store_bytes(catalog)
         res["resumed_stages"] = [k for k, v in record["stages"].items() if v.get("skipped")]
         res["peak_rss_gb"] = peak.peak / 1e9
         res["stages_s"] = {k: v.get("seconds") for k, v in record["stages"].items()}
@@ -152,6 +156,17 @@ def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep:
             res["peak_rss_gb_by_stage"][k] = peak.peak_between(t, t + (sec or 0.0) + 1.0) / 1e9
             t += sec or 0.0
         res["fit_timings"] = json.loads((Path(cfg.run.out) / "model" / "model.json").read_text())["timings"]
+        # bytes read from the catalog, per stage (stages run back to back from t0) and for the whole study
+        windows, t = {}, t0_unix
+        for k, sec in res["stages_s"].items():
+            if k in res["resumed_stages"]:
+                continue
+            windows[k] = (t, t + (sec or 0.0))
+            t += sec or 0.0
+        windows["study"] = (t0_unix, t0_unix + res["study_s"])
+        res["bytes_read"] = reads.summary(windows)
+        res["bytes_read"]["study_vs_catalog_size"] = res["bytes_read"]["study"]["bytes"] / res["catalog_bytes"]
+        res["study_vs_pass"] = res["study_s"] / res["fit_timings"]["pass_s"]
         m = record["metrics"]["models"]
         res["ours"] = {k: {"r2": m[k]["r2"]} for k in ("global", "oracle_snr", "hierarchical",
                                                          record["metrics"].get("default_gate") or "global")}
@@ -217,7 +232,13 @@ def main() -> None:
         _save(res, True)
         p = res["peers"]
         stages = {k: round(v or 0) for k, v in res["stages_s"].items()}
-        print(f"N={n}: study {res['study_s']:.0f} s, stages {json.dumps(stages)}")
+        print(f"N={n}: study {res['study_s']:.0f} s, stages {json.dumps(stages)}; the fit's pass "
+              f"{res['fit_timings']['pass_s']:.0f} s (study / pass = {res['study_vs_pass']:.2f})")
+        b = res["bytes_read"]
+        print(f"  bytes read from the catalog: study {b['study']['bytes'] / 1e9:.2f} GB = "
+              f"{b['study_vs_catalog_size']:.3f} x its {res['catalog_bytes'] / 1e9:.2f} GB on disk; "
+              f"{b['cube_chunk_reads']} reads of {b['cube_chunks_read']} cube chunks; by stage "
+              f"{json.dumps({k: round(v['bytes'] / 1e9, 3) for k, v in b.items() if isinstance(v, dict)})} GB")
         print(f"  reduce {res['reduce']['ours_s']:.1f} s vs floor {res['reduce']['floor_s']:.1f} s = "
               f"{res['reduce']['ratio_vs_floor']:.2f} x; peak RSS {res['peak_rss_gb']:.2f} GB "
               f"(by stage: {json.dumps({k: round(v, 1) for k, v in res['peak_rss_gb_by_stage'].items()})})")

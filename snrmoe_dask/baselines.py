@@ -144,6 +144,7 @@ class BaselineAccumulator:
         self.names = tuple(names)
         self.flush_rows, self.precision = flush_rows, precision
         self.white: CellAccumulator | None = None  # created at the first rows (its shift is their mean)
+        self.scratch_of: CellAccumulator | None = None  # an accumulator whose scratch matrix ``white`` shares
         self._dtype = np.float32 if precision == "float32" else np.float64  # of the products, as the experts'
         self._shift = np.asarray(shift, self._dtype)  # applied in the working precision: record exactly that
         self.cross = (CrossStats.zeros(self._shift.astype(np.float64), len(TERM_NAMES))
@@ -165,6 +166,8 @@ class BaselineAccumulator:
             if self.white is None:
                 self.white = CellAccumulator(1, w.mean(axis=0, dtype=np.float64), flush_rows=self.flush_rows,
                                              precision=self.precision)
+                if self.scratch_of is not None:
+                    self.white.share_scratch(self.scratch_of)
             self.white.add(w, y, np.zeros(w.shape[0], np.int64))
         if self.cross is not None:
             xc = np.subtract(x_imputed[keep], self._shift, dtype=self._dtype)

@@ -34,7 +34,7 @@ from .ridge import ridge_alphas, ridge_coef, solve_ridge, spectrum
 from .stats import SufficientStats
 
 __all__ = ["FAMILIES", "ORACLE_FAMILIES", "ExpertSpec", "expert_specs", "leave_cells_out_prior", "solve_expert",
-           "fit_experts", "experts_dataset"]
+           "fit_experts", "experts_dataset", "with_blas_threads"]
 
 FAMILIES = ("global", "oracle_snr", "oracle_phys", "oracle_joint", "hierarchical")
 #: the families routed by the true bins (compared with the ceiling that is given the bins too)
@@ -124,12 +124,13 @@ def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequ
     return out if twin is not None else out[spec.name]
 
 
-def _solve_task(blas_threads: int | None, _after, *args):
-    """:func:`solve_expert` with ``blas_threads`` BLAS threads; ``_after`` only orders the tasks."""
+def with_blas_threads(blas_threads: int | None, _after, fn, *args):
+    """``fn(*args)`` with ``blas_threads`` BLAS threads (a task); ``_after`` only orders the tasks, so solves
+    chained this way run one at a time with every core of the worker in the BLAS."""
     if blas_threads is None:
-        return solve_expert(*args)
+        return fn(*args)
     with threadpool_limits(limits=blas_threads, user_api="blas"):
-        return solve_expert(*args)
+        return fn(*args)
 
 
 def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[float], min_rows: int,
@@ -143,7 +144,7 @@ def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[fl
     a time with ``blas_threads`` BLAS threads: on 2 cores that is 1.3x faster
     than two concurrent single-threaded solves (``benchmarks/expert_solves.py``).
     """
-    solve = dask.delayed(_solve_task, pure=True)
+    solve = dask.delayed(with_blas_threads, pure=True)
     tok = tokenize(getattr(stats, "key", None), list(relative_alphas), min_rows, max_df_fraction, search_precision,
                    blas_threads, one_at_a_time)
     twins = {(s.cells, s.parent): s for s in specs if s.shrink}
@@ -156,8 +157,8 @@ def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[fl
         parent = out.get(spec.parent) if spec.parent else None
         twin = twins.get((spec.cells, spec.parent)) if spec.family == "oracle_joint" else None
         parent_cells = by_name[spec.parent].cells if (twin is not None and spec.parent) else None
-        task = solve(blas_threads, previous if one_at_a_time else None, stats, spec, list(relative_alphas), min_rows,
-                     parent, max_df_fraction, twin, search_precision, parent_cells,
+        task = solve(blas_threads, previous if one_at_a_time else None, solve_expert, stats, spec,
+                     list(relative_alphas), min_rows, parent, max_df_fraction, twin, search_precision, parent_cells,
                      dask_key_name=f"solve expert {spec.name}-{tok}")
         previous = task
         if twin is None:

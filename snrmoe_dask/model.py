@@ -53,7 +53,15 @@ from .checkpoint import Checkpoint, plan_token
 from .cluster import compute
 from .config import Config
 from .evaluate import expert_predictions, r2_score, regression_metrics, route_oracle
-from .experts import FAMILIES, ORACLE_FAMILIES, ExpertSpec, expert_specs, experts_dataset, fit_experts
+from .experts import (
+    FAMILIES,
+    ORACLE_FAMILIES,
+    ExpertSpec,
+    expert_specs,
+    experts_dataset,
+    fit_experts,
+    with_blas_threads,
+)
 from .features import FEATURE_NAMES, QUALITY_FEATURES, feature_table
 from .gates import GATE_SPECS, ORACLE_OF, Gate, entropy, mixture
 from .mixture import (
@@ -163,6 +171,10 @@ def _threads_per_worker(client) -> int:
     if client is None:
         return os.cpu_count() or 1
     return max(1, min(client.nthreads().values()))
+
+
+def _clock(_stats) -> float:
+    return time.time()
 
 
 def _save_stats(stats: SufficientStats, path: str) -> dict:
@@ -352,23 +364,29 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         checkpoint=checkpoint, row_cache=row_cache, routing=routing, audit=audit)
     specs = expert_specs(snr_names, phys_names)
     # one solve at a time with all the worker's cores in the BLAS (the statistics live on one worker)
+    blas = _threads_per_worker(client)
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
-                         cfg.fit.alpha_search_precision, blas_threads=_threads_per_worker(client), one_at_a_time=True)
+                         cfg.fit.alpha_search_precision, blas_threads=blas, one_at_a_time=True)
     saved_d = dask.delayed(_save_stats)(stats_d, str(model_dir / "stats.zarr"))
     pca_d = dask.delayed(pca_from_stats)(stats_d, cfg.gates.n_pca) if cfg.gates.n_pca else dask.delayed(None)
+    # the baselines' and the audit's solves join the experts' queue: one O(P^3) solve in memory at a time
+    serial = dask.delayed(with_blas_threads, pure=True)
+    last = list(fits_d.values())[-1]
     base_d = dask.delayed(None)
     if baselines:
-        base_d = dask.delayed(_fit_and_save_baselines)(stats_d, bstats_d, cfg.fit.alphas_relative,
-                                                       cfg.fit.max_df_fraction, cfg.fit.alpha_search_precision,
-                                                       str(model_dir / "baseline_stats"))
-    audit_sol_d = (dask.delayed(audit_solutions)(audit_d, audit.n_groups, cfg.fit) if audit is not None
-                   else dask.delayed(None))
-    t0 = time.perf_counter()
-    feature_blocks, fits, saved, pca, base_fits, audit_sol = compute(
-        feats_d, fits_d, saved_d, pca_d, base_d, audit_sol_d, client=client, progress=progress,
+        base_d = last = serial(blas, last, _fit_and_save_baselines, stats_d, bstats_d, cfg.fit.alphas_relative,
+                               cfg.fit.max_df_fraction, cfg.fit.alpha_search_precision,
+                               str(model_dir / "baseline_stats"), dask_key_name=f"solve baselines-{stats_d.key}")
+    audit_sol_d = (serial(blas, last, audit_solutions, audit_d, audit.n_groups, cfg.fit,
+                          dask_key_name=f"solve audit-{stats_d.key}") if audit is not None else dask.delayed(None))
+    clock_d = dask.delayed(_clock)(stats_d)  # a cheap task that runs as soon as the pass has finished
+    t0, t0_unix = time.perf_counter(), time.time()
+    feature_blocks, fits, saved, pca, base_fits, audit_sol, pass_end = compute(
+        feats_d, fits_d, saved_d, pca_d, base_d, audit_sol_d, clock_d, client=client, progress=progress,
         label=f"one pass ({chains} accumulator chain(s)) + {len(specs)} experts + {len(baselines)} baselines"
               + (" + audit" if audit is not None else ""))
     timings["pass_and_fit_s"] = time.perf_counter() - t0
+    timings["pass_s"] = pass_end - t0_unix  # the worker's clock: the same host, or NTP-close on a cluster
 
     features = features_dataset(feature_blocks, ds, cfg.catalog.min_good_fraction)
     snr_route = np.asarray(ds["snr"].values, np.float64) if routing is None else features["snr_est"].values

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.linalg import eigh
+from scipy.sparse.linalg import eigsh
 
 from .stats import SufficientStats
 
@@ -36,7 +37,11 @@ def pca_from_stats(stats: SufficientStats, n_components: int = 4) -> dict[str, n
     k = min(n_components, p)
     if cs.n < 2:
         raise ValueError(f"PCA needs at least 2 train rows, got {cs.n:.0f}")
-    vals, vecs = eigh(cs.gram / (cs.n - 1.0), subset_by_index=[p - k, p - 1])
+    cov = cs.gram / (cs.n - 1.0)
+    if 4 * k < p:  # the few leading pairs by Lanczos (ARPACK, to machine precision): no O(P^3) reduction
+        vals, vecs = eigsh(cov, k=k, which="LA", tol=0.0, v0=np.ones(p))
+    else:
+        vals, vecs = eigh(cov, subset_by_index=[p - k, p - 1])
     order = np.argsort(vals)[::-1]
     vals, vecs = vals[order], vecs[:, order].T
     big = np.argmax(np.abs(vecs), axis=1)

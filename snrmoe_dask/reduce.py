@@ -110,13 +110,25 @@ def _init(shift, n_cells, flush_rows, precision, meta, baselines=(), checkpoint:
         acc = checkpoint.load_chain(chain, flush_rows, precision, baselines, audit)
         if acc is not None:
             acc.stats.meta = meta
-            return acc
+            return share_scratch(acc)
     acc = CellAccumulator(n_cells, shift["cells"], flush_rows=flush_rows, precision=precision, meta=meta)
     acc.excluded_unusable = 0
     acc.folds = 0
     acc.resumed_chunks = 0
     acc.baselines = (BaselineAccumulator(baselines, shift["all"], flush_rows, precision) if baselines else None)
     acc.audit = AuditAccumulator(shift["audit"], *audit) if audit is not None else None
+    return share_scratch(acc)
+
+
+def share_scratch(acc: CellAccumulator) -> CellAccumulator:
+    """One ``P x P`` scratch matrix for every accumulator of a chain (they flush one after another)."""
+    if acc.baselines is not None:
+        acc.baselines.scratch_of = acc
+        if acc.baselines.white is not None:
+            acc.baselines.white.share_scratch(acc)
+    if acc.audit is not None:
+        for a in acc.audit.acc.values():
+            a.share_scratch(acc)
     return acc
 
 

@@ -35,6 +35,7 @@ The intercept is ``ybar - xbar . w`` and is never penalised, as in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -215,9 +216,17 @@ def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float, factors: dict | 
     try:  # symmetric: the transposed view is the same matrix, Fortran-ordered, so LAPACK factors it in place
         c = scipy.linalg.cho_factor(a.T, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:
+        # not positive definite at working precision (a tiny alpha on float32-accumulated sums): the symmetric
+        # indefinite factorisation (Bunch-Kaufman, as cheap as Cholesky) solves it exactly; least squares only
+        # if it is singular (an SVD is 30x slower at P = 4096)
         a = np.array(gram, dtype=np.float64, copy=True)
         a.flat[::a.shape[0] + 1] += alpha
-        return scipy.linalg.lstsq(a, b, check_finite=False, overwrite_a=True)[0]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # ill-conditioned is expected here
+                return scipy.linalg.solve(a, b, assume_a="sym", check_finite=False)
+        except np.linalg.LinAlgError:
+            return scipy.linalg.lstsq(a, b, check_finite=False, overwrite_a=True, lapack_driver="gelsy")[0]
     if factors is not None:
         factors[alpha] = c
     return scipy.linalg.cho_solve(c, b, check_finite=False)

@@ -386,9 +386,15 @@ class CellAccumulator:
         self._buf = np.empty((n_cells, self.flush_rows, p), self.dtype)
         self._ybuf = np.empty((n_cells, self.flush_rows), np.float64)
         self._fill = np.zeros(n_cells, np.int64)
-        self._scratch: np.ndarray | None = None
+        self._scratch: list = [None]  # a box: accumulators of one chain may share it (share_scratch)
         self.rows_seen = 0
         self.chunks_done: list[int] = []
+
+    def share_scratch(self, other: CellAccumulator) -> CellAccumulator:
+        """Flush into ``other``'s scratch matrix (accumulators that flush one at a time, as those of one
+        chain do, need only one ``P x P`` scratch between them); returns self."""
+        self._scratch = other._scratch
+        return self
 
     def flush_all(self) -> SufficientStats:
         """Flush every buffer into the float64 totals and return them (shared with the accumulator).
@@ -450,12 +456,13 @@ class CellAccumulator:
         a = self._buf[k, :m]
         yk = self._ybuf[k, :m]
         s = self.stats
-        if self._scratch is None:
-            self._scratch = np.empty((self._p, self._p), self.dtype, order="F")
+        scratch = self._scratch[0]
+        if scratch is None or scratch.shape[0] != self._p or scratch.dtype != self.dtype:
+            scratch = self._scratch[0] = np.empty((self._p, self._p), self.dtype, order="F")
         # C <- a^T a on C's upper triangle; a.T is Fortran-ordered, so nothing is copied. C is Fortran-ordered,
         # so as a C-ordered array (C.T) the products sit in the *lower* triangle, the packed layout's.
-        syrk_update(self._scratch, a, beta=0.0)  # releases the GIL: the worker's other tasks run meanwhile
-        pack_lower(self._scratch.T, out=s.xtx[k])
+        syrk_update(scratch, a, beta=0.0)  # releases the GIL: the worker's other tasks run meanwhile
+        pack_lower(scratch.T, out=s.xtx[k])
         # sum(x - c) and sum((x - c) y) in one GEMV in the working precision, added into float64
         w = np.empty((2, m), self.dtype)
         w[0] = 1.0
@@ -471,7 +478,8 @@ class CellAccumulator:
     def finalize(self, into: SufficientStats | None = None) -> SufficientStats:
         """Flush everything and free the buffers; returns the statistics, or adds them to ``into``."""
         s = self.flush_all()
-        self._buf = self._ybuf = self._scratch = None
+        self._buf = self._ybuf = None
+        self._scratch = [None]  # others sharing the old box keep it
         if into is None:
             return s
         self.stats = None

@@ -169,3 +169,16 @@ def test_tridiagonal_grid_scores_choose_the_exact_gcv_alpha_on_simulated_spectra
         assert sol.alpha == grid[int(np.argmin(np.where(eligible, ref, np.inf)))]
         ref_w = Ridge(alpha=sol.alpha).fit(x, y - (0 if prior is None else x @ prior)).coef_
         np.testing.assert_allclose(sol.coef, ref_w + (0 if prior is None else prior), rtol=1e-6, atol=1e-10)
+
+
+def test_an_indefinite_system_is_solved_exactly_not_by_least_squares():
+    """Rounding can leave G + alpha I indefinite (float32 sums, tiny alpha): the symmetric indefinite solve
+    then equals NumPy's general solve (it used to fall back to an SVD least squares, 30x slower at P = 4096)."""
+    from snrmoe_dask.ridge import _exact_solve
+
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+    g = (q * np.r_[-1e-3, rng.uniform(0.1, 10, 39)]) @ q.T  # one slightly negative eigenvalue
+    g = 0.5 * (g + g.T)
+    b = rng.normal(size=40)
+    np.testing.assert_allclose(_exact_solve(g, b, 1e-4), np.linalg.solve(g + 1e-4 * np.eye(40), b), rtol=1e-9)
