@@ -172,7 +172,7 @@ class CatalogReads:
 
     def summary(self, windows: dict[str, tuple[float, float]]) -> dict:
         """Bytes per window (unix-time intervals), split into the cube (flux/error/mask) and the rest; and how
-        many cube chunks were read more than once over all windows."""
+        often the cube's chunks were read over all windows (chunk keys only, not metadata)."""
         events = self.events()
         cube = ("flux", "error", "mask")
         out = {}
@@ -180,7 +180,7 @@ class CatalogReads:
             sel = [e for e in events if t0 <= e[0] <= t1]
             out[name] = {"bytes": int(sum(e[2] for e in sel)),
                          "cube_bytes": int(sum(e[2] for e in sel if e[1][len(self.root) + 1:].split("/")[0] in cube))}
-        keys = [e[1] for e in events if e[1][len(self.root) + 1:].split("/")[0] in cube]
+        keys = [e[1] for e in events if e[1][len(self.root) + 1:].split("/")[0] in cube and "/c/" in e[1]]
         out["cube_chunks_read"] = len(set(keys))
         out["cube_chunk_reads"] = len(keys)
         return out
