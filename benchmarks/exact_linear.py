@@ -27,7 +27,8 @@ import xarray as xr
 
 from snrmoe_dask.cluster import compute, dask_session
 from snrmoe_dask.config import load_config
-from snrmoe_dask.model import evaluate_model, fit_model
+from snrmoe_dask.evaluate import evaluate_model
+from snrmoe_dask.fit import fit_model
 from snrmoe_dask.simulate import simulate_catalog, write_catalog
 
 

@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from snrmoe_dask.evaluate import r2_table
+from snrmoe_dask.metrics import r2_table
 from snrmoe_dask.report import ceiling_table, coverage_table, gate_table
 
 

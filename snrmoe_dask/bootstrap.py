@@ -9,7 +9,7 @@ all of them. For a draw with counts ``c`` (a multinomial over the rows)::
 
 so a draw of every model costs one matrix-vector product. Per-bin R² uses
 the same counts restricted to the bin's rows (the bin's own variance, as
-:func:`~snrmoe_dask.evaluate.r2_score` of the bin does).
+:func:`~snrmoe_dask.metrics.r2_score` of the bin does).
 """
 
 from __future__ import annotations

@@ -115,14 +115,14 @@ class Checkpoint:
         path = Path(self.path) / "features" / f"{index}.zarr"
         return np.asarray(xr.open_zarr(path, consolidated=False)["features"].values)
 
-    def save_chain(self, c: int, acc) -> None:
-        """Flush chain ``c``'s accumulator (and its baselines) and write its state."""
+    def save_chain(self, c: int, state) -> None:
+        """Flush chain ``c``'s accumulators (a :class:`~snrmoe_dask.chain.ChainState`) and write them."""
         root = Path(self.path)
         tmp = root / f"chain-{c}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        acc.flush_all().to_zarr(tmp / "stats.zarr")
-        b = acc.baselines
+        state.cells.flush_all().to_zarr(tmp / "stats.zarr")
+        b = state.baselines
         if b is not None:
             if b.white is not None:
                 b.white.flush_all().to_zarr(tmp / "whitened.zarr")
@@ -130,40 +130,36 @@ class Checkpoint:
                 from .baselines import BaselineStats
 
                 BaselineStats(cross=b.cross).to_zarr(tmp)
-        if getattr(acc, "audit", None) is not None:
-            acc.audit.flush_all().to_zarr(tmp)
-        state = {"chunks_done": list(acc.chunks_done), "excluded_unusable": int(acc.excluded_unusable),
-                 "rows_seen": int(acc.rows_seen), "folds": int(acc.folds)}
-        (tmp / "state.json").write_text(json.dumps(state))
+        if state.audit is not None:
+            state.audit.flush_all().to_zarr(tmp)
+        (tmp / "state.json").write_text(json.dumps(state.bookkeeping()))
         _replace_dir(tmp, root / f"chain-{c}")
 
     def load_chain(self, c: int, flush_rows: int, precision: str, baselines: tuple[str, ...],
                    audit: tuple[int, str] | None = None):
-        """The accumulator of chain ``c`` as last saved, or ``None``; ``audit`` = (flush_rows, precision) of
-        the audit's accumulator when it rides the pass."""
-        from .audit import AuditAccumulator, AuditStats
+        """The :class:`~snrmoe_dask.chain.ChainState` of chain ``c`` as last saved, or ``None``; ``audit`` =
+        (flush_rows, precision) of the audit's accumulator when it rides the pass."""
         from .baselines import BaselineAccumulator, BaselineStats
+        from .chain import ChainState
+        from .leakage import AuditAccumulator, AuditStats
         from .stats import CellAccumulator, SufficientStats
 
         d = self._chain_dir(c)
         if d is None:
             return None
-        state = json.loads((d / "state.json").read_text())
-        acc = CellAccumulator.resume(SufficientStats.from_zarr(d / "stats.zarr"), flush_rows=flush_rows,
-                                     precision=precision)
-        acc.chunks_done = list(state["chunks_done"])
-        acc.resumed_chunks = len(acc.chunks_done)
-        acc.excluded_unusable = state["excluded_unusable"]
-        acc.rows_seen = state["rows_seen"]
-        acc.folds = state["folds"]
-        acc.baselines = None
+        saved = json.loads((d / "state.json").read_text())
+        cells = CellAccumulator.resume(SufficientStats.from_zarr(d / "stats.zarr"), flush_rows=flush_rows,
+                                       precision=precision)
+        cells.rows_seen = saved["rows_seen"]
+        base = None
         if baselines:
-            acc.baselines = BaselineAccumulator(baselines, acc.stats.shift[0], flush_rows, precision)
-            saved = BaselineStats.from_zarr(d)
-            if saved.whitened is not None:
-                acc.baselines.white = CellAccumulator.resume(saved.whitened, flush_rows=flush_rows,
-                                                             precision=precision)
-            if saved.cross is not None:
-                acc.baselines.resume_cross(saved.cross)
-        acc.audit = AuditAccumulator.resume(AuditStats.from_zarr(d), *audit) if audit is not None else None
-        return acc
+            base = BaselineAccumulator(baselines, cells.stats.shift[0], flush_rows, precision)
+            stored = BaselineStats.from_zarr(d)
+            if stored.whitened is not None:
+                base.white = CellAccumulator.resume(stored.whitened, flush_rows=flush_rows, precision=precision)
+            if stored.cross is not None:
+                base.resume_cross(stored.cross)
+        aud = AuditAccumulator.resume(AuditStats.from_zarr(d), *audit) if audit is not None else None
+        return ChainState(cells, base, aud, chunks_done=list(saved["chunks_done"]),
+                          excluded_unusable=saved["excluded_unusable"], folds=saved["folds"],
+                          resumed_chunks=len(saved["chunks_done"]))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .catalog import CatalogError
 from .config import ConfigError, load_config
-from .model import ModelError
+from .store import ModelError
 
 __all__ = ["main"]
 
@@ -180,7 +180,7 @@ def _cmd_info(args) -> int:
 
 def _cmd_fit(args) -> int:
     from .cluster import dask_session
-    from .model import fit_model
+    from .fit import fit_model
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
     with dask_session(cfg.cluster) as client:
@@ -199,8 +199,9 @@ def _cmd_fit(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .cluster import dask_session
-    from .evaluate import r2_table
-    from .model import evaluate_model, load_model
+    from .evaluate import evaluate_model
+    from .metrics import r2_table
+    from .store import load_model
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
     model = load_model(args.model_dir)
@@ -218,7 +219,8 @@ def _cmd_predict(args) -> int:
 
     from .cluster import dask_session
     from .mixture import FLAG_BITS
-    from .model import load_model, predict_catalog
+    from .predict import predict_catalog
+    from .store import load_model
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
     model = load_model(args.model_dir)
@@ -253,7 +255,7 @@ def _cmd_ceiling(args) -> int:
     from .catalog import bin_edges, open_catalog
     from .ceiling import write_ceiling
     from .cluster import dask_session
-    from .model import ceiling_stage
+    from .evaluate import ceiling_stage
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
     ds = open_catalog(args.catalog, require_labels=("logg", "teff", "mh", "alpha_m", "mag", "snr"),
@@ -302,7 +304,7 @@ def _cmd_run(args) -> int:
         _print_snr(sim["snr"])
     _print_info(record["summary"])
     if "metrics" in record:
-        from .evaluate import r2_table
+        from .metrics import r2_table
 
         fit = record["stages"]["fit"]
         print(f"fit          {fit['n_experts']} experts, {fit['train_rows']} train rows, {fit['seconds']:.1f} s")

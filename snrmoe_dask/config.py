@@ -159,6 +159,8 @@ class FitConfig(_Strict):
     baselines: list[Literal["whitened", "conditional"]] = Field(
         default_factory=lambda: ["whitened", "conditional"])
     checkpoint_every: int | None = Field(None, ge=0)
+    # chunks a chain may read before it has folded them: bounds the blocks waiting in worker memory
+    read_ahead: int = Field(4, ge=1)
 
     @field_validator("alphas_relative")
     @classmethod
@@ -192,6 +194,9 @@ class GatesConfig(_Strict):
     seed: int = Field(0, ge=0)
     snr_cliff: float = 2.0
     calibration_min_rows: int = Field(150, ge=2)
+    # fewest usable val rows to fit gates at all, and fewest left to fit on once the selection rows are drawn
+    min_val_rows: int = Field(20, ge=3)
+    min_fit_rows: int = Field(10, ge=2)
 
     @field_validator("default")
     @classmethod
@@ -232,6 +237,10 @@ class AuditConfig(_Strict):
     # pass, two more Gram matrices per row, so the bound keeps the audit a small share of the pass at any N
     max_rows: int = Field(100_000, ge=100)
     flush_rows: int = Field(256, ge=1)  # rows buffered per magnitude group before one syrk (buffer memory)
+    # the small representations: RidgeCV's alpha grid, gradient boosting's iterations, and the fewest train rows
+    small_ridge_alphas: list[float] | None = Field(None, min_length=1)  # None: 25 values from 1e-6 to 1e6
+    hgb_max_iter: int = Field(300, ge=1)
+    min_small_rows: int = Field(10, ge=2)
 
 
 class RunConfig(_Strict):

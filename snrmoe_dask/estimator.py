@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from .bins import cell_index, phys_bin, phys_bin_names, snr_bin, tertile_edges
 from .catalog import good_pixel_mask
 from .config import FitConfig, GatesConfig
-from .experts import expert_specs, experts_dataset, fit_experts
+from .experts import expert_specs, fit_experts
 from .features import FEATURE_NAMES, block_features, snr_estimate
 from .gates import GATE_SPECS, fit_gate
 from .mixture import apply_model_gate, calibrate_sigma, gate_inputs, gate_tau, physical_names, predict_block
@@ -70,7 +70,7 @@ class SNRMoERegressor(RegressorMixin, BaseEstimator):
     gate_ : Gate
         The fitted gate (:class:`~snrmoe_dask.gates.Gate`).
     model_ : Model
-        The experts and gate as a :class:`~snrmoe_dask.model.Model`.
+        The experts and gate as a :class:`~snrmoe_dask.store.Model`.
     n_features_in_ : int
     wavelength_ : ndarray of shape (n_features_in_,) or None
         The grid the line indices were measured on (used when predict gets none).
@@ -141,7 +141,7 @@ class SNRMoERegressor(RegressorMixin, BaseEstimator):
         -------
         self
         """
-        from .model import Model
+        from .fit import assemble_model
 
         if self.gate not in GATE_SPECS:
             raise ValueError(f"unknown gate '{self.gate}' (known: {', '.join(GATE_SPECS)})")
@@ -179,25 +179,19 @@ class SNRMoERegressor(RegressorMixin, BaseEstimator):
         stats = acc.finalize()
         specs = expert_specs(snr_names, phys_names)
         alphas = list(self.alphas_relative) if self.alphas_relative is not None else FitConfig().alphas_relative
-        (fits,) = dask.compute(fit_experts(stats, specs, alphas, self.min_cell_rows, 0.5, "float64"),
+        (fits,) = dask.compute(fit_experts(stats, specs, alphas, self.min_cell_rows, FitConfig().max_df_fraction,
+                                           "float64"),
                                scheduler="sync")
-        experts = experts_dataset(specs, fits, np.arange(p) if wave is None else wave)
-        if self.n_pca:
-            pca = pca_from_stats(stats, self.n_pca)
-            experts["pca_mean"] = ("wavelength", pca["mean"])
-            experts["pca_components"] = (("pc", "wavelength"), pca["components"])
-        n_pca = experts.sizes.get("pc", 0)
+        pca = pca_from_stats(stats, self.n_pca) if self.n_pca else None
+        n_pca = 0 if pca is None else pca["components"].shape[0]
         gcfg = GatesConfig(fallback_tau=self.fallback_tau, n_pca=self.n_pca, seed=self.random_state)
-        meta = {"target": "y", "n_pixels": p, "snr_bin_names": snr_names, "phys_bin_names": phys_names,
-                "bin_edges": {"snr_edges": list(self.snr_edges), "teff_edges": teff_e, "mh_edges": mh_e},
-                "experts": [{"name": s.name, "family": s.family, "member": s.member, "cells": list(s.cells),
-                             "parent": s.parent, "shrink": s.shrink, "fallback": fits[s.name]["fallback"]}
-                            for s in specs],
-                "min_good_fraction": self.min_good_fraction,
-                "gates": {"fallback_tau": self.fallback_tau, "snr_cliff": gcfg.snr_cliff,
-                          "inputs": {"quality": list(FEATURE_NAMES[:10]), "physical": physical_names(n_pca)},
-                          "default": self.gate}}
-        model = Model(experts, meta)
+        model = assemble_model(  # the same assembly as ``snrmoe fit``
+            specs, fits, np.arange(p, dtype=np.float64) if wave is None else wave, pca=pca,
+            edges={"snr_edges": list(self.snr_edges), "teff_edges": teff_e, "mh_edges": mh_e},
+            snr_names=snr_names, phys_names=phys_names, target="y", min_good_fraction=self.min_good_fraction,
+            gates={"fallback_tau": self.fallback_tau, "snr_cliff": gcfg.snr_cliff,
+                   "inputs": {"quality": list(FEATURE_NAMES[:10]), "physical": physical_names(n_pca)},
+                   "default": self.gate})
 
         rows = (held if held.any() else ~held) & usable
         coef, icpt = model.projection()
@@ -233,7 +227,7 @@ class SNRMoERegressor(RegressorMixin, BaseEstimator):
     @classmethod
     def from_model(cls, model_dir: str | Path, gate: str | None = None) -> SNRMoERegressor:
         """A fitted estimator from a model store written by ``snrmoe fit``."""
-        from .model import load_model
+        from .store import load_model
 
         model = load_model(model_dir)
         est = cls(gate=gate or model.default_gate, snr_edges=tuple(model.edges["snr_edges"]),

@@ -23,14 +23,14 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .evaluate import predict_block as project_block
-from .evaluate import r2_score
 from .features import FEATURE_NAMES, LINE_NAMES, QUALITY_FEATURES, block_features
 from .gates import GATE_SPECS, Gate, fit_gate, mixture, mixture_sigma
+from .metrics import predict_block as project_block
+from .metrics import r2_score
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import GatesConfig
-    from .model import Model
+    from .store import Model
 
 __all__ = ["FLAG_BITS", "pca_names", "physical_names", "gate_inputs", "apply_gate", "apply_model_gate", "gate_tau",
            "calibrate_sigma", "calibrated_sigma", "choose_fallback_tau", "fit_gates", "predict_block",

@@ -14,7 +14,6 @@ checkpoints in ``MODEL_DIR/checkpoints``.
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from importlib.metadata import version
@@ -30,9 +29,10 @@ from .checkpoint import plan_token
 from .cluster import compute
 from .config import CatalogConfig, Config, SimulateConfig, StorageConfig
 from .simulate import simulate_catalog, write_catalog
+from .store import versions
 
 __all__ = ["run_simulate", "snr_distribution", "catalog_info", "run_study", "run_pipeline", "seed_config",
-           "versions", "STAGES"]
+           "STAGES"]
 
 
 def snr_distribution(snr: np.ndarray, cfg: CatalogConfig) -> dict[str, Any]:
@@ -64,17 +64,6 @@ def catalog_info(path: str | Path, cfg: CatalogConfig, *, client=None, progress:
     (q,) = compute(pixel_quality(ds, cfg.min_good_fraction), client=client, label="pixel quality",
                    progress=progress)
     return summarize_catalog(ds, quality_totals(q), cfg)
-
-
-def versions() -> dict[str, str]:
-    pkgs = ("snrmoe", "numpy", "dask", "distributed", "xarray", "zarr", "scipy", "scikit-learn")
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for p in pkgs:
-        try:
-            out[p] = version(p)
-        except Exception:  # noqa: BLE001 - a missing optional package is just not recorded
-            out[p] = "not installed"
-    return out
 
 
 def _simulated_with(path: Path, sim: SimulateConfig) -> bool:
@@ -176,7 +165,9 @@ def _catalog_stage(run: _Run, client, overwrite: bool) -> Path:
 def run_study(cfg: Config, out: Path, *, client=None, overwrite: bool = False, resume: bool = False) -> dict:
     """One study (one seed) into ``out``: catalog, audit, fit, evaluate (+ ceiling), report."""
     from .audit import audit_catalog, write_audit
-    from .model import evaluate_model, fit_model, load_model
+    from .evaluate import evaluate_model
+    from .fit import fit_model
+    from .store import load_model
 
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(out, cfg, resume and not overwrite)

@@ -7,9 +7,9 @@ Graph plan (all lazy; nothing computes here)::
     acc[c] chain:  init(shift) → fold → fold → ... → finalize
     stats = sum of the C finalised accumulators (in place)
 
-A chain's state is a :class:`~snrmoe_dask.stats.CellAccumulator` (the cells)
-with the baselines' and the audit's accumulators beside it
-(:class:`ChainState`), so everything the study needs from the flux comes out
+A chain's state (:class:`~snrmoe_dask.chain.ChainState`) is a
+:class:`~snrmoe_dask.stats.CellAccumulator` (the cells) with the baselines'
+and the audit's accumulators beside it, so everything the study needs from the flux comes out
 of the same fold of the same block.
 
 * **Bounded memory.** Each of the ``C`` chains owns one
@@ -36,13 +36,14 @@ import xarray as xr
 from dask.base import tokenize
 from threadpoolctl import threadpool_limits
 
-from .audit import AuditAccumulator, AuditPlan, AuditStats, audit_shifts
 from .baselines import BaselineAccumulator, BaselineStats
 from .bins import snr_bin
 from .cache import CachePart, write_part
 from .catalog import good_pixel_mask
+from .chain import ChainState
 from .checkpoint import Checkpoint
 from .features import FEATURE_NAMES, PIXEL_COUNTS, block_features
+from .leakage import AuditAccumulator, AuditPlan, AuditStats, audit_shifts
 from .pacing import PacedReads
 from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes
 
@@ -105,76 +106,61 @@ def _shifts(flux, error, mask, min_good: int, cell: np.ndarray, n_cells: int, ro
 
 
 def _init(shift, n_cells, flush_rows, precision, meta, baselines=(), checkpoint: Checkpoint | None = None,
-          chain: int = 0, audit: tuple[int, str] | None = None):
+          chain: int = 0, audit: tuple[int, str] | None = None) -> ChainState:
     if checkpoint is not None:
-        acc = checkpoint.load_chain(chain, flush_rows, precision, baselines, audit)
-        if acc is not None:
-            acc.stats.meta = meta
-            return share_scratch(acc)
-    acc = CellAccumulator(n_cells, shift["cells"], flush_rows=flush_rows, precision=precision, meta=meta)
-    acc.excluded_unusable = 0
-    acc.folds = 0
-    acc.resumed_chunks = 0
-    acc.baselines = (BaselineAccumulator(baselines, shift["all"], flush_rows, precision) if baselines else None)
-    acc.audit = AuditAccumulator(shift["audit"], *audit) if audit is not None else None
-    return share_scratch(acc)
+        state = checkpoint.load_chain(chain, flush_rows, precision, baselines, audit)
+        if state is not None:
+            state.cells.stats.meta = meta
+            return state
+    return ChainState(
+        CellAccumulator(n_cells, shift["cells"], flush_rows=flush_rows, precision=precision, meta=meta),
+        BaselineAccumulator(baselines, shift["all"], flush_rows, precision) if baselines else None,
+        AuditAccumulator(shift["audit"], *audit) if audit is not None else None)
 
 
-def share_scratch(acc: CellAccumulator) -> CellAccumulator:
-    """One ``P x P`` scratch matrix for every accumulator of a chain (they flush one after another)."""
-    if acc.baselines is not None:
-        acc.baselines.scratch_of = acc
-        if acc.baselines.white is not None:
-            acc.baselines.white.share_scratch(acc)
-    if acc.audit is not None:
-        for a in acc.audit.acc.values():
-            a.share_scratch(acc)
-    return acc
-
-
-def _fold(acc: CellAccumulator, index: int, flux, error, mask, y, cell, min_good: int,
+def _fold(state: ChainState, index: int, flux, error, mask, y, cell, min_good: int,
           blas_threads: int, features=None, checkpoint: Checkpoint | None = None, chain: int = 0,
-          routing: SnrRouting | None = None, audit_block: tuple | None = None) -> CellAccumulator:
-    if index in acc.chunks_done:  # a retried task must not count a chunk twice
-        return acc
+          routing: SnrRouting | None = None, audit_block: tuple | None = None) -> ChainState:
+    if index in state.chunks_done:  # a retried task must not count a chunk twice
+        return state
     if routing is not None:
         cell = routing.cells(cell, features)
     good = good_pixel_mask(flux, error, mask)
     usable = good.sum(axis=1) >= min_good
-    acc.excluded_unusable += int(((cell >= 0) & ~usable).sum())
+    state.excluded_unusable += int(((cell >= 0) & ~usable).sum())
     keep = np.where(usable, cell, -1)
     # the nanny pins BLAS to 1 thread per task; a chain may use its share of the worker's cores
     with threadpool_limits(limits=blas_threads, user_api="blas"):
         x = impute_bad_pixels(flux, good, copy=False)  # the block is shared with the features task
-        acc.add(x, y, keep)
-        if acc.baselines is not None:
-            acc.baselines.add(x, flux, error, good, features, y, keep >= 0)
+        state.cells.add(x, y, keep)
+        if state.baselines is not None:
+            state.baselines.add(x, flux, error, good, features, y, keep >= 0)
         if audit_block is not None:
-            acc.audit.add(flux, error, mask, features, *audit_block)
-    acc.chunks_done.append(index)
-    acc.folds += 1
-    if checkpoint is not None and acc.folds % checkpoint.every == 0:
-        checkpoint.save_chain(chain, acc)
-    return acc
+            state.audit.add(flux, error, mask, features, *audit_block)
+    state.chunks_done.append(index)
+    state.folds += 1
+    if checkpoint is not None and state.folds % checkpoint.every == 0:
+        checkpoint.save_chain(chain, state)
+    return state
 
 
-def _finalize(*accs: CellAccumulator) -> tuple[SufficientStats, BaselineStats | None, AuditStats | None]:
-    excluded = sum(acc.excluded_unusable for acc in accs)
-    resumed = sum(acc.resumed_chunks for acc in accs)
-    folded = sum(len(acc.chunks_done) for acc in accs) - resumed
+def _finalize(*states: ChainState) -> tuple[SufficientStats, BaselineStats | None, AuditStats | None]:
+    excluded = sum(st.excluded_unusable for st in states)
+    resumed = sum(st.resumed_chunks for st in states)
+    folded = sum(len(st.chunks_done) for st in states) - resumed
     baselines = audit = None
-    for acc in accs:
-        if acc.baselines is not None:
-            part = acc.baselines.finalize()
+    for st in states:
+        if st.baselines is not None:
+            part = st.baselines.finalize()
             baselines = part if baselines is None else baselines + part
-            acc.baselines = None
-        if acc.audit is not None:
-            part = acc.audit.finalize()
+            st.baselines = None
+        if st.audit is not None:
+            part = st.audit.finalize()
             audit = part if audit is None else audit.iadd(part)
-            acc.audit = None
-    total = accs[0].finalize()
-    for acc in accs[1:]:
-        acc.finalize(into=total)  # the other chains' packed totals add into the first chain's
+            st.audit = None
+    total = states[0].cells.finalize()
+    for st in states[1:]:
+        st.cells.finalize(into=total)  # the other chains' packed totals add into the first chain's
     total.meta["train_rows_excluded_unusable"] = int(excluded)
     total.meta["chunks_from_checkpoint"] = int(resumed)
     total.meta["chunks_folded"] = int(folded)

@@ -376,7 +376,7 @@ def write_report(run_dir: str | Path) -> list[str]:
     import xarray as xr
 
     from .audit import audit_markdown
-    from .evaluate import r2_table
+    from .metrics import r2_table
 
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file():

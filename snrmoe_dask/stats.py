@@ -388,7 +388,6 @@ class CellAccumulator:
         self._fill = np.zeros(n_cells, np.int64)
         self._scratch: list = [None]  # a box: accumulators of one chain may share it (share_scratch)
         self.rows_seen = 0
-        self.chunks_done: list[int] = []
 
     def share_scratch(self, other: CellAccumulator) -> CellAccumulator:
         """Flush into ``other``'s scratch matrix (accumulators that flush one at a time, as those of one

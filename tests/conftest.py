@@ -81,7 +81,7 @@ def fitted(fit_catalog, tmp_path_factory):
     """(model, cfg, model_dir) fitted on ``fit_catalog`` in float64."""
     import dask
 
-    from snrmoe_dask.model import fit_model
+    from snrmoe_dask.fit import fit_model
 
     cfg = fit_cfg(precision="float64")
     model_dir = tmp_path_factory.mktemp("m") / "model"

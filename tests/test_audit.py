@@ -9,19 +9,18 @@ import pytest
 from conftest import write_raw
 from sklearn.linear_model import Ridge
 
-from snrmoe_dask.audit import (
-    AuditAccumulator,
-    AuditStats,
-    audit_catalog,
-    audit_shifts,
-    r2_from_stats,
-    representations_block,
-    write_audit,
-)
+from snrmoe_dask.audit import audit_catalog, write_audit
 from snrmoe_dask.catalog import open_catalog
 from snrmoe_dask.cli import main
 from snrmoe_dask.config import load_config
-from snrmoe_dask.evaluate import r2_score
+from snrmoe_dask.leakage import (
+    AuditAccumulator,
+    AuditStats,
+    audit_shifts,
+    r2_from_stats,
+    representations_block,
+)
+from snrmoe_dask.metrics import r2_score
 
 
 def _catalog(path, leak: bool, n=2400, p=64, seed=0):

@@ -13,11 +13,12 @@ from sklearn.metrics import r2_score
 
 from snrmoe_dask.baselines import TERM_NAMES, BaselineStats, conditional_terms
 from snrmoe_dask.catalog import good_pixel_mask, open_catalog
+from snrmoe_dask.evaluate import evaluate_model
 from snrmoe_dask.features import block_features
-from snrmoe_dask.model import ModelError, evaluate_model, load_model
 from snrmoe_dask.reduce import one_pass
 from snrmoe_dask.split import TRAIN
 from snrmoe_dask.stats import impute_bad_pixels
+from snrmoe_dask.store import ModelError, load_model
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_baseline_statistics_are_chunk_invariant_and_round_trip(fit_catalog, tmp
 
 
 def test_no_baselines_when_config_is_empty(fit_catalog, tmp_path):
-    from snrmoe_dask.model import fit_model
+    from snrmoe_dask.fit import fit_model
 
     cfg = fit_cfg(precision="float64", baselines=[])
     with dask.config.set(scheduler="threads"):

@@ -19,7 +19,7 @@ from snrmoe_dask.ceiling import (
     posterior_moments,
 )
 from snrmoe_dask.cli import main
-from snrmoe_dask.model import evaluate_model
+from snrmoe_dask.evaluate import evaluate_model
 from snrmoe_dask.physics import ForwardModel, Instrument
 
 

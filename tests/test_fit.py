@@ -14,9 +14,10 @@ from snrmoe_dask.baselines import BASELINES
 from snrmoe_dask.bins import cell_index, phys_bin, snr_bin
 from snrmoe_dask.catalog import bin_edges, good_pixel_mask, open_catalog
 from snrmoe_dask.cli import main
+from snrmoe_dask.evaluate import evaluate_model
 from snrmoe_dask.experts import FAMILIES
+from snrmoe_dask.fit import fit_model
 from snrmoe_dask.gates import GATE_SPECS
-from snrmoe_dask.model import evaluate_model, fit_model
 from snrmoe_dask.reduce import one_pass
 from snrmoe_dask.split import TRAIN
 from snrmoe_dask.stats import SufficientStats, impute_bad_pixels

@@ -9,7 +9,6 @@ from scipy.special import softmax
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 
-from snrmoe_dask.evaluate import route_oracle
 from snrmoe_dask.gates import (
     GATE_SPECS,
     Gate,
@@ -22,6 +21,7 @@ from snrmoe_dask.gates import (
     mse_loss_grad,
 )
 from snrmoe_dask.lines import LINE_INDICES, LINE_NAMES, line_indices
+from snrmoe_dask.metrics import route_oracle
 from snrmoe_dask.mixture import apply_gate
 from snrmoe_dask.pca import pca_from_stats
 from snrmoe_dask.stats import CellAccumulator

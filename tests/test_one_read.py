@@ -13,7 +13,9 @@ from zarr.storage import LocalStore
 
 from snrmoe_dask.cache import CACHE_DIR, open_row_cache
 from snrmoe_dask.catalog import open_catalog
-from snrmoe_dask.model import evaluate_model, fit_model, load_model
+from snrmoe_dask.evaluate import evaluate_model
+from snrmoe_dask.fit import fit_model
+from snrmoe_dask.store import load_model
 
 
 @pytest.fixture
@@ -141,3 +143,18 @@ def test_a_catalog_without_snr_is_routed_by_the_estimate_in_the_same_read(tmp_pa
     train = (ds["split"].values == 0) & feats["usable"].values
     expect = np.bincount(cells[train], minlength=len(model.meta["rows_per_cell"]))
     np.testing.assert_array_equal(model.meta["rows_per_cell"], expect)
+
+
+def test_building_the_pass_reads_nothing(fit_catalog, counted_reads):
+    """The graph is lazy: planning the pass (and its cache and audit) touches no chunk of the cube."""
+    from snrmoe_dask.leakage import audit_plan
+    from snrmoe_dask.reduce import one_pass
+
+    cfg = fit_cfg()
+    ds = open_catalog(fit_catalog, config=cfg.catalog)
+    n = ds.sizes["spectrum"]
+    before = sum(v for k, v in counted_reads.items() if "/flux/" in k or "/error/" in k)
+    graph = one_pass(ds, ds["logg"].values, np.where(ds["split"].values == 0, 0, -1), n_cells=1,
+                     audit=audit_plan(ds, cfg), chains=2)
+    assert len(graph.features) == len(ds["flux"].chunks[0]) and n > 0
+    assert sum(v for k, v in counted_reads.items() if "/flux/" in k or "/error/" in k) == before

@@ -13,12 +13,14 @@ from conftest import write_raw
 
 from snrmoe_dask.catalog import CatalogError, good_pixel_mask, open_catalog
 from snrmoe_dask.cli import main
-from snrmoe_dask.evaluate import r2_score
+from snrmoe_dask.evaluate import evaluate_model
 from snrmoe_dask.features import FEATURE_NAMES, block_features
 from snrmoe_dask.gates import GATE_SPECS, mixture
+from snrmoe_dask.metrics import r2_score
 from snrmoe_dask.mixture import FLAG_BITS, gate_inputs, predict_dataset
-from snrmoe_dask.model import ModelError, evaluate_model, load_model, predict_catalog
+from snrmoe_dask.predict import predict_catalog
 from snrmoe_dask.stats import impute_bad_pixels
+from snrmoe_dask.store import ModelError, load_model
 
 
 def test_predict_is_lazy_and_matches_numpy(fit_catalog, fitted):
@@ -106,6 +108,26 @@ def test_tampered_gate_store_fails_validation(fitted, tmp_path):
     (bad / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="unknown gate 'deploy_evil'"):
         load_model(bad)
+
+
+@pytest.mark.parametrize("damage", ["no_bins", "no_snr_edges", "bad_n_pixels"])
+def test_a_model_json_missing_what_the_stages_read_is_refused_at_load(fitted, tmp_path, damage):
+    """model.json is validated by its typed description (ModelMeta): the field is named, in one line."""
+    _, _, model_dir = fitted
+    bad = tmp_path / "model"
+    shutil.copytree(model_dir, bad)
+    meta = json.loads((bad / "model.json").read_text())
+    if damage == "no_bins":
+        del meta["snr_bin_names"]
+    elif damage == "no_snr_edges":
+        del meta["bin_edges"]["snr_edges"]
+    else:
+        meta["n_pixels"] = "many"
+    (bad / "model.json").write_text(json.dumps(meta))
+    field = {"no_bins": "snr_bin_names", "no_snr_edges": "bin_edges", "bad_n_pixels": "n_pixels"}[damage]
+    with pytest.raises(ModelError, match=f"'{field}'") as err:
+        load_model(bad)
+    assert "\n" not in str(err.value)
 
 
 def test_every_gate_is_stored_and_reloaded(fitted):

@@ -14,9 +14,10 @@ from conftest import clean_arrays, fit_cfg, small_sim_config, train_cells, write
 
 from snrmoe_dask.catalog import CatalogError, open_catalog
 from snrmoe_dask.cli import main
-from snrmoe_dask.model import fit_model, load_model
+from snrmoe_dask.fit import fit_model
 from snrmoe_dask.reduce import one_pass
 from snrmoe_dask.split import TRAIN
+from snrmoe_dask.store import load_model
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_model_store_holds_no_pickle(fitted):
 
 
 def test_tampered_expert_store_fails_validation(fitted, tmp_path):
-    from snrmoe_dask.model import ModelError
+    from snrmoe_dask.store import ModelError
 
     _, _, model_dir = fitted
     copy = tmp_path / "m"

@@ -17,7 +17,7 @@ import yaml
 from conftest import small_sim_config, write_sim
 
 from snrmoe_dask.config import load_config
-from snrmoe_dask.evaluate import r2_table
+from snrmoe_dask.metrics import r2_table
 from snrmoe_dask.pipeline import run_pipeline
 from snrmoe_dask.report import FIGURES
 

@@ -110,7 +110,7 @@ def test_fallback_is_kept_only_for_classifier_gates_and_only_where_it_helps():
 def test_coverage_standard_error_matches_the_spread_of_a_calibrated_sigma_over_test_draws():
     """The yardstick in ``metrics.json``: over many test draws with an exactly calibrated Gaussian σ, the spread
     of the measured coverage equals ``se_if_calibrated``, and the coverage itself is the plain share of rows."""
-    from snrmoe_dask.model import coverage
+    from snrmoe_dask.evaluate import coverage
 
     rng = np.random.default_rng(3)
     n, draws = 300, 2000
