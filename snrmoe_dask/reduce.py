@@ -5,7 +5,7 @@ Graph plan (all lazy; nothing computes here)::
     read chunk i ──┬── features(i) [+ its cached rows]    (every row)
                    └── fold(acc[c], i)  for c = i mod C   (train rows, audit rows)
     acc[c] chain:  init(shift) → fold → fold → ... → finalize
-    stats = sum of the C finalised accumulators (in place)
+    stats = the C finalised accumulators merged pairwise (a tree, in place)
 
 A chain's state (:class:`~snrmoe_dask.chain.ChainState`) is a
 :class:`~snrmoe_dask.stats.CellAccumulator` (the cells) with the baselines'
@@ -144,27 +144,30 @@ def _fold(state: ChainState, index: int, flux, error, mask, y, cell, min_good: i
     return state
 
 
-def _finalize(*states: ChainState) -> tuple[SufficientStats, BaselineStats | None, AuditStats | None]:
-    excluded = sum(st.excluded_unusable for st in states)
-    resumed = sum(st.resumed_chunks for st in states)
-    folded = sum(len(st.chunks_done) for st in states) - resumed
-    baselines = audit = None
-    for st in states:
-        if st.baselines is not None:
-            part = st.baselines.finalize()
-            baselines = part if baselines is None else baselines + part
-            st.baselines = None
-        if st.audit is not None:
-            part = st.audit.finalize()
-            audit = part if audit is None else audit.iadd(part)
-            st.audit = None
-    total = states[0].cells.finalize()
-    for st in states[1:]:
-        st.cells.finalize(into=total)  # the other chains' packed totals add into the first chain's
-    total.meta["train_rows_excluded_unusable"] = int(excluded)
-    total.meta["chunks_from_checkpoint"] = int(resumed)
-    total.meta["chunks_folded"] = int(folded)
-    return total, baselines, audit
+def _finish(state: ChainState) -> tuple:
+    """One chain's finalised statistics (cells, baselines, audit) and its counts; frees its buffers."""
+    base = state.baselines.finalize() if state.baselines is not None else None
+    audit = state.audit.finalize() if state.audit is not None else None
+    counts = {"excluded": state.excluded_unusable, "resumed": state.resumed_chunks,
+              "folded": len(state.chunks_done) - state.resumed_chunks}
+    return state.cells.finalize(), base, audit, counts
+
+
+def _merge(a: tuple, b: tuple) -> tuple:
+    """Two finished chains as one (b's sums added into a's arrays in place)."""
+    stats, base, audit, counts = a
+    stats.iadd(b[0])
+    base = b[1] if base is None else (base if b[1] is None else base + b[1])
+    audit = b[2] if audit is None else (audit if b[2] is None else audit.iadd(b[2]))
+    return stats, base, audit, {k: counts[k] + b[3][k] for k in counts}
+
+
+def _seal(part: tuple) -> tuple[SufficientStats, BaselineStats | None, AuditStats | None]:
+    total, base, audit, counts = part
+    total.meta["train_rows_excluded_unusable"] = int(counts["excluded"])
+    total.meta["chunks_from_checkpoint"] = int(counts["resumed"])
+    total.meta["chunks_folded"] = int(counts["folded"])
+    return total, base, audit
 
 
 def _features(flux, error, mask, wavelength, checkpoint: Checkpoint | None = None, index: int = 0,
@@ -306,7 +309,16 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
                            feats[-1], checkpoint, c, routing, audit_block,
                            dask_key_name=f"acc-fold-{tok}-{c}-{i}")
             reads.folded(accs[c], i)
-    out = dask.delayed(_finalize, pure=True, nout=3)(*accs, dask_key_name=f"stats-finalize-{tok}")
+    # chains merge pairwise, a tree of log2(C) rounds: a task holds two chains' statistics, never all C
+    parts = [dask.delayed(_finish, pure=True)(acc, dask_key_name=f"stats-finish-{tok}-{k}")
+             for k, acc in enumerate(accs)]
+    level = 0
+    while len(parts) > 1:
+        parts = [dask.delayed(_merge, pure=True)(parts[j], parts[j + 1],
+                                                 dask_key_name=f"stats-merge-{tok}-{level}-{j}")
+                 if j + 1 < len(parts) else parts[j] for j in range(0, len(parts), 2)]
+        level += 1
+    out = dask.delayed(_seal, pure=True, nout=3)(parts[0], dask_key_name=f"stats-finalize-{tok}")
     return PassGraph(out[0], feats, out[1], out[2])
 
 

@@ -159,3 +159,27 @@ def test_small_representations_are_regressed_on_the_routing_labels_linearly_and_
     s3b_doc = doc["representations"]["S3b"]
     assert s3b_doc["pass_nonlinear"] == (s3b["logg"]["hgb_r2"] < 0.05 and s3b["snr"]["hgb_r2"] >= 0.5)
     assert "pass with gradient boosting" in (tmp_path / "a" / "audit.md").read_text()
+
+
+def test_the_audit_riding_three_chains_equals_one_chain(tmp_path, cfg):
+    """Chains merge pairwise (a tree); the audit's statistics and rows do not depend on how many there are."""
+    import dask
+
+    from snrmoe_dask.leakage import audit_plan
+    from snrmoe_dask.reduce import one_pass
+
+    ds = open_catalog(_catalog(tmp_path / "c.zarr", True, n=1500), config=cfg.catalog)
+    n = ds.sizes["spectrum"]
+    plan = audit_plan(ds, cfg)
+    out = {}
+    for chains in (1, 3):
+        g = one_pass(ds, np.zeros(n), np.full(n, -1), n_cells=1, chains=chains, precision="float64", audit=plan)
+        with dask.config.set(scheduler="threads"):
+            (out[chains],) = dask.compute(g.audit)
+    one, three = out[1], out[3]
+    for target in ("logg", "snr", "logg_shuffled"):
+        a, b = one.stats("full", target), three.stats("full", target)
+        for name in ("n", "sx", "sy", "syy", "xtx", "xty"):
+            np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-9, atol=1e-6)
+    order = np.lexsort(one.rows.T[::-1])
+    np.testing.assert_allclose(three.rows[np.lexsort(three.rows.T[::-1])], one.rows[order])
