@@ -135,7 +135,7 @@ def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep:
             t0 = time.perf_counter()
             ensure_catalog(catalog, n, client)
             res["simulate_s"] = time.perf_counter() - t0
-            res["catalog_gb"] = sum(f.stat().st_size for f in catalog.rglob("*") if f.is_file()) / 1e9
+            res["catalog_gb"] = store_bytes(catalog) / 1e9
             _save(res, False)
             res["reduce"] = measure(catalog, client, cfg.fit)
             _save(res, False)

@@ -28,7 +28,7 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, work_dir: str 
 
     import dask
 
-    from .cache import open_row_cache, plan_row_cache, remove_row_cache
+    from .cache import open_row_cache, plan_row_cache
     from .cluster import compute
     from .reduce import one_pass
 
@@ -42,14 +42,13 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, work_dir: str 
         graph = one_pass(ds, np.zeros(n), np.full(n, -1), n_cells=1, chains=1, precision=cfg.fit.precision,
                          min_good_fraction=cfg.catalog.min_good_fraction, audit=plan, row_cache=parts)
         sol_d = dask.delayed(audit_solutions)(graph.audit, plan.n_groups, cfg.fit)
-        _, sol = compute(graph.features, sol_d, client=client, progress=progress,
-                         label=f"audit pass ({plan.rows} train rows, {int(ds['frozen_test'].values.sum())} test)")
+        blocks, sol = compute(graph.features, sol_d, client=client, progress=progress,
+                              label=f"audit pass ({plan.rows} train rows, {int(ds['frozen_test'].values.sum())} test)")
         test = open_row_cache(root, ds)
         if test is None:
             raise RuntimeError(f"{root}: the audit's test rows were not cached")
-        result = audit_result(sol, test.load(), plan, cfg)
-        remove_row_cache(root)
-    return result
+        test_features = np.concatenate(blocks)[test["position"].values]  # as the pass computed them
+        return audit_result(sol, test.load(), plan, cfg, test_features)
 
 
 def write_audit(result: dict, out_dir, ds, cfg) -> dict:

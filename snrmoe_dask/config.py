@@ -242,6 +242,13 @@ class AuditConfig(_Strict):
     hgb_max_iter: int = Field(300, ge=1)
     min_small_rows: int = Field(10, ge=2)
 
+    @field_validator("small_ridge_alphas")
+    @classmethod
+    def _positive(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(np.isfinite(a) and a > 0 for a in v):
+            raise ValueError(f"small_ridge_alphas must be positive finite numbers, got {v}")
+        return v
+
 
 class RunConfig(_Strict):
     """Where a batch run writes and what it reads."""

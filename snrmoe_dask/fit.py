@@ -203,9 +203,11 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     snr_route = np.asarray(ds["snr"].values, np.float64) if routing is None else features["snr_est"].values
     if audit is not None:
         t0 = time.perf_counter()
-        test_src, test_rows, _ = rows_source(model_dir, ds, np.flatnonzero(ds["frozen_test"].values))
-        write_audit(audit_result(audit_sol, test_src.isel(spectrum=test_rows).load(), audit, cfg), audit_out, ds,
-                    cfg)
+        frozen = np.flatnonzero(ds["frozen_test"].values)
+        test_src, test_rows, _ = rows_source(model_dir, ds, frozen)
+        test_features = np.concatenate(feature_blocks)[frozen]  # the pass's feature rows: not computed again
+        write_audit(audit_result(audit_sol, test_src.isel(spectrum=test_rows).load(), audit, cfg, test_features),
+                    audit_out, ds, cfg)
         timings["audit_s"] = time.perf_counter() - t0
     features["split"] = ds["split"]
     features.to_zarr(model_dir / "features.zarr", mode="w", zarr_format=3, consolidated=False)

@@ -180,14 +180,6 @@ class AuditStats:
     rows: np.ndarray  # (m, len(_ROW_COLUMNS))
     template: np.ndarray
 
-    @classmethod
-    def zeros(cls, shifts: dict[str, np.ndarray]) -> AuditStats:
-        g, p = shifts["full"].shape
-        t = len(TARGETS) - 1
-        return cls({r: SufficientStats.zeros(g, shifts[r]) for r in _BIG},
-                   {r: {"sy": np.zeros((g, t)), "syy": np.zeros((g, t)), "xty": np.zeros((g, p, t))} for r in _BIG},
-                   np.zeros((0, len(_ROW_COLUMNS))), np.asarray(shifts["template"], np.float64))
-
     def iadd(self, other: AuditStats) -> AuditStats:
         for r in _BIG:
             d = other.big[r].shift - self.big[r].shift  # x - c_self = (x - c_other) + d
@@ -207,13 +199,6 @@ class AuditStats:
         ex = self.extra[rep]
         return SufficientStats(b.n, b.sx, ex["sy"][:, t - 1].copy(), ex["syy"][:, t - 1].copy(), b.xtx,
                                np.ascontiguousarray(ex["xty"][:, :, t - 1]), b.shift, dict(b.meta))
-
-    def column(self, name: str) -> np.ndarray:
-        return self.rows[:, _ROW_COLUMNS.index(name)]
-
-    def small(self, rep: str) -> np.ndarray:
-        cols = [i for i, c in enumerate(_ROW_COLUMNS) if c == rep or c.startswith(rep + "_")]
-        return self.rows[:, cols]
 
     # checkpoints of a chain (beside its cell statistics)
     def to_zarr(self, root: str | Path) -> None:
@@ -239,26 +224,40 @@ class AuditStats:
                    np.asarray(ds["rows"].values), np.asarray(ds["template"].values))
 
 
+def _row_column(rows: np.ndarray, name: str) -> np.ndarray:
+    """One column of the audit's per-row table (:data:`_ROW_COLUMNS`)."""
+    return rows[:, _ROW_COLUMNS.index(name)]
+
+
+def _row_small(rows: np.ndarray, rep: str) -> np.ndarray:
+    """The columns of one small representation in the audit's per-row table."""
+    return rows[:, [i for i, c in enumerate(_ROW_COLUMNS) if c == rep or c.startswith(rep + "_")]]
+
+
 class AuditAccumulator:
     """The audit's share of one pass chain: a :class:`~snrmoe_dask.stats.CellAccumulator` per big
     representation (cells = magnitude groups, target logg), the other targets' sums beside it, and the
     rows of the small representations."""
 
     def __init__(self, shifts: dict[str, np.ndarray], flush_rows: int, precision: str):
-        self.flush_rows, self.precision = int(flush_rows), precision
-        self.acc = {r: CellAccumulator(shifts[r].shape[0], shifts[r], flush_rows=flush_rows, precision=precision)
-                    for r in _BIG}
-        self.totals = AuditStats.zeros({r: self.acc[r].stats.shift for r in _BIG} | {"template": shifts["template"]})
-        for r in _BIG:
-            self.totals.big[r] = self.acc[r].stats
+        acc = {r: CellAccumulator(shifts[r].shape[0], shifts[r], flush_rows=flush_rows, precision=precision)
+               for r in _BIG}
+        t, p = len(TARGETS) - 1, shifts["full"].shape[1]
+        extra = {r: {"sy": np.zeros((acc[r].stats.n_cells, t)), "syy": np.zeros((acc[r].stats.n_cells, t)),
+                     "xty": np.zeros((acc[r].stats.n_cells, p, t))} for r in _BIG}
+        self._attach(acc, AuditStats({r: acc[r].stats for r in _BIG}, extra, np.zeros((0, len(_ROW_COLUMNS))),
+                                     np.asarray(shifts["template"], np.float64)))
+
+    def _attach(self, acc: dict[str, CellAccumulator], totals: AuditStats) -> None:
+        self.acc, self.totals = acc, totals  # totals.big[r] is acc[r].stats: the accumulators fill it
         self._rows: list[np.ndarray] = []
 
     @classmethod
     def resume(cls, saved: AuditStats, flush_rows: int, precision: str) -> AuditAccumulator:
-        acc = cls({r: saved.big[r].shift for r in _BIG} | {"template": saved.template}, flush_rows, precision)
-        for r in _BIG:
-            acc.acc[r] = CellAccumulator.resume(saved.big[r], flush_rows=flush_rows, precision=precision)
-        acc.totals = saved
+        """An accumulator that continues from statistics written by :meth:`flush_all`."""
+        acc = cls.__new__(cls)
+        acc._attach({r: CellAccumulator.resume(saved.big[r], flush_rows=flush_rows, precision=precision)
+                     for r in _BIG}, saved)
         return acc
 
     def add(self, flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None, features: np.ndarray,
@@ -407,13 +406,17 @@ def _scored(y: np.ndarray, yhat: np.ndarray, counts: np.ndarray) -> tuple[float 
     return r2_score(y, yhat), se(r2_draws(y, yhat, counts))
 
 
-def audit_result(sol: dict, test, plan: AuditPlan, cfg) -> dict:
+def audit_result(sol: dict, test, plan: AuditPlan, cfg, features: np.ndarray | None = None) -> dict:
     """Score the solutions and the small representations on the frozen-test rows ``test`` (a catalog-shaped
-    Dataset: the row cache). Every R² comes with its bootstrap standard error over those rows."""
+    Dataset: the row cache). Every R² comes with its bootstrap standard error over those rows.
+
+    ``features`` are those rows' feature rows as the pass computed them (the quality statistics and the
+    pixel counts are representations too); without them they are computed again from ``test``.
+    """
     flux = np.asarray(test["flux"].values)
     error = np.asarray(test["error"].values)
     mask = np.asarray(test["mask"].values) if "mask" in test else None
-    reps = representations_block(error, flux, mask, sol["template"])
+    reps = representations_block(error, flux, mask, sol["template"], features)
     y_test = {"logg": np.asarray(test["logg"].values, np.float64), "snr": np.asarray(test["snr"].values, np.float64)}
     y_test["logg_shuffled"] = y_test["logg"]  # the shuffle check scores against the true logg
     labels_test = {k: np.asarray(test[k].values, np.float64) if k in test else np.full(flux.shape[0], np.nan)
@@ -429,10 +432,10 @@ def audit_result(sol: dict, test, plan: AuditPlan, cfg) -> dict:
             s = sol["solutions"][f"{r}/{target}"]
             r2, r2_se = _scored(y_test[target], x @ s["coef"] + s["intercept"], counts)
             out[r][f"{target}_r2"], out[r][f"{target}_r2_se"], out[r][f"{target}_alpha"] = r2, r2_se, s["alpha"]
-    st = AuditStats({}, {}, sol["rows"], sol["template"])
-    train_labels = {k: st.column(f"label_{k}") for k in SMALL_TARGETS}
+    rows = sol["rows"]
+    train_labels = {k: _row_column(rows, f"label_{k}") for k in SMALL_TARGETS}
     for r in ("S2", "S3b", "S4"):
-        x_tr, x_te = st.small(r), reps[r]
+        x_tr, x_te = _row_small(rows, r), reps[r]
         by = {}
         for label in SMALL_TARGETS:  # logg and snr are SMALL_TARGETS too: one Ridge fit each
             y_tr, y_te = train_labels[label], labels_test[label]
@@ -449,7 +452,7 @@ def audit_result(sol: dict, test, plan: AuditPlan, cfg) -> dict:
         out[r].pop("logg_shuffled_alpha", None)
     out["S1"].pop("logg_shuffled_r2", None)
     out["S1"].pop("logg_shuffled_r2_se", None)
-    mask_only = _scored(y_test["logg"], ridge_small(st.small("counts"), train_labels["logg"], reps["counts"],
+    mask_only = _scored(y_test["logg"], ridge_small(_row_small(rows, "counts"), train_labels["logg"], reps["counts"],
                                                     small_alphas), counts)
     cv = {"what": "full, fitted without one magnitude bin and scored on it (from per-bin statistics)",
           "mag_edges": plan.mag_edges, "per_group": sol["group_cv"]}
