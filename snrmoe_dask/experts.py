@@ -31,7 +31,7 @@ from dask.base import tokenize
 from threadpoolctl import threadpool_limits
 
 from .ridge import ridge_alphas, ridge_coef, solve_ridge, spectrum
-from .stats import SufficientStats
+from .stats import Scratch, SufficientStats, thread_scratch
 
 __all__ = ["FAMILIES", "ORACLE_FAMILIES", "ExpertSpec", "expert_specs", "leave_cells_out_prior", "solve_expert",
            "fit_experts", "experts_dataset", "with_blas_threads"]
@@ -78,7 +78,7 @@ def _as_dict(sol, n: float) -> dict:
 
 
 def leave_cells_out_prior(stats: SufficientStats, parent: dict, parent_cells: Sequence[int],
-                          cells: Sequence[int]) -> np.ndarray:
+                          cells: Sequence[int], scratch: Scratch | None = None) -> np.ndarray:
     """The parent's coefficients refitted at its alpha without ``cells`` (additivity: no pass over rows).
 
     Falls back to the parent's own coefficients if the parent is itself a
@@ -87,7 +87,7 @@ def leave_cells_out_prior(stats: SufficientStats, parent: dict, parent_cells: Se
     rest = tuple(c for c in parent_cells if c not in set(cells))
     if parent.get("fallback") or not rest or float(stats.n[list(rest)].sum()) < 2:
         return np.asarray(parent["coef"], np.float64)
-    return ridge_coef(stats.cells(rest), float(parent["alpha"]))
+    return ridge_coef(stats.cells(rest, scratch, name="gram-rest"), float(parent["alpha"]), scratch)
 
 
 def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequence[float], min_rows: int,
@@ -109,18 +109,19 @@ def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequ
     if n < min_rows and parent is not None:
         fits = {name: {**parent, "n": n, "fallback": spec.parent, "at_grid_edge": False} for name in names}
         return fits if twin is not None else fits[spec.name]
-    cs = stats.cells(spec.cells)
+    scratch = thread_scratch()  # the Gram matrix, its reduction and factors in the thread's reused buffers
+    cs = stats.cells(spec.cells, scratch)
     alphas = ridge_alphas(cs, relative_alphas)
-    sp = spectrum(cs, search_precision)
+    sp = spectrum(cs, search_precision, scratch)
     factors: dict = {}  # the twin at the same alpha reuses the Cholesky factor
     out = {}
     for s in [spec] + ([twin] if twin is not None else []):
         prior = None
         if s.shrink and parent is not None:
-            prior = (leave_cells_out_prior(stats, parent, parent_cells, spec.cells) if parent_cells is not None
+            prior = (leave_cells_out_prior(stats, parent, parent_cells, spec.cells, scratch) if parent_cells is not None
                      else np.asarray(parent["coef"]))
         out[s.name] = _as_dict(solve_ridge(cs, alphas, prior=prior, max_df_fraction=max_df_fraction, spec=sp,
-                                              factors=factors), n)
+                                              factors=factors, scratch=scratch), n)
     return out if twin is not None else out[spec.name]
 
 

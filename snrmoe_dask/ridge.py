@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from .stats import CenteredStats
+from .stats import CenteredStats, Scratch
 
 __all__ = ["RidgeSolution", "RangeSpectrum", "Spectrum", "range_spectrum", "spectrum", "solve_ridge", "ridge_alphas",
            "ridge_coef"]
@@ -180,9 +180,10 @@ def range_spectrum(cs: CenteredStats, seed: int = 0) -> RangeSpectrum:
     return RangeSpectrum(eigenvalues=np.clip(d, 0.0, None), vectors=q @ u)
 
 
-def spectrum(cs: CenteredStats, precision: str = "float64") -> Spectrum | RangeSpectrum:
+def spectrum(cs: CenteredStats, precision: str = "float64", scratch: Scratch | None = None) -> Spectrum | RangeSpectrum:
     """What scores the alpha grid: :func:`range_spectrum` (float64) when the rows span at most a quarter of
-    the pixels, else the tridiagonal form reduced in ``precision`` (``?sytrd``, blocked)."""
+    the pixels, else the tridiagonal form reduced in ``precision`` (``?sytrd``, blocked; in ``scratch``'s
+    buffer ``"reduce"`` if given, so the returned reflectors live there)."""
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
     p = cs.gram.shape[0]
@@ -192,7 +193,12 @@ def spectrum(cs: CenteredStats, precision: str = "float64") -> Spectrum | RangeS
     sytrd, lwork = (lapack.ssytrd, lapack.ssytrd_lwork) if precision == "float32" else (lapack.dsytrd,
                                                                                          lapack.dsytrd_lwork)
     # symmetric: the transposed view of the copy is the same matrix in Fortran order (reduced in place)
-    c, d, e, tau, info = sytrd(cs.gram.astype(precision).T, lower=1, overwrite_a=1, lwork=max(1, int(lwork(p)[0])))
+    if scratch is None:
+        work = cs.gram.astype(precision).T
+    else:
+        work = scratch.take("reduce", (p, p), precision, order="F")
+        np.copyto(work.T, cs.gram, casting="same_kind")
+    c, d, e, tau, info = sytrd(work, lower=1, overwrite_a=1, lwork=max(1, int(lwork(p)[0])))
     if info != 0:  # pragma: no cover - LAPACK reports an illegal argument only
         raise np.linalg.LinAlgError(f"?sytrd failed (info={info})")
     d, e = d.astype(np.float64), e.astype(np.float64)
@@ -202,16 +208,25 @@ def spectrum(cs: CenteredStats, precision: str = "float64") -> Spectrum | RangeS
                     shift=shift)
 
 
-def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float, factors: dict | None = None) -> np.ndarray:
+def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float, factors: dict | None = None,
+                 scratch: Scratch | None = None, name: str = "factor") -> np.ndarray:
     """(G + alpha I)^-1 b in float64; least squares if G + alpha I is singular.
 
     ``factors`` (a dict owned by the caller, for one ``G``) keeps the Cholesky
     factor of each alpha, so a second right-hand side at the same alpha (an
     expert and its shrunk twin) costs two triangular solves, not a factorisation.
+    With ``scratch`` the factor is computed in its buffer ``name`` (and
+    ``factors`` then keeps only the latest).
     """
     if factors is not None and alpha in factors:
         return scipy.linalg.cho_solve(factors[alpha], b, check_finite=False)
-    a = np.array(gram, dtype=np.float64, copy=True)
+    if scratch is None:
+        a = np.array(gram, dtype=np.float64, copy=True)
+    else:
+        a = scratch.take(name, gram.shape, np.float64)
+        np.copyto(a, gram)
+        if factors is not None:
+            factors.clear()  # their factors sat in this buffer
     a.flat[::a.shape[0] + 1] += alpha
     try:  # symmetric: the transposed view is the same matrix, Fortran-ordered, so LAPACK factors it in place
         c = scipy.linalg.cho_factor(a.T, lower=True, overwrite_a=True, check_finite=False)
@@ -232,14 +247,15 @@ def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float, factors: dict | 
     return scipy.linalg.cho_solve(c, b, check_finite=False)
 
 
-def ridge_coef(cs: CenteredStats, alpha: float) -> np.ndarray:
+def ridge_coef(cs: CenteredStats, alpha: float, scratch: Scratch | None = None) -> np.ndarray:
     """Coefficients at one known alpha: one float64 Cholesky solve, no eigendecomposition."""
-    return _exact_solve(cs.gram, cs.xty, alpha)
+    return _exact_solve(cs.gram, cs.xty, alpha, scratch=scratch, name="factor-coef")
 
 
 def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | None = None,
                 fixed_alpha: float | None = None, max_df_fraction: float = 1.0,
-                spec: Spectrum | RangeSpectrum | None = None, factors: dict | None = None) -> RidgeSolution:
+                spec: Spectrum | RangeSpectrum | None = None, factors: dict | None = None,
+                scratch: Scratch | None = None) -> RidgeSolution:
     """Solve an intercept Ridge from centred statistics, alpha by GCV.
 
     Parameters
@@ -266,6 +282,8 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
     factors : dict, optional
         Cholesky factors of ``G + alpha I`` by alpha, shared by solves of the
         same Gram matrix (filled as they are computed).
+    scratch : Scratch, optional
+        Buffers for the float64 factor (:class:`~snrmoe_dask.stats.Scratch`).
 
     Returns
     -------
@@ -304,7 +322,7 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
     else:
         best = int(np.argmax(grid))
     a = grid[best]
-    w = _exact_solve(cs.gram, b, a, factors)
+    w = _exact_solve(cs.gram, b, a, factors, scratch)
     if prior is not None:
         w = w + prior
     intercept = cs.ybar - float(cs.xbar @ w)

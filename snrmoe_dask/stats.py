@@ -34,6 +34,7 @@ so no cell ever holds a full ``P x P`` matrix: the totals of 36 cells of
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,11 +46,46 @@ from scipy.linalg.blas import dsyrk as _dsyrk
 
 from .blas import syrk_update
 
-__all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "impute_bad_pixels", "memory_bytes",
-           "symmetrize_lower", "tri_size", "pack_lower", "unpack_lower", "unpack_symmetric"]
+__all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "Scratch", "thread_scratch", "impute_bad_pixels",
+           "memory_bytes", "symmetrize_lower", "tri_size", "pack_lower", "unpack_lower", "unpack_symmetric"]
 
 
 # ---------------------------------------------------------------- packed triangles
+class Scratch:
+    """Square buffers a thread reuses from one solve to the next.
+
+    A fresh 4096 x 4096 float64 array costs 0.1-0.2 s of page faults here,
+    as much as its Cholesky factorisation; an expert's solve used to allocate
+    six of them. Buffers are kept by name, shape and dtype; whatever a solve
+    builds in them (a Gram matrix, a factor) is valid until the next call
+    that takes the same buffer. :func:`thread_scratch` is the calling
+    thread's (solves on one thread run one after another).
+    """
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype, order: str = "C") -> np.ndarray:
+        key = (name, tuple(shape), np.dtype(dtype).str, order)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = np.empty(shape, dtype, order=order)
+        return buf
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+_THREAD = threading.local()
+
+
+def thread_scratch() -> Scratch:
+    """The calling thread's :class:`Scratch` (created on first use)."""
+    if not hasattr(_THREAD, "scratch"):
+        _THREAD.scratch = Scratch()
+    return _THREAD.scratch
+
+
 def tri_size(p: int) -> int:
     """Length of a packed lower triangle of a ``p x p`` matrix."""
     return p * (p + 1) // 2
@@ -219,12 +255,15 @@ class SufficientStats:
             getattr(self, name).__iadd__(getattr(other, name))
         return self
 
-    def cells(self, index: Sequence[int] | np.ndarray) -> CenteredStats:
+    def cells(self, index: Sequence[int] | np.ndarray, scratch: Scratch | None = None,
+              name: str = "gram") -> CenteredStats:
         """Centred statistics of the union of ``index`` cells (one expert).
 
         Each cell is centred about its own mean first (small numbers: its
         shift is near that mean), then the between-cell scatter
         ``sum_k n_k (mu_k - mu)(mu_k - mu)^T`` is added, all in float64.
+        With ``scratch``, the Gram matrix is built in its buffer ``name`` (valid until that buffer is
+        taken again) and the packed sum in its buffer ``"packed"``.
         """
         index = np.asarray(index, dtype=np.int64)
         index = index[self.n[index] > 0]
@@ -238,10 +277,18 @@ class SufficientStats:
         syy = float(self.syy[index].sum())
         mu = nk @ mu_k / n
         ybar_k = self.sy[index] / nk
-        packed = self.xtx[index[0]].copy()  # summed one cell at a time: no (len(index), P^2/2) temporary
-        for k in index[1:]:
-            packed += self.xtx[k]
-        gram = unpack_lower(packed)
+        p = self.sx.shape[1]
+        if index.size == 1:  # one cell: unpacked straight from its totals
+            packed = self.xtx[index[0]]
+        else:  # summed one cell at a time: no (len(index), P^2/2) temporary
+            if scratch is None:
+                packed = self.xtx[index[0]].copy()
+            else:
+                packed = scratch.take("packed", self.xtx.shape[1:], np.float64)
+                np.copyto(packed, self.xtx[index[0]])
+            for k in index[1:]:
+                packed += self.xtx[k]
+        gram = unpack_lower(packed, scratch.take(name, (p, p), np.float64) if scratch is not None else None)
         del packed
         # + sum_k [n_k (mu_k - mu)(mu_k - mu)^T - n_k m_k m_k^T]: two rank-(cells) BLAS updates of the lower
         # triangle in place (no P x P temporaries), then one symmetrisation

@@ -182,3 +182,46 @@ def test_an_indefinite_system_is_solved_exactly_not_by_least_squares():
     g = 0.5 * (g + g.T)
     b = rng.normal(size=40)
     np.testing.assert_allclose(_exact_solve(g, b, 1e-4), np.linalg.solve(g + 1e-4 * np.eye(40), b), rtol=1e-9)
+
+
+def test_solves_in_reused_buffers_equal_solves_in_fresh_arrays():
+    """solve_expert builds Gram matrices, reductions and factors in the thread's Scratch: experts solved one
+    after another there (a joint expert and its twin at a shared alpha, then another cell) give exactly the
+    fresh-array answer, and a buffer holds the last expert's Gram matrix, not an earlier one."""
+    from snrmoe_dask.experts import ExpertSpec, solve_expert
+    from snrmoe_dask.ridge import spectrum
+    from snrmoe_dask.stats import thread_scratch
+
+    rng = np.random.default_rng(11)
+    n, p = 900, 24
+    x = rng.normal(5.0, 1.0, (n, p))
+    cell = (np.arange(n) % 3).astype(np.int64)
+    y = x @ rng.normal(size=p) * 0.2 + rng.normal(size=n)
+    acc = CellAccumulator(3, x[:10].mean(0), precision="float64")
+    acc.add(x, y, cell)
+    stats = acc.finalize()
+    grid = [1e-3, 1e-2, 0.1, 1.0]
+    parent = solve_expert(stats, ExpertSpec("phys", "oracle_phys", "p", (0, 1, 2)), grid, 2)
+    thread_scratch().clear()
+    got = {}
+    for c in (1, 2):
+        joint = ExpertSpec(f"joint{c}", "oracle_joint", f"c{c}", (c,), "phys")
+        hier = ExpertSpec(f"hier{c}", "hierarchical", f"c{c}", (c,), "phys", shrink=True)
+        got.update(solve_expert(stats, joint, grid, 2, parent, twin=hier, parent_cells=(0, 1, 2),
+                                search_precision="float64"))
+    assert thread_scratch()._bufs, "the solves did not use the thread's buffers"
+    for c in (1, 2):
+        cs = stats.cells([c])  # fresh arrays
+        rest = stats.cells([k for k in (0, 1, 2) if k != c])
+        prior = _exact(rest.gram, rest.xty, parent["alpha"])
+        sp = spectrum(cs, "float64")
+        ref = {f"joint{c}": solve_ridge(cs, ridge_alphas(cs, grid), spec=sp),
+               f"hier{c}": solve_ridge(cs, ridge_alphas(cs, grid), prior=prior, spec=sp)}
+        for name, r in ref.items():
+            assert got[name]["alpha"] == r.alpha
+            np.testing.assert_allclose(got[name]["coef"], r.coef, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(thread_scratch().take("gram", (p, p), np.float64), stats.cells([2]).gram)
+
+
+def _exact(gram, b, alpha):
+    return np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), b)
