@@ -370,33 +370,36 @@ def audit_solutions(st: AuditStats, n_groups: int, fit_cfg) -> dict:
     representations.
     """
     from .ridge import ridge_alphas, solve_ridge, spectrum
+    from .stats import thread_scratch
 
     rel, cap, precision = fit_cfg.alphas_relative, fit_cfg.max_df_fraction, fit_cfg.alpha_search_precision
+    scratch = thread_scratch()  # one Gram matrix per representation and row set, its targets share it
+
+    def solve_targets(rep: str, targets, cells) -> dict:
+        """Every target on one union of groups: one Gram matrix, one reduction, factors shared by alpha."""
+        first = st.stats(rep, targets[0]).cells(cells, scratch)
+        sp, factors, sols = spectrum(first, precision, scratch), {}, {}
+        for target in targets:
+            cs = first if target == targets[0] else st.stats(rep, target).cells(cells, same_gram=first)
+            sols[target] = (cs, solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=cap, spec=sp,
+                                            factors=factors, scratch=scratch))
+        return sols
+
     groups = [g for g in range(n_groups) if st.big["full"].n[g] > 0]
     out: dict = {"solutions": {}, "n_per_group": st.big["full"].n.tolist(), "rows": st.rows,
                  "template": st.template, "group_cv": []}
     for r in _BIG:
-        sp = None
-        for target in TARGETS:
-            cs = st.stats(r, target).cells(groups)
-            sp = spectrum(cs, precision) if sp is None else sp
-            sol = solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=cap, spec=sp)
+        for target, (cs, sol) in solve_targets(r, TARGETS, groups).items():
             out["solutions"][f"{r}/{target}"] = {"coef": sol.coef, "intercept": float(sol.intercept),
                                                  "alpha": float(sol.alpha)}
             if (r, target) == ("full", "logg"):
                 out["importance"] = pixel_importance(sol.coef, np.diag(cs.gram), cs.n)
     for g in groups:
-        row = {"group": g, "n": int(st.big["full"].n[g])}
+        row = {"group": g, "n": int(st.big["full"].n[g]), "logg_r2": None, "snr_r2": None}
         others = [k for k in groups if k != g]
-        sp = None
-        for target in ("logg", "snr"):
-            stats = st.stats("full", target)
-            row[f"{target}_r2"] = None
-            if others:
-                cs = stats.cells(others)
-                sp = spectrum(cs, precision) if sp is None else sp
-                sol = solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=cap, spec=sp)
-                row[f"{target}_r2"] = r2_from_stats(stats, [g], sol.coef, sol.intercept)
+        if others:
+            for target, (_, sol) in solve_targets("full", ("logg", "snr"), others).items():
+                row[f"{target}_r2"] = r2_from_stats(st.stats("full", target), [g], sol.coef, sol.intercept)
         out["group_cv"].append(row)
     return out
 

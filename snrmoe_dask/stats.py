@@ -256,14 +256,16 @@ class SufficientStats:
         return self
 
     def cells(self, index: Sequence[int] | np.ndarray, scratch: Scratch | None = None,
-              name: str = "gram") -> CenteredStats:
+              name: str = "gram", same_gram: CenteredStats | None = None) -> CenteredStats:
         """Centred statistics of the union of ``index`` cells (one expert).
 
         Each cell is centred about its own mean first (small numbers: its
         shift is near that mean), then the between-cell scatter
         ``sum_k n_k (mu_k - mu)(mu_k - mu)^T`` is added, all in float64.
         With ``scratch``, the Gram matrix is built in its buffer ``name`` (valid until that buffer is
-        taken again) and the packed sum in its buffer ``"packed"``.
+        taken again) and the packed sum in its buffer ``"packed"``. ``same_gram``: the union of the same
+        cells of statistics that share this one's rows and Gram arrays (another target, as the audit's):
+        its Gram matrix is reused, only the target's sums are centred.
         """
         index = np.asarray(index, dtype=np.int64)
         index = index[self.n[index] > 0]
@@ -277,6 +279,12 @@ class SufficientStats:
         syy = float(self.syy[index].sum())
         mu = nk @ mu_k / n
         ybar_k = self.sy[index] / nk
+        xty = ((self.xty[index] - m * self.sy[index][:, None]).sum(0)
+               + (nk * (ybar_k - sy / n)) @ (mu_k - mu))
+        if same_gram is not None:
+            if same_gram.n != n or not np.array_equal(same_gram.xbar, mu):
+                raise ValueError("same_gram is the union of other rows")
+            return CenteredStats(n, mu, sy / n, same_gram.gram, xty, syy - sy * sy / n)
         p = self.sx.shape[1]
         if index.size == 1:  # one cell: unpacked straight from its totals
             packed = self.xtx[index[0]]
@@ -300,8 +308,6 @@ class SufficientStats:
             if not np.shares_memory(out, g):  # pragma: no cover - f2py copied: keep the result
                 g[...] = out
         symmetrize_lower(gram)
-        xty = ((self.xty[index] - m * self.sy[index][:, None]).sum(0)
-               + (nk * (ybar_k - sy / n)) @ (mu_k - mu))
         return CenteredStats(n, mu, sy / n, gram, xty, syy - sy * sy / n)
 
     # -------------------------------------------------------------- I/O
