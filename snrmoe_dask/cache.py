@@ -11,6 +11,8 @@ pass therefore writes them as it reads each chunk, into ``MODEL/rows/``:
                                per-spectrum variable (labels, split,
                                frozen_test), plus ``position`` (the row's index
                                in the catalog)
+    rows/columns.zarr          the per-spectrum variables and ``position`` of
+                               every cached row, in part order
     rows/cache.json            what was cached, from which catalog (fingerprint)
 
 Each part is written to a temporary name and renamed, so a killed pass leaves
@@ -27,8 +29,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import xarray as xr
+import zarr
 
 from .checkpoint import plan_token
 from .split import VAL, id_hash
@@ -37,6 +41,8 @@ __all__ = ["CachePart", "catalog_fingerprint", "cached_rows", "open_row_cache", 
            "write_part", "CACHE_DIR"]
 
 CACHE_DIR = "rows"
+COLUMNS = "columns.zarr"
+_BLOCKS = ("flux", "error", "mask")
 
 
 def catalog_fingerprint(ds: xr.Dataset) -> str:
@@ -103,8 +109,16 @@ def plan_row_cache(ds: xr.Dataset, keep: np.ndarray, root: str | Path, starts: n
         cols["position"] = (lo + local).astype(np.int64)
         cols["spectrum"] = ids[lo + local]
         parts.append(CachePart(str(root / f"part-{i:05d}.zarr"), local, cols, dict(ds.attrs), wave))
-    info = {"kind": "snrmoe.row_cache", "catalog_fingerprint": catalog_fingerprint(ds), "rows": int(keep.sum()),
-            "parts": sum(p is not None for p in parts), **meta}
+    # every cached row's per-spectrum variables in one small store: opening the cache reads them once, not
+    # once per part (490 parts at 1M took 13 s through xarray)
+    rows = np.flatnonzero(keep)
+    index = xr.Dataset({name: ("spectrum", v[rows]) for name, v in columns.items()},
+                       coords={"spectrum": ids[rows], "wavelength": wave}, attrs=dict(ds.attrs))
+    index["position"] = ("spectrum", rows.astype(np.int64))
+    shutil.rmtree(root / COLUMNS, ignore_errors=True)
+    index.to_zarr(root / COLUMNS, mode="w", zarr_format=3, consolidated=False)
+    info = {"kind": "snrmoe.row_cache", "version": 2, "catalog_fingerprint": catalog_fingerprint(ds),
+            "rows": int(keep.sum()), "parts": sum(p is not None for p in parts), **meta}
     (root / "cache.json").write_text(json.dumps(info, indent=2))
     return parts
 
@@ -146,10 +160,19 @@ def open_row_cache(root: str | Path, ds: xr.Dataset | None = None) -> xr.Dataset
     if ds is not None and info.get("catalog_fingerprint") != catalog_fingerprint(ds):
         return None
     paths = sorted(root.glob("part-*.zarr"))
-    if len(paths) != info.get("parts") or not paths:
+    if len(paths) != info.get("parts") or not paths or info.get("version") != 2:
         return None
-    parts = [xr.open_zarr(p, consolidated=False).chunk({"wavelength": -1}) for p in paths]
-    out = xr.concat(parts, dim="spectrum", data_vars="all", coords="minimal", compat="override",
-                    join="override", combine_attrs="override") if len(parts) > 1 else parts[0]
+    try:
+        out = xr.open_zarr(root / COLUMNS, consolidated=False).load()
+        first = zarr.open_group(str(paths[0]), mode="r")
+        names = [name for name in _BLOCKS if name in first]
+        # each part's flux/error/mask is one zarr chunk (write_part): one dask block per part and variable
+        for name in names:
+            blocks = [da.from_zarr(zarr.open_array(str(p / name), mode="r")) for p in paths]
+            out[name] = (("spectrum", "wavelength"), da.concatenate(blocks, axis=0))
+    except (OSError, ValueError, KeyError):  # a damaged cache: the stages read the catalog instead
+        return None
+    if out.sizes["spectrum"] != info.get("rows"):
+        return None
     out.attrs.update({"row_cache": str(root), "catalog_fingerprint": info["catalog_fingerprint"]})
     return out
