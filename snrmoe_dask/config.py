@@ -197,6 +197,9 @@ class GatesConfig(_Strict):
     # fewest usable val rows to fit gates at all, and fewest left to fit on once the selection rows are drawn
     min_val_rows: int = Field(20, ge=3)
     min_fit_rows: int = Field(10, ge=2)
+    # most val rows a gate fits on (a hash-selected subset above it; the selection rows are all used). At 1M,
+    # 50k of the 75k fit rows: the gate fits 1.5x faster and the default gate's selection R2 moved by 0.001
+    max_fit_rows: int | None = Field(50_000, ge=2)
 
     @field_validator("default")
     @classmethod

@@ -320,7 +320,14 @@ def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.nd
     feats = np.column_stack([features[c].values[val] for c in FEATURE_NAMES])
     table = gate_inputs(feats, pca)
     s_b, p_b = routing_bins(ds.isel(spectrum=val), edges, np.nan_to_num(snr_route[val], nan=0.0))
-    gates, selection, default = fit_gates(model, table, pred, y[val], s_b, p_b, select, cfg.gates)
+    # the gates fit on at most gates.max_fit_rows of the other val rows (hash-selected; the selection rows all stay)
+    fit_rows = ~select
+    if cfg.gates.max_fit_rows is not None and fit_rows.sum() > cfg.gates.max_fit_rows:
+        h = id_hash(ds["spectrum"].values[val], cfg.catalog.split_salt, stream=6)
+        fit_rows &= h <= np.sort(h[fit_rows])[cfg.gates.max_fit_rows - 1]
+    use = fit_rows | select
+    gates, selection, default = fit_gates(model, {k: v[use] for k, v in table.items()}, pred[use], y[val][use],
+                                          s_b[use], p_b[use], select[use], cfg.gates)
     snr_est = features["snr_est"].values[val]
     for gate in gates.values():  # sigma calibrated on the val rows held out of the gate fits, as deployed
         out = apply_model_gate(model, gate, table, pred)
@@ -331,7 +338,8 @@ def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.nd
         {"quality": (("spectrum", "quality_feature"), table["quality"]),
          "physical": (("spectrum", "physical_feature"), table["physical"]),
          "expert_pred": (("spectrum", "expert"), pred), "y": ("spectrum", y[val]),
-         "snr_bin": ("spectrum", s_b), "phys_bin": ("spectrum", p_b), "select": ("spectrum", select)},
+         "snr_bin": ("spectrum", s_b), "phys_bin": ("spectrum", p_b), "select": ("spectrum", select),
+         "gate_fit": ("spectrum", fit_rows)},
         coords={"spectrum": ds["spectrum"].values[val]},
         # names as JSON attributes: zarr v3 has no stable string dtype yet
         attrs={"quality_feature": json.dumps(list(QUALITY_FEATURES)),
@@ -344,7 +352,8 @@ def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.nd
                       for name, g in gates.items()}
     meta["selection"] = selection
     meta["default"] = default
-    meta["val_rows"] = {"fit": int((~select).sum()), "select": int(select.sum())}
+    meta["val_rows"] = {"fit": int(fit_rows.sum()), "select": int(select.sum()),
+                        "not_used_above_max_fit_rows": int((~use).sum())}
     return gates, meta
 
 

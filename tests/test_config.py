@@ -62,7 +62,8 @@ def test_missing_file(tmp_path):
 @pytest.mark.parametrize("section, values, key", [("audit", {"small_ridge_alphas": [1.0, -1.0]}, "small_ridge_alphas"),
                                                    ("audit", {"max_rows": 5}, "max_rows"),
                                                    ("fit", {"read_ahead": 0}, "read_ahead"),
-                                                   ("gates", {"min_fit_rows": 1}, "min_fit_rows")])
+                                                   ("gates", {"min_fit_rows": 1}, "min_fit_rows"),
+                                                   ("gates", {"max_fit_rows": 1}, "max_fit_rows")])
 def test_the_new_settings_refuse_bad_values_naming_the_key(section, values, key):
     with pytest.raises(ConfigError, match=key) as err:
         load_config(overrides={section: values})

@@ -199,3 +199,28 @@ def test_cli_fit_evaluate_and_bad_model(fit_catalog, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "m"), str(fit_catalog), "--scheduler", "threads"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "nope"), str(fit_catalog), "--scheduler", "threads"]) == 2
+
+
+def test_gates_fit_on_at_most_max_fit_rows_and_select_on_every_selection_row(fit_catalog, tmp_path):
+    """gates.max_fit_rows caps the rows a gate fits on (hash-selected by id, so a refit picks the same rows);
+    the selection rows are all kept, and the gate table records which rows fitted."""
+    import dask
+    import xarray as xr
+
+    from conftest import fit_cfg
+    from snrmoe_dask.fit import fit_model
+
+    cfg = fit_cfg(precision="float64")
+    cfg.gates.max_fit_rows = 60
+    with dask.config.set(scheduler="threads"):
+        model = fit_model(fit_catalog, tmp_path / "m", cfg, progress=False)
+    table = xr.open_zarr(tmp_path / "m" / "gate_table.zarr", consolidated=False)
+    fit_rows, select = table["gate_fit"].values, table["select"].values
+    assert fit_rows.sum() == 60 == model.meta["gates"]["val_rows"]["fit"]
+    assert not (fit_rows & select).any()
+    assert model.meta["gates"]["val_rows"]["select"] == select.sum()
+    assert model.meta["gates"]["val_rows"]["not_used_above_max_fit_rows"] == (~fit_rows & ~select).sum() > 0
+    from snrmoe_dask.split import id_hash
+
+    h = id_hash(table["spectrum"].values, cfg.catalog.split_salt, stream=6)
+    assert h[fit_rows].max() < h[~fit_rows & ~select].min()  # the lowest hashes: the same rows every refit
