@@ -93,7 +93,7 @@ def representations_block(error: np.ndarray, flux: np.ndarray, mask: np.ndarray 
     """
     e, s1 = error_representations(flux, error, mask)
     feats = block_features(flux, error, mask) if features is None else features
-    out = {"full": e, "S1": s1, "S4": np.linalg.norm(e.astype(np.float64), axis=1)[:, None],
+    out = {"full": e, "S1": s1, "S4": np.sqrt(np.einsum("ij,ij->i", e, e, dtype=np.float64))[:, None],
            "S3b": feats[:, :len(QUALITY_FEATURES)], "counts": feats[:, _COUNTS]}
     if template is not None:
         t = np.asarray(template, np.float64)
