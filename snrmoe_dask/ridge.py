@@ -104,8 +104,10 @@ class Spectrum:
     tau : ndarray of shape (P - 1,)
     diag, offdiag : ndarray of shape (P,), (P - 1,)
         ``T``, float64.
-    eigenvalues : ndarray of shape (P,)
-        Of ``T + shift I``, ascending, float64.
+    eigenvalues : ndarray of shape (P,) or None
+        Of ``T + shift I``, ascending, float64; ``None`` when the rows
+        outnumber the pixels (no eigenvalue is zeroed by rank, so the degrees
+        of freedom come from :meth:`dof`'s trace instead).
     shift : float
         ``max(0, -lambda_min(T))``: rounding can leave ``T`` slightly
         indefinite; the shift makes it positive semi-definite, and the same
@@ -116,8 +118,26 @@ class Spectrum:
     tau: np.ndarray
     diag: np.ndarray
     offdiag: np.ndarray
-    eigenvalues: np.ndarray
+    eigenvalues: np.ndarray | None
     shift: float
+
+    def dof(self, alphas: np.ndarray) -> np.ndarray:
+        """``sum d / (d + a) = P - a tr((T + shift I + a I)^-1)`` for each ``a > 0``, O(P) per alpha.
+
+        The diagonal of a tridiagonal inverse from its two pivot sequences
+        (forward ``f`` and backward ``g`` of the LDL^T and UDU^T
+        factorisations): ``(A^-1)_ii = 1 / (f_i + g_i - A_ii)``, all alphas at once.
+        """
+        a = np.asarray(alphas, np.float64)[None, :]
+        diag = (self.diag + self.shift)[:, None] + a
+        off2 = (self.offdiag ** 2)[:, None]
+        p = diag.shape[0]
+        f, g = np.empty_like(diag), np.empty_like(diag)
+        f[0], g[-1] = diag[0], diag[-1]
+        for i in range(1, p):
+            f[i] = diag[i] - off2[i - 1] / f[i - 1]
+            g[p - 1 - i] = diag[p - 1 - i] - off2[p - 1 - i] / g[p - i]
+        return p - a[0] * np.sum(1.0 / (f + g - diag), axis=0)
 
     def rotate(self, b: np.ndarray) -> np.ndarray:
         """``Q^T b`` for b of shape (P,) or (P, k), in float64 (O(P^2) per column)."""
@@ -202,10 +222,15 @@ def spectrum(cs: CenteredStats, precision: str = "float64", scratch: Scratch | N
     if info != 0:  # pragma: no cover - LAPACK reports an illegal argument only
         raise np.linalg.LinAlgError(f"?sytrd failed (info={info})")
     d, e = d.astype(np.float64), e.astype(np.float64)
-    lam = scipy.linalg.eigvalsh_tridiagonal(d, e, check_finite=False) if p > 1 else d.copy()
-    shift = max(0.0, -float(lam[0]))
-    return Spectrum(reflectors=c, tau=tau.astype(np.float64), diag=d, offdiag=e, eigenvalues=lam + shift,
-                    shift=shift)
+    if p > 1 and int(cs.n) - 1 >= p:  # full rank: only the smallest eigenvalue (bisection), for the shift
+        lam, lam_min = None, float(scipy.linalg.eigvalsh_tridiagonal(d, e, select="i", select_range=(0, 0),
+                                                                      check_finite=False)[0])
+    else:
+        lam = scipy.linalg.eigvalsh_tridiagonal(d, e, check_finite=False) if p > 1 else d.copy()
+        lam_min = float(lam[0])
+    shift = max(0.0, -lam_min)
+    return Spectrum(reflectors=c, tau=tau.astype(np.float64), diag=d, offdiag=e,
+                    eigenvalues=None if lam is None else lam + shift, shift=shift)
 
 
 def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float, factors: dict | None = None,
@@ -295,21 +320,26 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
         b = b - gw
         yy = yy - 2.0 * float(prior @ cs.xty) + float(prior @ gw)
     sp = spec if spec is not None else spectrum(cs)
-    d, q = sp.eigenvalues, sp.rotate(b)
-    # centred rows span at most n - 1 directions: the other eigenvalues are zero, whatever rounding left there
-    dr = np.where(np.arange(d.size) < d.size - max(int(cs.n) - 1, 0), 0.0, d)
     grid = np.atleast_1d(np.asarray([fixed_alpha] if fixed_alpha is not None else alphas, dtype=np.float64))
     if grid.size == 0 or np.any(grid < 0):
         raise ValueError(f"alphas must be a non-empty list of non-negative values, got {grid}")
+    if sp.eigenvalues is None and np.any(grid == 0):  # df at alpha = 0 counts eigenvalues: compute them
+        lam = scipy.linalg.eigvalsh_tridiagonal(sp.diag, sp.offdiag, check_finite=False) + sp.shift
+        sp = Spectrum(sp.reflectors, sp.tau, sp.diag, sp.offdiag, lam, sp.shift)
+    d, q = sp.eigenvalues, sp.rotate(b)
     rss, df = np.empty(grid.shape), np.empty(grid.shape)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if d is None:  # full rank (Spectrum without eigenvalues): every alpha > 0
+            df[:] = sp.dof(grid)
+        else:  # centred rows span at most n - 1 directions: the other eigenvalues are zero, whatever rounding left
+            dr = np.where(np.arange(d.size) < d.size - max(int(cs.n) - 1, 0), 0.0, d)
+            df[:] = [float(np.sum(dr / (dr + a))) if a > 0 else float(np.sum(dr > 0)) for a in grid]
         for k, a in enumerate(grid):
             try:
                 u = sp.solve(q, a) if a > 0 or d[0] > 0 else np.full(q.shape, np.nan)
             except np.linalg.LinAlgError:  # alpha = 0 on a singular Gram matrix: not a candidate
                 u = np.full(q.shape, np.nan)
             rss[k] = yy - float(q @ u) - a * float(u @ u)
-            df[k] = float(np.sum(dr / (dr + a))) if a > 0 else float(np.sum(dr > 0))
         rss = np.where(np.isfinite(rss), np.maximum(rss, 0.0), np.inf)
         resid_dof = cs.n - 1.0 - df  # the intercept is one more degree of freedom
         gcv = np.where(resid_dof > 0, cs.n * rss / resid_dof**2, np.inf)
