@@ -2,9 +2,8 @@
 
 A chain owns the per-cell accumulator of the experts and, beside it, the
 baselines' and the audit's accumulators, so one fold of a block feeds them
-all. The fold adds a block to the cells on its own thread and to the others
-on a second one, so a chain has two ``P x P`` scratch matrices: the cells'
-and one the others share (they flush one after another).
+all. They flush one after another, so the chain gives them one ``P x P``
+scratch matrix between them.
 """
 
 from __future__ import annotations
@@ -48,18 +47,13 @@ class ChainState:
     resumed_chunks: int = 0
 
     def __post_init__(self) -> None:
-        # the baselines' and the audit's accumulators flush one after another, on the fold's second thread
-        # (reduce._fold), beside the cells': they share one scratch matrix, the cells keep their own
-        side = None
-        if self.audit is not None:
-            accs = list(self.audit.acc.values())
-            side = accs[0]
-            for acc in accs[1:]:
-                acc.share_scratch(side)
-        if self.baselines is not None and side is not None:
-            self.baselines.scratch_of = side
+        if self.baselines is not None:
+            self.baselines.scratch_of = self.cells
             if self.baselines.white is not None:
-                self.baselines.white.share_scratch(side)
+                self.baselines.white.share_scratch(self.cells)
+        if self.audit is not None:
+            for acc in self.audit.acc.values():
+                acc.share_scratch(self.cells)
 
     @property
     def rows_seen(self) -> int:

@@ -172,8 +172,7 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         ds, y, cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows, precision=cfg.fit.precision,
         min_good_fraction=cfg.catalog.min_good_fraction, meta=meta_stats,
         blas_threads=fold_blas_threads(threads, chains), baselines=baselines,
-        checkpoint=checkpoint, read_ahead=cfg.fit.read_ahead, row_cache=row_cache, routing=routing, audit=audit,
-        side_thread=_threads_per_worker(client) >= 2)
+        checkpoint=checkpoint, read_ahead=cfg.fit.read_ahead, row_cache=row_cache, routing=routing, audit=audit)
     specs = expert_specs(snr_names, phys_names)
     # one solve at a time with all the worker's cores in the BLAS (the statistics live on one worker)
     blas = _threads_per_worker(client)

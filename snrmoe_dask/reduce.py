@@ -28,7 +28,6 @@ of the same fold of the same block.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import dask
@@ -121,8 +120,7 @@ def _init(shift, n_cells, flush_rows, precision, meta, baselines=(), checkpoint:
 
 def _fold(state: ChainState, index: int, flux, error, mask, y, cell, min_good: int,
           blas_threads: int, features=None, checkpoint: Checkpoint | None = None, chain: int = 0,
-          routing: SnrRouting | None = None, audit_block: tuple | None = None,
-          side_thread: bool = False) -> ChainState:
+          routing: SnrRouting | None = None, audit_block: tuple | None = None) -> ChainState:
     if index in state.chunks_done:  # a retried task must not count a chunk twice
         return state
     if routing is not None:
@@ -134,33 +132,11 @@ def _fold(state: ChainState, index: int, flux, error, mask, y, cell, min_good: i
     # the nanny pins BLAS to 1 thread per task; a chain may use its share of the worker's cores
     with threadpool_limits(limits=blas_threads, user_api="blas"):
         x = impute_bad_pixels(flux, good, copy=False)  # the block is shared with the features task
-
-        def baselines() -> None:
-            if state.baselines is not None:
-                state.baselines.add(x, flux, error, good, features, y, keep >= 0)
-
-        def audit() -> None:
-            if audit_block is not None:
-                state.audit.add(flux, error, mask, features, *audit_block)
-
-        if side_thread and (state.baselines is not None or audit_block is not None):
-            # a second thread (syrk releases the GIL) takes the audit's sums, and the baselines' too when that
-            # balances the threads better: the cells and the whitened baseline cost one Gram update per train
-            # row, the audit two per audit row
-            n_train = int((keep >= 0).sum())
-            n_audit = int((audit_block[0] >= 0).sum()) if audit_block is not None else 0
-            side = (baselines, audit) if n_audit < n_train / 2 else (audit,)
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fold-side") as pool:
-                done = [pool.submit(f) for f in side]
-                state.cells.add(x, y, keep)
-                if baselines not in side:
-                    baselines()
-                for d in done:
-                    d.result()
-        else:
-            state.cells.add(x, y, keep)
-            baselines()
-            audit()
+        state.cells.add(x, y, keep)
+        if state.baselines is not None:
+            state.baselines.add(x, flux, error, good, features, y, keep >= 0)
+        if audit_block is not None:
+            state.audit.add(flux, error, mask, features, *audit_block)
     state.chunks_done.append(index)
     state.folds += 1
     if checkpoint is not None and state.folds % checkpoint.every == 0:
@@ -231,7 +207,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
              meta: dict | None = None, blas_threads: int = 1, baselines: tuple[str, ...] = (),
              checkpoint: Checkpoint | None = None, read_ahead: int = 4,
              row_cache: list[CachePart | None] | None = None, routing: SnrRouting | None = None,
-             audit: AuditPlan | None = None, side_thread: bool = False) -> PassGraph:
+             audit: AuditPlan | None = None) -> PassGraph:
     """Build the lazy one-pass graph.
 
     Parameters
@@ -271,11 +247,6 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         catalog without a true ``snr``): no features-first pass.
     audit : AuditPlan, optional
         Fold the audit's rows (:mod:`snrmoe_dask.audit`) in the same chains.
-    side_thread : bool
-        Each fold adds the block to the baselines' and the audit's
-        accumulators on a second thread while it adds it to the cells (for
-        workers with a core to spare: the worker runs one more thread than
-        it counts).
 
     Returns
     -------
@@ -335,7 +306,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
             audit_block = audit.block(lo, hi)
         if ((cell[lo:hi] >= 0).any() or audit_block is not None) and i not in done[c]:
             accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_threads,
-                           feats[-1], checkpoint, c, routing, audit_block, side_thread,
+                           feats[-1], checkpoint, c, routing, audit_block,
                            dask_key_name=f"acc-fold-{tok}-{c}-{i}")
             reads.folded(accs[c], i)
     # chains merge pairwise, a tree of log2(C) rounds: a task holds two chains' statistics, never all C

@@ -183,35 +183,3 @@ def test_the_audit_riding_three_chains_equals_one_chain(tmp_path, cfg):
             np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-9, atol=1e-6)
     order = np.lexsort(one.rows.T[::-1])
     np.testing.assert_allclose(three.rows[np.lexsort(three.rows.T[::-1])], one.rows[order])
-
-
-@pytest.mark.parametrize("max_rows", [100, 100_000])  # baselines on the second thread, or beside the cells
-def test_a_fold_on_two_threads_gives_the_statistics_of_one(tmp_path, cfg, max_rows):
-    """With ``side_thread`` the fold adds a block to the audit's (and the baselines') accumulators on a second
-    thread while the cells take it on the first: every sum is bit-identical to the one-thread fold."""
-    import dask
-
-    from snrmoe_dask.leakage import audit_plan
-    from snrmoe_dask.reduce import one_pass
-    from snrmoe_dask.split import TRAIN
-
-    ds = open_catalog(_catalog(tmp_path / "c.zarr", True, n=1500), config=cfg.catalog)
-    n = ds.sizes["spectrum"]
-    plan = audit_plan(ds, cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"max_rows": max_rows})}))
-    cell = np.where(ds["split"].values == TRAIN, np.arange(n) % 3, -1)
-    y = np.asarray(ds["logg"].values, np.float64)
-    out = {}
-    for side in (False, True):
-        g = one_pass(ds, y, cell, n_cells=3, precision="float32", audit=plan, flush_rows=64,
-                     baselines=("whitened", "conditional"), side_thread=side)
-        with dask.config.set(scheduler="threads"):
-            out[side] = dask.compute(g.stats, g.baselines, g.audit)
-    (s0, b0, a0), (s1, b1, a1) = out[False], out[True]
-    for name in ("n", "sx", "sy", "syy", "xtx", "xty"):
-        np.testing.assert_array_equal(getattr(s1, name), getattr(s0, name))
-        np.testing.assert_array_equal(getattr(b1.whitened, name), getattr(b0.whitened, name))
-        for target in ("logg", "snr"):
-            np.testing.assert_array_equal(getattr(a1.stats("full", target), name),
-                                          getattr(a0.stats("full", target), name))
-    np.testing.assert_array_equal(b1.cross.sxz, b0.cross.sxz)
-    np.testing.assert_array_equal(a1.rows, a0.rows)
