@@ -31,7 +31,7 @@ from dask.base import tokenize
 from threadpoolctl import threadpool_limits
 
 from .ridge import ridge_alphas, ridge_coef, solve_ridge, spectrum
-from .stats import Scratch, SufficientStats, thread_scratch
+from .stats import Scratch, SufficientStats, process_scratch
 
 __all__ = ["FAMILIES", "ORACLE_FAMILIES", "ExpertSpec", "expert_specs", "leave_cells_out_prior", "solve_expert",
            "fit_experts", "experts_dataset", "with_blas_threads"]
@@ -109,7 +109,13 @@ def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequ
     if n < min_rows and parent is not None:
         fits = {name: {**parent, "n": n, "fallback": spec.parent, "at_grid_edge": False} for name in names}
         return fits if twin is not None else fits[spec.name]
-    scratch = thread_scratch()  # the Gram matrix, its reduction and factors in the thread's reused buffers
+    with process_scratch() as scratch:  # the Gram matrix, its reduction and factors in reused buffers
+        return _solve_cells(stats, spec, twin, parent, parent_cells, relative_alphas, max_df_fraction,
+                            search_precision, n, scratch)
+
+
+def _solve_cells(stats, spec, twin, parent, parent_cells, relative_alphas, max_df_fraction, search_precision,
+                 n, scratch: Scratch) -> dict:
     cs = stats.cells(spec.cells, scratch)
     alphas = ridge_alphas(cs, relative_alphas)
     sp = spectrum(cs, search_precision, scratch)

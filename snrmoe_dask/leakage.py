@@ -369,11 +369,16 @@ def audit_solutions(st: AuditStats, n_groups: int, fit_cfg) -> dict:
     each left-out group's statistics), the pixel importance of ``full`` for logg, and the rows of the small
     representations.
     """
+    from .stats import process_scratch
+
+    with process_scratch() as scratch:  # one Gram matrix per representation and row set, its targets share it
+        return _audit_solutions(st, n_groups, fit_cfg, scratch)
+
+
+def _audit_solutions(st: AuditStats, n_groups: int, fit_cfg, scratch) -> dict:
     from .ridge import ridge_alphas, solve_ridge, spectrum
-    from .stats import thread_scratch
 
     rel, cap, precision = fit_cfg.alphas_relative, fit_cfg.max_df_fraction, fit_cfg.alpha_search_precision
-    scratch = thread_scratch()  # one Gram matrix per representation and row set, its targets share it
 
     def solve_targets(rep: str, targets, cells) -> dict:
         """Every target on one union of groups: one Gram matrix, one reduction, factors shared by alpha."""

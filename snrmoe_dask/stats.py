@@ -37,6 +37,7 @@ import json
 import threading
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +47,7 @@ from scipy.linalg.blas import dsyrk as _dsyrk
 
 from .blas import syrk_update
 
-__all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "Scratch", "thread_scratch", "impute_bad_pixels",
+__all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "Scratch", "process_scratch", "impute_bad_pixels",
            "memory_bytes", "symmetrize_lower", "tri_size", "pack_lower", "unpack_lower", "unpack_symmetric"]
 
 
@@ -58,8 +59,8 @@ class Scratch:
     as much as its Cholesky factorisation; an expert's solve used to allocate
     six of them. Buffers are kept by name, shape and dtype; whatever a solve
     builds in them (a Gram matrix, a factor) is valid until the next call
-    that takes the same buffer. :func:`thread_scratch` is the calling
-    thread's (solves on one thread run one after another).
+    that takes the same buffer. :func:`process_scratch` lends the
+    process's one.
     """
 
     def __init__(self):
@@ -76,14 +77,15 @@ class Scratch:
         self._bufs.clear()
 
 
-_THREAD = threading.local()
+_SCRATCH, _SCRATCH_LOCK = Scratch(), threading.Lock()
 
 
-def thread_scratch() -> Scratch:
-    """The calling thread's :class:`Scratch` (created on first use)."""
-    if not hasattr(_THREAD, "scratch"):
-        _THREAD.scratch = Scratch()
-    return _THREAD.scratch
+@contextmanager
+def process_scratch():
+    """The process's one :class:`Scratch`, held for a whole solve: solves that use it run one after another,
+    so a worker keeps one set of buffers however many of its threads solve."""
+    with _SCRATCH_LOCK:
+        yield _SCRATCH
 
 
 def tri_size(p: int) -> int:

@@ -206,8 +206,8 @@ def test_gates_fit_on_at_most_max_fit_rows_and_select_on_every_selection_row(fit
     the selection rows are all kept, and the gate table records which rows fitted."""
     import dask
     import xarray as xr
-
     from conftest import fit_cfg
+
     from snrmoe_dask.fit import fit_model
 
     cfg = fit_cfg(precision="float64")

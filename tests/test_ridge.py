@@ -198,7 +198,7 @@ def test_solves_in_reused_buffers_equal_solves_in_fresh_arrays():
     fresh-array answer, and a buffer holds the last expert's Gram matrix, not an earlier one."""
     from snrmoe_dask.experts import ExpertSpec, solve_expert
     from snrmoe_dask.ridge import spectrum
-    from snrmoe_dask.stats import thread_scratch
+    from snrmoe_dask.stats import process_scratch
 
     rng = np.random.default_rng(11)
     n, p = 900, 24
@@ -210,14 +210,16 @@ def test_solves_in_reused_buffers_equal_solves_in_fresh_arrays():
     stats = acc.finalize()
     grid = [1e-3, 1e-2, 0.1, 1.0]
     parent = solve_expert(stats, ExpertSpec("phys", "oracle_phys", "p", (0, 1, 2)), grid, 2)
-    thread_scratch().clear()
+    with process_scratch() as scratch:
+        scratch.clear()
     got = {}
     for c in (1, 2):
         joint = ExpertSpec(f"joint{c}", "oracle_joint", f"c{c}", (c,), "phys")
         hier = ExpertSpec(f"hier{c}", "hierarchical", f"c{c}", (c,), "phys", shrink=True)
         got.update(solve_expert(stats, joint, grid, 2, parent, twin=hier, parent_cells=(0, 1, 2),
                                 search_precision="float64"))
-    assert thread_scratch()._bufs, "the solves did not use the thread's buffers"
+    with process_scratch() as scratch:
+        assert scratch._bufs, "the solves did not use the process's buffers"
     for c in (1, 2):
         cs = stats.cells([c])  # fresh arrays
         rest = stats.cells([k for k in (0, 1, 2) if k != c])
@@ -228,7 +230,8 @@ def test_solves_in_reused_buffers_equal_solves_in_fresh_arrays():
         for name, r in ref.items():
             assert got[name]["alpha"] == r.alpha
             np.testing.assert_allclose(got[name]["coef"], r.coef, rtol=1e-12, atol=0)
-    np.testing.assert_array_equal(thread_scratch().take("gram", (p, p), np.float64), stats.cells([2]).gram)
+    with process_scratch() as scratch:
+        np.testing.assert_array_equal(scratch.take("gram", (p, p), np.float64), stats.cells([2]).gram)
 
 
 def _exact(gram, b, alpha):
