@@ -94,18 +94,23 @@ def test_exact_linear_target_is_recovered_when_rows_exceed_pixels():
     assert 1 - np.sum((y[n:] - pred) ** 2) / np.sum((y[n:] - y[n:].mean()) ** 2) > 0.999
 
 
+def _three_cells(seed, n, p, level, spread, slope):
+    """Rows in three cells (row i in cell i mod 3), a linear target, and their float64 statistics."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(level, spread, (n, p))
+    cell = (np.arange(n) % 3).astype(np.int64)
+    y = x @ rng.normal(size=p) * slope + rng.normal(size=n)
+    acc = CellAccumulator(3, x[:10].mean(0), precision="float64")
+    acc.add(x, y, cell)
+    return x, y, cell, acc.finalize()
+
+
 def test_hierarchical_prior_is_the_parent_refitted_without_the_cell():
     """Leave-cell-out parent from statistics (parent minus cell) equals sklearn's Ridge on the other cells' rows."""
     from snrmoe_dask.experts import ExpertSpec, leave_cells_out_prior, solve_expert
 
-    rng = np.random.default_rng(6)
-    n, p = 300, 20
-    x = rng.normal(10.0, 2.0, (n, p))
-    cell = (np.arange(n) % 3).astype(np.int64)
-    y = x @ rng.normal(size=p) * 0.1 + rng.normal(size=n)
-    acc = CellAccumulator(3, x[:10].mean(0), precision="float64")
-    acc.add(x, y, cell)
-    stats = acc.finalize()
+    x, y, cell, stats = _three_cells(seed=6, n=300, p=20, level=10.0, spread=2.0, slope=0.1)
+    n, p = x.shape
     parent = solve_expert(stats, ExpertSpec("phys", "oracle_phys", "p", (0, 1, 2)), [1.0, 10.0], 2)
     prior = leave_cells_out_prior(stats, parent, (0, 1, 2), (1,))
     ref = Ridge(alpha=parent["alpha"]).fit(x[cell != 1], y[cell != 1])
@@ -193,21 +198,15 @@ def test_an_indefinite_system_is_solved_exactly_not_by_least_squares():
 
 
 def test_solves_in_reused_buffers_equal_solves_in_fresh_arrays():
-    """solve_expert builds Gram matrices, reductions and factors in the thread's Scratch: experts solved one
+    """solve_expert builds Gram matrices, reductions and factors in the process's Scratch: experts solved one
     after another there (a joint expert and its twin at a shared alpha, then another cell) give exactly the
     fresh-array answer, and a buffer holds the last expert's Gram matrix, not an earlier one."""
     from snrmoe_dask.experts import ExpertSpec, solve_expert
     from snrmoe_dask.ridge import spectrum
     from snrmoe_dask.stats import process_scratch
 
-    rng = np.random.default_rng(11)
-    n, p = 900, 24
-    x = rng.normal(5.0, 1.0, (n, p))
-    cell = (np.arange(n) % 3).astype(np.int64)
-    y = x @ rng.normal(size=p) * 0.2 + rng.normal(size=n)
-    acc = CellAccumulator(3, x[:10].mean(0), precision="float64")
-    acc.add(x, y, cell)
-    stats = acc.finalize()
+    x, y, cell, stats = _three_cells(seed=11, n=900, p=24, level=5.0, spread=1.0, slope=0.2)
+    n, p = x.shape
     grid = [1e-3, 1e-2, 0.1, 1.0]
     parent = solve_expert(stats, ExpertSpec("phys", "oracle_phys", "p", (0, 1, 2)), grid, 2)
     with process_scratch() as scratch:
