@@ -224,3 +224,31 @@ def test_gates_fit_on_at_most_max_fit_rows_and_select_on_every_selection_row(fit
 
     h = id_hash(table["spectrum"].values, cfg.catalog.split_salt, stream=6)
     assert h[fit_rows].max() < h[~fit_rows & ~select].min()  # the lowest hashes: the same rows every refit
+
+
+def _layout(n_rows: int, chunk: int, p: int):
+    import dask.array as da
+    import xarray as xr
+
+    shape, chunks = (n_rows, p), (chunk, p)
+    return xr.Dataset({"flux": (("spectrum", "wavelength"), da.zeros(shape, dtype=np.float32, chunks=chunks)),
+                       "error": (("spectrum", "wavelength"), da.zeros(shape, dtype=np.float32, chunks=chunks)),
+                       "mask": (("spectrum", "wavelength"), da.zeros(shape, dtype=np.uint8, chunks=chunks))})
+
+
+def test_auto_checkpoint_cadence_never_writes_more_than_it_saves_reading():
+    from snrmoe_dask.fit import auto_checkpoint_every
+
+    tri8 = 4096 * 4097 // 2 * 8
+    chunk_bytes = 2048 * 4096 * 9  # float32 flux and error, uint8 mask
+    # the default job: 10 chunks, 36 cells + whitened + 2 x 5 audit groups: a checkpoint (47 triangles) would
+    # write more than the whole pass reads, so the chain never checkpoints before its last fold
+    small = auto_checkpoint_every(_layout(20_000, 2048, 4096), 1, 47, 2.0)
+    assert small == -(-2 * 47 * tri8 // chunk_bytes) and small >= 10
+    # 1M rows on one chain (489 chunks): "about 4 per chain" (123 folds) is rarer than the read-ratio bound (84)
+    big = auto_checkpoint_every(_layout(1_000_000, 2048, 4096), 1, 47, 2.0)
+    assert big == max(-(-489 // 4), -(-2 * 47 * tri8 // chunk_bytes))
+    # with the ratio off, about four checkpoints per chain (two chains: 245 chunks each)
+    assert auto_checkpoint_every(_layout(1_000_000, 2048, 4096), 2, 47, 0.0) == -(-245 // 4)
+    # a narrow cube with one cell: the ratio bound is a single chunk
+    assert auto_checkpoint_every(_layout(100_000, 1000, 64), 1, 1, 2.0) == 25

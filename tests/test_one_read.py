@@ -74,8 +74,8 @@ def test_evaluate_from_the_cache_equals_evaluate_from_the_catalog(fit_catalog, f
     shutil.rmtree(copy / CACHE_DIR)
     b = evaluate_model(load_model(copy), fit_catalog, cfg, progress=False)
     assert a["test_rows_source"] == "row cache" and b["test_rows_source"] == "catalog"
-    for name in a["models"]:
-        assert a["models"][name]["r2"] == b["models"][name]["r2"], name
+    for name in a["models"]:  # the same rows in other blocks: sums may differ in the last bit, no more
+        np.testing.assert_allclose(a["models"][name]["r2"], b["models"][name]["r2"], rtol=1e-12, err_msg=name)
 
 
 def test_a_wide_cache_part_is_one_block_per_variable(tmp_path):
