@@ -59,7 +59,7 @@ from .mixture import (
 from .pca import pca_from_stats
 from .reduce import SnrRouting, auto_chains, features_dataset, fold_blas_threads, one_pass
 from .split import TRAIN, VAL, id_hash
-from .stats import SufficientStats
+from .stats import SufficientStats, tri_size
 from .store import (
     MODEL_VERSION,
     Model,
@@ -292,7 +292,7 @@ def auto_checkpoint_every(ds: xr.Dataset, chains: int, gram_matrices: int, min_r
     p = ds.sizes["wavelength"]
     row_bytes = p * sum(ds[v].dtype.itemsize for v in ("flux", "error", "mask") if v in ds)
     chunk_bytes = max(1, max(chunks) * row_bytes)
-    state_bytes = gram_matrices * (p * (p + 1) // 2) * 8
+    state_bytes = gram_matrices * tri_size(p) * 8
     return max(1, -(-per_chain // 4), math.ceil(min_read_ratio * state_bytes / chunk_bytes))
 
 
