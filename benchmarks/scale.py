@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from dask.utils import key_split
+from distributed import get_task_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -111,6 +113,17 @@ def daskml_capped(catalog: Path, rows: int, alpha: float, solver: str, cap_s: fl
             "wall_s_with_loading": time.perf_counter() - t0}
 
 
+def task_seconds(records: list[dict]) -> dict:
+    """Worker-thread seconds and task counts by task-name prefix (the dashboard's task stream), largest first."""
+    out: dict[str, dict] = {}
+    for rec in records:
+        busy = sum(s["stop"] - s["start"] for s in rec.get("startstops", ()) if s.get("action") == "compute")
+        row = out.setdefault(key_split(rec["key"]), {"tasks": 0, "seconds": 0.0})
+        row["tasks"] += 1
+        row["seconds"] += busy
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["seconds"]))
+
+
 def _save(res: dict, complete: bool) -> None:
     """Write what is measured so far (a killed benchmark leaves its partial figures, marked incomplete)."""
     out = Path("benchmarks/results") / f"scale_{res['n']}.json"
@@ -140,10 +153,11 @@ def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep:
             res["reduce"] = measure(catalog, client, cfg.fit)
             _save(res, False)
         reads = CatalogReads(catalog, client)  # every get from the catalog store, in the client and the workers
-        with PeakRSS() as peak:
+        with PeakRSS() as peak, get_task_stream(client) as stream:
             t0, t0_unix = time.perf_counter(), time.time()
             record = run_study(cfg, Path(cfg.run.out), client=client, resume=resume)
             res["study_s"] = time.perf_counter() - t0
+        res["task_seconds"] = task_seconds(stream.data)
         res["catalog_bytes"] = store_bytes(catalog)
         res["resumed_stages"] = [k for k, v in record["stages"].items() if v.get("skipped")]
         res["peak_rss_gb"] = peak.peak / 1e9
@@ -239,6 +253,8 @@ def main() -> None:
               f"{b['study_vs_catalog_size']:.3f} x its {res['catalog_bytes'] / 1e9:.2f} GB on disk; "
               f"{b['cube_chunk_reads']} reads of {b['cube_chunks_read']} cube chunks; by stage "
               f"{json.dumps({k: round(v['bytes'] / 1e9, 3) for k, v in b.items() if isinstance(v, dict)})} GB")
+        top = list(res["task_seconds"].items())[:12]
+        print("  worker seconds by task: " + ", ".join(f"{k} {v['seconds']:.0f} s/{v['tasks']}" for k, v in top))
         print(f"  reduce {res['reduce']['ours_s']:.1f} s vs floor {res['reduce']['floor_s']:.1f} s = "
               f"{res['reduce']['ratio_vs_floor']:.2f} x; peak RSS {res['peak_rss_gb']:.2f} GB "
               f"(by stage: {json.dumps({k: round(v, 1) for k, v in res['peak_rss_gb_by_stage'].items()})})")
