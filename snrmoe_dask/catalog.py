@@ -293,6 +293,16 @@ def open_catalog(
         ds = xr.open_zarr(path, consolidated=False, chunks={})
     except Exception as exc:  # zarr raises several types for a non-store
         raise CatalogError(f"{path} is not a readable zarr catalog: {type(exc).__name__}: {exc}") from None
+    # the per-spectrum variables (labels, snr, mag) are small: read them once, here, instead of through the
+    # scheduler each time a stage asks for their values (1M rows: 8 such reads of 489 tasks per label)
+    per_spectrum = [name for name, v in ds.data_vars.items() if v.dims == ("spectrum",)]
+    if per_spectrum:
+        try:  # xarray's own lazy backend arrays (no dask graph): decoded exactly as above, half the time
+            plain = xr.open_zarr(path, consolidated=False, chunks=None)
+            ds = ds.assign({name: ("spectrum", plain[name].values, ds[name].attrs) for name in per_spectrum})
+        except Exception as exc:  # a damaged label chunk
+            raise CatalogError(f"{path}: cannot read the per-spectrum variables {per_spectrum}: "
+                               f"{type(exc).__name__}: {exc}") from None
     validate_catalog(ds, require_labels)
     ds = _checked_cube(ds, path)
     if chunk_size is not None:

@@ -15,13 +15,16 @@ Layers, bottom up:
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import dask.array as da
 import numpy as np
 import xarray as xr
+from threadpoolctl import threadpool_limits
 
 from .features import FEATURE_NAMES, LINE_NAMES, QUALITY_FEATURES, block_features
 from .gates import GATE_SPECS, Gate, fit_gate, mixture, mixture_sigma
@@ -237,25 +240,35 @@ def fit_gates(model: Model, table: Mapping[str, np.ndarray], pred: np.ndarray, y
     if fit_rows.sum() < 2 or select.sum() < 2:
         raise ValueError(f"gates need val rows to fit and to select on; got {int(fit_rows.sum())} and "
                          f"{int(select.sum())} (catalog too small for the split fractions?)")
-    gates, selection = {}, {}
     sub = {k: v[fit_rows] for k, v in table.items()}
-    for name, spec in GATE_SPECS.items():
+    sel_table = {k: v[select] for k, v in table.items()}
+    global_sel = pred[select][:, model.index["global"]]
+
+    def fit_one(spec):
         members = model.members(spec.family)
         labels = model.class_labels(spec.family, snr_b, phys_b)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*lbfgs failed to converge.*")
-            gate = fit_gate(spec, sub, labels[fit_rows], pred[fit_rows][:, members], y[fit_rows],
-                            n_classes=len(members), l2=cfg.l2, logreg_c=cfg.logreg_c, max_iter=cfg.max_iter,
-                            seed=cfg.seed)
-        sel_table = {k: v[select] for k, v in table.items()}
+        gate = fit_gate(spec, sub, labels[fit_rows], pred[fit_rows][:, members], y[fit_rows],
+                        n_classes=len(members), l2=cfg.l2, logreg_c=cfg.logreg_c, max_iter=cfg.max_iter,
+                        seed=cfg.seed)
         out = apply_model_gate(model, gate, sel_table, pred[select], 0.0)
-        tau = choose_fallback_tau(gate, cfg.fallback_tau, y[select], out, pred[select][:, model.index["global"]])
+        tau = choose_fallback_tau(gate, cfg.fallback_tau, y[select], out, global_sel)
         gate.info["fallback_tau"] = tau
         if tau > 0:
             out = apply_model_gate(model, gate, sel_table, pred[select], tau)
-        selection[name] = {"r2": r2_score(y[select], out["yhat"]), "soft_r2": r2_score(y[select], out["soft"]),
-                           "fallback_tau": tau, "n": int(select.sum())}
-        gates[name] = gate
+        return gate, {"r2": r2_score(y[select], out["yhat"]), "soft_r2": r2_score(y[select], out["soft"]),
+                      "fallback_tau": tau, "n": int(select.sum())}
+
+    # the gates are independent fits of small dense problems: one per thread with one BLAS thread each keeps
+    # both cores busy (NumPy and the optimisers release the GIL in their array work); with one BLAS thread always,
+    # the fits do not depend on n_jobs
+    n_jobs = max(1, min(cfg.n_jobs or len(os.sched_getaffinity(0)), len(GATE_SPECS)))
+    # filters set once around the pool: warnings.catch_warnings is not thread-safe
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
+        warnings.filterwarnings("ignore", message=".*lbfgs failed to converge.*")
+        with ThreadPoolExecutor(n_jobs, thread_name_prefix="gate") as pool:
+            done = dict(zip(GATE_SPECS, pool.map(fit_one, GATE_SPECS.values())))
+    gates = {name: g for name, (g, _) in done.items()}
+    selection = {name: sel for name, (_, sel) in done.items()}
     if cfg.default != "auto":
         default = cfg.default
     else:

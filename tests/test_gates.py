@@ -242,3 +242,26 @@ def test_gate_arrays_round_trip():
         gate = fit_gate(spec, table, phys_b, rng.normal(size=(300, 9)), y, n_classes=9, max_iter=20)
         back = Gate.from_arrays(spec, gate.kind, 9, gate.to_arrays())
         np.testing.assert_array_equal(back.weights(table), gate.weights(table))
+
+
+def test_gates_fitted_in_parallel_equal_the_serial_fits(fitted):
+    """fit_gates fits the gates concurrently (gates.n_jobs); the gates and their selection scores do not depend
+    on how many at once, and equal the ones the fit stored."""
+    import xarray as xr
+
+    from snrmoe_dask.mixture import fit_gates
+
+    model, cfg, model_dir = fitted
+    t = xr.open_zarr(model_dir / "gate_table.zarr", consolidated=False).load()
+    use = t["gate_fit"].values | t["select"].values
+    args = ({"quality": t["quality"].values[use], "physical": t["physical"].values[use]},
+            t["expert_pred"].values[use], t["y"].values[use], t["snr_bin"].values[use], t["phys_bin"].values[use],
+            t["select"].values[use])
+    runs = [fit_gates(model, *args, cfg.gates.model_copy(update={"n_jobs": k})) for k in (1, 3)]
+    (g1, s1, d1), (g3, s3, d3) = runs
+    assert list(g1) == list(g3) == list(GATE_SPECS) and d1 == d3 == model.default_gate
+    for name in GATE_SPECS:
+        assert s1[name] == s3[name]
+        assert s1[name]["r2"] == pytest.approx(model.meta["gates"]["selection"][name]["r2"], abs=1e-12)
+        for k, v in g1[name].params.items():
+            np.testing.assert_array_equal(v, g3[name].params[k], err_msg=f"{name}.{k}")
