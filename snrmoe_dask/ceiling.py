@@ -144,9 +144,12 @@ def prior_box(simulate_config: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def _weighted_moments(w: np.ndarray, x: np.ndarray) -> tuple[float, float, float]:
     """Self-normalised mean, variance and effective sample size of ``x`` under weights ``w``."""
-    total = float(w.sum())
-    if not total > 0:
+    if not float(w.sum()) > 0:
         return np.nan, np.nan, 0.0
+    # rescaled to a largest weight of 1: weights far below the round's best (a cell the posterior barely
+    # reaches) underflow when squared, and the effective sample size divided by zero
+    w = w / w.max()
+    total = float(w.sum())
     mean = float(w @ x) / total
     var = float(w @ (x - mean) ** 2) / total
     return mean, var, total**2 / float(w @ w)

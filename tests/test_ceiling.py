@@ -175,3 +175,19 @@ def test_crlb_scales_with_noise_variance(sigma):
     jac = (-50.0 * _gauss_line(wave))[None, :, None]
     base = fisher_crlb(jac, np.ones((1, wave.size)), 0)
     np.testing.assert_allclose(fisher_crlb(jac, np.full((1, wave.size), sigma), 0), base * sigma**2)
+
+
+def test_weighted_moments_of_weights_that_underflow_when_squared():
+    """A cell the posterior barely reaches has weights ~1e-200 of the round's best: their squares underflow, and
+    the effective sample size used to divide by zero (it crashed the whole ceiling stage). The moments do not
+    depend on the weights' scale."""
+    from snrmoe_dask.ceiling import _weighted_moments
+
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=50), rng.uniform(0.1, 1.0, 50)
+    ref = _weighted_moments(w, x)
+    tiny = _weighted_moments(w * 1e-200, x)
+    np.testing.assert_allclose(tiny, ref, rtol=1e-12)
+    assert ref[1] == pytest.approx(np.cov(x, aweights=w, bias=True))
+    assert ref[2] == pytest.approx(w.sum() ** 2 / (w @ w))
+    assert _weighted_moments(np.zeros(5), x[:5])[2] == 0.0
