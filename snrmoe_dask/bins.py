@@ -12,11 +12,32 @@ import numpy as np
 
 __all__ = [
     "snr_bin",
+    "median_snr_bin",
     "phys_bin",
     "cell_index",
     "tertile_edges",
     "phys_bin_names",
 ]
+
+
+def median_snr_bin(ratio: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """``snr_bin(np.median(ratio, axis=1), edges)`` without the median, for finite rows.
+
+    The median of a row exceeds an edge ``e`` exactly when more than half of the row does (odd length), or
+    (even length ``2m``) certainly when at least ``m + 1`` entries do and certainly not when at most ``m - 1``
+    do; only rows with exactly ``m`` entries above some edge need their median. Counting is a few compares
+    per entry instead of a selection (the Bayes ceiling bins ~1,500 simulated spectra per observed one).
+    """
+    ratio = np.asarray(ratio)
+    n, p = ratio.shape
+    above = np.stack([np.count_nonzero(ratio > e, axis=1) for e in edges], axis=1)  # (n, edges)
+    if p % 2:
+        return np.count_nonzero(above >= (p + 1) // 2, axis=1).astype(np.int8)
+    out = np.count_nonzero(above >= p // 2 + 1, axis=1).astype(np.int8)
+    tie = np.flatnonzero((above == p // 2).any(axis=1))
+    if tie.size:
+        out[tie] = snr_bin(np.median(ratio[tie], axis=1), edges)
+    return out
 
 
 def snr_bin(snr: np.ndarray, edges: Sequence[float]) -> np.ndarray:

@@ -289,7 +289,7 @@ def posterior_block(model: ForwardModel, simulate_config: dict, flux: np.ndarray
     ndarray of shape (n, 4): posterior variance and ESS of logg given the
     flux, then given the flux and the true cell.
     """
-    from .bins import phys_bin, snr_bin
+    from .bins import median_snr_bin, phys_bin
 
     lo, hi = prior_box(simulate_config)
     steps = np.array([STEPS[k] for k in PARAMS])
@@ -297,7 +297,7 @@ def posterior_block(model: ForwardModel, simulate_config: dict, flux: np.ndarray
 
     def cell(theta, mu, sigma):
         p = phys_bin(theta[:, 1], theta[:, 2], edges["teff_edges"], edges["mh_edges"]).astype(np.int64)
-        return p * n_snr + snr_bin(np.median(mu / sigma, axis=1), edges["snr_edges"])
+        return p * n_snr + median_snr_bin(mu / sigma, edges["snr_edges"])
 
     out = np.empty((flux.shape[0], 4))
     for i in range(flux.shape[0]):

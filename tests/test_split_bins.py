@@ -76,3 +76,22 @@ def test_tertile_edges_equal_counts():
     assert np.all(np.abs(counts - 3000) <= 2)
     with pytest.raises(ValueError, match="strictly increasing"):
         tertile_edges(np.ones(100))
+
+
+@pytest.mark.parametrize("p", [9, 10, 64])
+def test_median_snr_bin_equals_the_bin_of_the_median_including_rows_split_at_an_edge(p):
+    """Counting entries above each edge gives the bin of NumPy's median; rows with exactly half their entries
+    above an edge (the median then averages across it) and entries equal to an edge take the exact path."""
+    from snrmoe_dask.bins import median_snr_bin
+
+    rng = np.random.default_rng(p)
+    edges = (2.0, 4.0, 7.0)
+    rows = [rng.uniform(0, 1.5, p), rng.normal(4.0, 0.01, p), np.full(p, 4.0), np.full(p, 7.0 + 1e-12)]
+    for e in edges:  # half below, half above an edge, close and far
+        for gap in (1e-9, 0.5, 3.0):
+            rows.append(np.r_[np.full(p // 2, e - gap), np.full(p - p // 2, e + gap * rng.uniform(0.5, 2.0))])
+    rows.append(np.r_[np.full(p // 2, 1.0), np.full(p - p // 2, 6.9)])  # the median 3.95 sits between edges
+    ratio = np.array([rng.permutation(r) for r in rows] + list(rng.gamma(2.0, 2.0, (200, p))))
+    expected = snr_bin(np.median(ratio, axis=1), edges)
+    np.testing.assert_array_equal(median_snr_bin(ratio, edges), expected)
+    assert len(set(expected.tolist())) == 4
