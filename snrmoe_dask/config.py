@@ -204,7 +204,7 @@ class GatesConfig(_Strict):
     # most val rows a gate fits on (a hash-selected subset above it; the selection rows are all used). At 1M,
     # 50k of the 75k fit rows: the gate fits 1.5x faster and the default gate's selection R2 moved by 0.001
     max_fit_rows: int | None = Field(50_000, ge=2)
-    # gates fitted at once, one thread (and one BLAS thread) each; null = the cores this process may use
+    # gates fitted at once, one thread (and one BLAS thread) each; null = the machine's cores
     n_jobs: int | None = Field(None, ge=1)
 
     @field_validator("default")

@@ -261,7 +261,7 @@ def fit_gates(model: Model, table: Mapping[str, np.ndarray], pred: np.ndarray, y
     # the gates are independent fits of small dense problems: one per thread with one BLAS thread each keeps
     # both cores busy (NumPy and the optimisers release the GIL in their array work); with one BLAS thread always,
     # the fits do not depend on n_jobs
-    n_jobs = max(1, min(cfg.n_jobs or len(os.sched_getaffinity(0)), len(GATE_SPECS)))
+    n_jobs = max(1, min(cfg.n_jobs or os.cpu_count() or 1, len(GATE_SPECS)))
     # filters set once around the pool: warnings.catch_warnings is not thread-safe
     with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         warnings.filterwarnings("ignore", message=".*lbfgs failed to converge.*")
