@@ -29,10 +29,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from dask.base import tokenize
 
 from .checkpoint import plan_token
 from .split import VAL, id_hash
@@ -118,7 +120,8 @@ def plan_row_cache(ds: xr.Dataset, keep: np.ndarray, root: str | Path, starts: n
     shutil.rmtree(root / COLUMNS, ignore_errors=True)
     index.to_zarr(root / COLUMNS, mode="w", zarr_format=3, consolidated=False)
     info = {"kind": "snrmoe.row_cache", "version": 2, "catalog_fingerprint": catalog_fingerprint(ds),
-            "rows": int(keep.sum()), "parts": sum(p is not None for p in parts), **meta}
+            "rows": int(keep.sum()), "parts": sum(p is not None for p in parts),
+            "part_rows": [int(p.rows.size) for p in parts if p is not None], **meta}
     (root / "cache.json").write_text(json.dumps(info, indent=2))
     return parts
 
@@ -146,6 +149,11 @@ def write_part(part: CachePart, flux: np.ndarray, error: np.ndarray, mask: np.nd
     return int(part.rows.size)
 
 
+def _read_part(path: str) -> np.ndarray:
+    """One part's flux, error or mask (a task)."""
+    return zarr.open_array(path, mode="r")[...]
+
+
 def open_row_cache(root: str | Path, ds: xr.Dataset | None = None) -> xr.Dataset | None:
     """The cached rows as one lazy catalog-shaped Dataset, or ``None`` if there is no complete cache.
 
@@ -159,7 +167,7 @@ def open_row_cache(root: str | Path, ds: xr.Dataset | None = None) -> xr.Dataset
         return None
     if ds is not None and info.get("catalog_fingerprint") != catalog_fingerprint(ds):
         return None
-    paths = sorted(root.glob("part-*.zarr"))
+    paths = sorted(root.glob("part-*.zarr"), key=lambda p: int(p.stem.split("-")[1]))  # catalog chunk order
     if len(paths) != info.get("parts") or not paths or info.get("version") != 2:
         return None
     try:
@@ -167,8 +175,15 @@ def open_row_cache(root: str | Path, ds: xr.Dataset | None = None) -> xr.Dataset
         first = zarr.open_group(str(paths[0]), mode="r")
         names = [name for name in _BLOCKS if name in first]
         # each part's flux/error/mask is one zarr chunk (write_part): one dask block per part and variable
+        rows = info.get("part_rows")
         for name in names:
-            blocks = [da.from_zarr(zarr.open_array(str(p / name), mode="r")) for p in paths]
+            if rows is None or len(rows) != len(paths):  # an older cache: each part's shape from its metadata
+                blocks = [da.from_zarr(zarr.open_array(str(p / name), mode="r")) for p in paths]
+            else:  # shapes from cache.json: no metadata read per part here (1M: 978 of them, 4.4 s per stage)
+                shape1, dtype = first[name].shape[1], first[name].dtype
+                read = dask.delayed(_read_part, pure=True)
+                blocks = [da.from_delayed(read(str(p / name), dask_key_name=f"read-row-cache-{tokenize(str(p), name)}"),
+                                          (int(r), shape1), dtype=dtype) for p, r in zip(paths, rows)]
             out[name] = (("spectrum", "wavelength"), da.concatenate(blocks, axis=0))
     except (OSError, ValueError, KeyError):  # a damaged cache: the stages read the catalog instead
         return None

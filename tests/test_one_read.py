@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import dask
 import numpy as np
@@ -99,6 +100,39 @@ def test_a_wide_cache_part_is_one_block_per_variable(tmp_path):
     stored = xr.open_zarr(part.path, consolidated=False)["flux"].encoding["chunks"]
     assert tuple(stored) == (n, p)
     np.testing.assert_array_equal(cache["flux"].values, ds["flux"].values)
+
+
+def test_cache_parts_open_from_their_recorded_rows_in_chunk_order_and_older_caches_still_open(tmp_path):
+    """cache.json records each part's rows, so opening reads no part's metadata; parts come back in catalog
+    chunk order even past 5-digit names (part-100000 sorts before part-10001 as text); a cache written
+    before ``part_rows`` existed opens the same from the parts' own metadata."""
+    import xarray as xr
+
+    from snrmoe_dask.cache import cached_rows, plan_row_cache, write_part
+
+    n, p = 90, 16
+    rng = np.random.default_rng(1)
+    ds = xr.Dataset({"flux": (("spectrum", "wavelength"), rng.normal(size=(n, p)).astype(np.float32)),
+                     "error": (("spectrum", "wavelength"), np.ones((n, p), np.float32)),
+                     "logg": ("spectrum", rng.uniform(0, 5, n)), "split": ("spectrum", np.ones(n, np.int8)),
+                     "frozen_test": ("spectrum", np.zeros(n, bool))},
+                    coords={"spectrum": np.arange(n), "wavelength": np.linspace(7000, 9000, p)})
+    keep = cached_rows(ds, None, 0) & (rng.random(n) < 0.7)
+    starts = np.array([0, 20, 50, 90])
+    root = tmp_path / "rows"
+    parts = plan_row_cache(ds, keep, root, starts, {})
+    for part, lo in zip(parts, starts):
+        write_part(part, ds["flux"].values[lo:], ds["error"].values[lo:], None)
+    # rename the parts as chunks 9999, 10000 and 100000 would be named
+    for part, i in zip(parts, (9_999, 10_000, 100_000)):
+        Path(part.path).rename(root / f"part-{i:05d}.zarr")
+    info = json.loads((root / "cache.json").read_text())
+    assert info["part_rows"] == [int(keep[a:b].sum()) for a, b in zip(starts[:-1], starts[1:])]
+    cache = open_row_cache(root, ds)
+    np.testing.assert_array_equal(cache["flux"].values, ds["flux"].values[keep])
+    del info["part_rows"]
+    (root / "cache.json").write_text(json.dumps(info))
+    np.testing.assert_array_equal(open_row_cache(root, ds)["flux"].values, ds["flux"].values[keep])
 
 
 def test_a_damaged_or_foreign_rows_directory_is_neither_trusted_nor_deleted(tmp_path):
