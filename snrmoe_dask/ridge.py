@@ -269,15 +269,19 @@ def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float, factors: dict | 
     except np.linalg.LinAlgError:
         # not positive definite at working precision (a tiny alpha on float32-accumulated sums): the symmetric
         # indefinite factorisation (Bunch-Kaufman, as cheap as Cholesky) solves it exactly; least squares only
-        # if it is singular (an SVD is 30x slower at P = 4096)
-        a = np.array(gram, dtype=np.float64, copy=True)
-        a.flat[::a.shape[0] + 1] += alpha
+        # if it is singular (an SVD is 30x slower at P = 4096). Both refill the failed factor's buffer and
+        # factor its Fortran-ordered view in place: no new P x P arrays (two of them were the default job's
+        # memory peak during the audit's solves)
+        def refilled() -> np.ndarray:
+            np.copyto(a, gram)
+            a.flat[::a.shape[0] + 1] += alpha
+            return a.T
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # ill-conditioned is expected here
-                return scipy.linalg.solve(a, b, assume_a="sym", check_finite=False)
+                return scipy.linalg.solve(refilled(), b, assume_a="sym", check_finite=False, overwrite_a=True)
         except np.linalg.LinAlgError:
-            return scipy.linalg.lstsq(a, b, check_finite=False, overwrite_a=True, lapack_driver="gelsy")[0]
+            return scipy.linalg.lstsq(refilled(), b, check_finite=False, overwrite_a=True, lapack_driver="gelsy")[0]
     if factors is not None:
         factors[alpha] = c
     return scipy.linalg.cho_solve(c, b, check_finite=False)

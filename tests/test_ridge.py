@@ -194,7 +194,17 @@ def test_an_indefinite_system_is_solved_exactly_not_by_least_squares():
     g = (q * np.r_[-1e-3, rng.uniform(0.1, 10, 39)]) @ q.T  # one slightly negative eigenvalue
     g = 0.5 * (g + g.T)
     b = rng.normal(size=40)
-    np.testing.assert_allclose(_exact_solve(g, b, 1e-4), np.linalg.solve(g + 1e-4 * np.eye(40), b), rtol=1e-9)
+    ref = np.linalg.solve(g + 1e-4 * np.eye(40), b)
+    np.testing.assert_allclose(_exact_solve(g, b, 1e-4), ref, rtol=1e-9)
+    # in a reused buffer (the failed Cholesky's, refilled and factored in place), twice in a row
+    from snrmoe_dask.stats import Scratch
+
+    scratch = Scratch()
+    for _ in range(2):
+        np.testing.assert_allclose(_exact_solve(g, b, 1e-4, factors={}, scratch=scratch), ref, rtol=1e-9)
+    np.testing.assert_array_equal(g, 0.5 * (g + g.T))  # the Gram matrix itself is never written
+    singular = np.zeros((40, 40))  # least squares: the minimum-norm solution of 0 x = b is 0
+    np.testing.assert_allclose(_exact_solve(singular, b, 0.0, scratch=scratch), np.zeros(40), atol=1e-12)
 
 
 def test_solves_in_reused_buffers_equal_solves_in_fresh_arrays():
