@@ -25,6 +25,7 @@ catalog.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,9 +150,19 @@ def write_part(part: CachePart, flux: np.ndarray, error: np.ndarray, mask: np.nd
     return int(part.rows.size)
 
 
-def _read_part(path: str) -> np.ndarray:
-    """One part's flux, error or mask (a task)."""
-    return zarr.open_array(path, mode="r")[...]
+def _read_part(path: str, rows: int) -> np.ndarray:
+    """One part's flux, error or mask (a task), checked against the rows ``cache.json`` recorded for it."""
+    block = zarr.open_array(path, mode="r")[...]
+    if block.shape[0] != rows:
+        raise ValueError(f"row cache part {path} holds {block.shape[0]} rows, cache.json says {rows}: "
+                         "the cache is damaged; remove MODEL/rows to read the catalog instead")
+    return block
+
+
+def _part_paths(root: Path) -> list[Path]:
+    """The parts, in catalog chunk order (by the index in their names; text order breaks past 99,999)."""
+    found = [(re.fullmatch(r"part-(\d+)\.zarr", p.name), p) for p in root.glob("part-*.zarr")]
+    return [p for m, p in sorted(((m, p) for m, p in found if m), key=lambda mp: int(mp[0].group(1)))]
 
 
 def open_row_cache(root: str | Path, ds: xr.Dataset | None = None) -> xr.Dataset | None:
@@ -167,7 +178,7 @@ def open_row_cache(root: str | Path, ds: xr.Dataset | None = None) -> xr.Dataset
         return None
     if ds is not None and info.get("catalog_fingerprint") != catalog_fingerprint(ds):
         return None
-    paths = sorted(root.glob("part-*.zarr"), key=lambda p: int(p.stem.split("-")[1]))  # catalog chunk order
+    paths = _part_paths(root)
     if len(paths) != info.get("parts") or not paths or info.get("version") != 2:
         return None
     try:
@@ -182,7 +193,8 @@ def open_row_cache(root: str | Path, ds: xr.Dataset | None = None) -> xr.Dataset
             else:  # shapes from cache.json: no metadata read per part here (1M: 978 of them, 4.4 s per stage)
                 shape1, dtype = first[name].shape[1], first[name].dtype
                 read = dask.delayed(_read_part, pure=True)
-                blocks = [da.from_delayed(read(str(p / name), dask_key_name=f"read-row-cache-{tokenize(str(p), name)}"),
+                blocks = [da.from_delayed(read(str(p / name), int(r),
+                                               dask_key_name=f"read-row-cache-{tokenize(str(p), name)}"),
                                           (int(r), shape1), dtype=dtype) for p, r in zip(paths, rows)]
             out[name] = (("spectrum", "wavelength"), da.concatenate(blocks, axis=0))
     except (OSError, ValueError, KeyError):  # a damaged cache: the stages read the catalog instead

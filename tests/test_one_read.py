@@ -79,6 +79,18 @@ def test_evaluate_from_the_cache_equals_evaluate_from_the_catalog(fit_catalog, f
         np.testing.assert_allclose(a["models"][name]["r2"], b["models"][name]["r2"], rtol=1e-12, err_msg=name)
 
 
+def _small_catalog(n: int, p: int, seed: int):
+    """An in-memory catalog-shaped Dataset of n val rows (what the row cache is written from)."""
+    import xarray as xr
+
+    rng = np.random.default_rng(seed)
+    return xr.Dataset({"flux": (("spectrum", "wavelength"), rng.normal(size=(n, p)).astype(np.float32)),
+                       "error": (("spectrum", "wavelength"), np.ones((n, p), np.float32)),
+                       "logg": ("spectrum", rng.uniform(0, 5, n)), "split": ("spectrum", np.ones(n, np.int8)),
+                       "frozen_test": ("spectrum", np.zeros(n, bool))},
+                      coords={"spectrum": np.arange(n), "wavelength": np.linspace(7000, 9000, p)})
+
+
 def test_a_wide_cache_part_is_one_block_per_variable(tmp_path):
     """Parts of 4096-pixel rows: zarr's default would split the pixels, and the predictions need whole rows."""
     import xarray as xr
@@ -86,12 +98,7 @@ def test_a_wide_cache_part_is_one_block_per_variable(tmp_path):
     from snrmoe_dask.cache import cached_rows, plan_row_cache, write_part
 
     n, p = 300, 4096
-    rng = np.random.default_rng(0)
-    ds = xr.Dataset({"flux": (("spectrum", "wavelength"), rng.normal(size=(n, p)).astype(np.float32)),
-                     "error": (("spectrum", "wavelength"), np.ones((n, p), np.float32)),
-                     "logg": ("spectrum", rng.uniform(0, 5, n)), "split": ("spectrum", np.ones(n, np.int8)),
-                     "frozen_test": ("spectrum", np.zeros(n, bool))},
-                    coords={"spectrum": np.arange(n), "wavelength": np.linspace(7000, 9000, p)})
+    ds = _small_catalog(n, p, 0)
     keep = cached_rows(ds, None, 0)
     (part,) = plan_row_cache(ds, keep, tmp_path / "rows", np.array([0, n]), {})
     write_part(part, ds["flux"].values, ds["error"].values, None)
@@ -106,17 +113,11 @@ def test_cache_parts_open_from_their_recorded_rows_in_chunk_order_and_older_cach
     """cache.json records each part's rows, so opening reads no part's metadata; parts come back in catalog
     chunk order even past 5-digit names (part-100000 sorts before part-10001 as text); a cache written
     before ``part_rows`` existed opens the same from the parts' own metadata."""
-    import xarray as xr
-
     from snrmoe_dask.cache import cached_rows, plan_row_cache, write_part
 
     n, p = 90, 16
     rng = np.random.default_rng(1)
-    ds = xr.Dataset({"flux": (("spectrum", "wavelength"), rng.normal(size=(n, p)).astype(np.float32)),
-                     "error": (("spectrum", "wavelength"), np.ones((n, p), np.float32)),
-                     "logg": ("spectrum", rng.uniform(0, 5, n)), "split": ("spectrum", np.ones(n, np.int8)),
-                     "frozen_test": ("spectrum", np.zeros(n, bool))},
-                    coords={"spectrum": np.arange(n), "wavelength": np.linspace(7000, 9000, p)})
+    ds = _small_catalog(n, p, 1)
     keep = cached_rows(ds, None, 0) & (rng.random(n) < 0.7)
     starts = np.array([0, 20, 50, 90])
     root = tmp_path / "rows"
@@ -130,6 +131,13 @@ def test_cache_parts_open_from_their_recorded_rows_in_chunk_order_and_older_cach
     assert info["part_rows"] == [int(keep[a:b].sum()) for a, b in zip(starts[:-1], starts[1:])]
     cache = open_row_cache(root, ds)
     np.testing.assert_array_equal(cache["flux"].values, ds["flux"].values[keep])
+    (root / "part-notes.zarr").mkdir()  # a name that is not a part is not one (and breaks nothing)
+    np.testing.assert_array_equal(open_row_cache(root, ds)["flux"].values, ds["flux"].values[keep])
+    r = info["part_rows"]  # one row moved between parts: the total still matches, the parts do not
+    bad = {**info, "part_rows": [r[0] + 1, r[1] - 1, *r[2:]]}
+    (root / "cache.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="row cache part .* holds .* rows, cache.json says"):
+        open_row_cache(root, ds)["flux"].compute()
     del info["part_rows"]
     (root / "cache.json").write_text(json.dumps(info))
     np.testing.assert_array_equal(open_row_cache(root, ds)["flux"].values, ds["flux"].values[keep])
