@@ -259,9 +259,12 @@ def _importance_round(y, forward, lo, hi, centre, chol, rng, n_samples, prior_fr
     for a in range(0, idx.size, batch):
         part = idx[a:a + batch]
         mu, sig = forward(theta[part])
-        loglik[part] = -0.5 * np.sum(((y - mu) / sig) ** 2, axis=1) - np.sum(np.log(sig), axis=1)
         if cell is not None:
             cells[part] = cell(theta[part], mu, sig)
+        resid = np.subtract(y, mu, out=mu)  # in the forward model's buffers: no (batch, P) temporaries
+        resid /= sig
+        np.square(resid, out=resid)
+        loglik[part] = -0.5 * np.sum(resid, axis=1) - np.sum(np.log(sig, out=sig), axis=1)
     logw = np.where(inside, loglik - log_q, -np.inf)
     w = np.exp(logw - np.max(logw)) if np.isfinite(logw).any() else np.zeros(n_samples)
     return theta, w, cells

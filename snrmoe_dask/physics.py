@@ -207,14 +207,27 @@ def _build_basis(instrument: Instrument) -> tuple[tuple[_Group, ...], np.ndarray
 
 
 def _photon_planck(wave: np.ndarray, teff: np.ndarray) -> np.ndarray:
-    """Photon spectrum ``lambda * B_lambda(T)`` up to a constant, shape (n, P)."""
-    x = _HC_OVER_K / (wave[None, :] * teff[:, None])
-    return (wave[None, :] / 8000.0) ** -4 / np.expm1(x)
+    """Photon spectrum ``lambda * B_lambda(T)`` up to a constant, shape (n, P).
+
+    Computed in one (n, P) buffer (the Bayes ceiling calls this for ~2,000
+    samples per spectrum; every fresh 8 MB temporary cost page faults).
+    """
+    x = np.multiply(wave[None, :], teff[:, None])
+    np.divide(_HC_OVER_K, x, out=x)
+    np.expm1(x, out=x)
+    return np.divide((wave[None, :] / 8000.0) ** -4, x, out=x)
 
 
 def _ref_band_flux(instrument: Instrument, teff: np.ndarray) -> np.ndarray:
     band = np.linspace(*instrument.ref_band, 40)
     return _photon_planck(band, teff).mean(axis=1)
+
+
+@lru_cache(maxsize=8)
+def _ref_shape(instrument: Instrument) -> float:
+    """The photon spectrum of a 5000 K star at the throughput peak, relative to its reference band."""
+    peak = _photon_planck(np.array([instrument.throughput_peak]), np.array([5000.0]))[0, 0]
+    return float(peak / _ref_band_flux(instrument, np.array([5000.0]))[0])
 
 
 @dataclass(frozen=True)
@@ -269,12 +282,12 @@ class ForwardModel:
         _, _, _, throughput = _build_basis(ins)
         teff = np.asarray(teff, dtype=np.float64)
         mag = np.asarray(mag, dtype=np.float64)
-        shape = _photon_planck(self.wavelength, teff) / _ref_band_flux(ins, teff)[:, None]
-        ref_shape = _photon_planck(np.array([ins.throughput_peak]), np.array([5000.0]))[0, 0] / _ref_band_flux(
-            ins, np.array([5000.0])
-        )[0]
-        scale = ins.counts_ref * 10.0 ** (-0.4 * (mag - 21.5)) / ref_shape
-        return scale[:, None] * shape * throughput[None, :]
+        shape = _photon_planck(self.wavelength, teff)
+        shape /= _ref_band_flux(ins, teff)[:, None]
+        scale = ins.counts_ref * 10.0 ** (-0.4 * (mag - 21.5)) / _ref_shape(ins)
+        shape *= scale[:, None]
+        shape *= throughput[None, :]
+        return shape
 
     def __call__(self, teff, logg, mh, alpha_m, mag) -> tuple[np.ndarray, np.ndarray]:
         """Noiseless flux and error, each of shape (n, P), float64.
@@ -287,8 +300,14 @@ class ForwardModel:
         ins = self.instrument
         _, basis, sky, _ = _build_basis(ins)
         eta = 10.0 ** self.log_strengths(teff, logg, mh, alpha_m)
-        tau = eta @ basis
-        flux = self.continuum(teff, mag) * (1.0 - ins.max_depth * -np.expm1(-tau))
+        # absorption factor 1 - depth (1 - exp(-tau)) = 1 + depth expm1(-tau), in tau's buffer
+        depth = eta @ basis
+        np.negative(depth, out=depth)
+        np.expm1(depth, out=depth)
+        depth *= ins.max_depth
+        depth += 1.0
+        flux = self.continuum(teff, mag)
+        flux *= depth
         return flux, self.sigma(flux)
 
     def sigma(self, flux: np.ndarray) -> np.ndarray:
@@ -296,8 +315,13 @@ class ForwardModel:
         ins = self.instrument
         _, _, sky, _ = _build_basis(ins)
         read_var = ins.n_exposures * ins.n_spatial * ins.read_noise**2
-        var = np.clip(flux, 0.0, None) + sky[None, :] + read_var + (ins.sky_systematic * sky[None, :]) ** 2
-        return self.noise_level * np.sqrt(var)
+        var = np.clip(flux, 0.0, None)
+        var += sky[None, :]
+        var += read_var
+        var += (ins.sky_systematic * sky[None, :]) ** 2
+        np.sqrt(var, out=var)
+        var *= self.noise_level
+        return var
 
 
 def forward_model(labels: dict[str, np.ndarray], *, noise_level: float = 1.0,
