@@ -261,10 +261,10 @@ def _importance_round(y, forward, lo, hi, centre, chol, rng, n_samples, prior_fr
         mu, sig = forward(theta[part])
         if cell is not None:
             cells[part] = cell(theta[part], mu, sig)
-        resid = np.subtract(y, mu, out=mu)  # in the forward model's buffers: no (batch, P) temporaries
+        resid = y - mu  # one buffer for the whole residual; forward's own arrays are not written
         resid /= sig
         np.square(resid, out=resid)
-        loglik[part] = -0.5 * np.sum(resid, axis=1) - np.sum(np.log(sig, out=sig), axis=1)
+        loglik[part] = -0.5 * np.sum(resid, axis=1) - np.sum(np.log(sig), axis=1)
     logw = np.where(inside, loglik - log_q, -np.inf)
     w = np.exp(logw - np.max(logw)) if np.isfinite(logw).any() else np.zeros(n_samples)
     return theta, w, cells
