@@ -54,7 +54,8 @@ def main() -> None:
         ds.attrs["simulated"] = "false"  # the labels are no longer the simulator's
         with dask.config.set(scheduler="threads"):
             ds.chunk({"spectrum": cfg.simulate.chunk_size}).to_zarr(cat, mode="w", zarr_format=3, consolidated=False)
-        model = fit_model(cat, root / "model", cfg, client=client, progress=False)
+        model = fit_model(cat, root / "model", cfg, client=client, progress=False, overwrite=True,
+                          replace_model=True)  # this benchmark's own directory
         metrics = evaluate_model(model, cat, cfg, client=client, progress=False)
     g = model.index["global"]
     out = {"n": args.n, "train_rows": model.meta["train_rows"], "n_pixels": model.meta["n_pixels"],

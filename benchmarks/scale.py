@@ -155,7 +155,7 @@ def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep:
         reads = CatalogReads(catalog, client)  # every get from the catalog store, in the client and the workers
         with PeakRSS() as peak, get_task_stream(client) as stream:
             t0, t0_unix = time.perf_counter(), time.time()
-            record = run_study(cfg, Path(cfg.run.out), client=client, resume=resume)
+            record = run_study(cfg, Path(cfg.run.out), client=client, resume=resume, overwrite=not resume)
             res["study_s"] = time.perf_counter() - t0
         res["task_seconds"] = task_seconds(stream.data)
         res["catalog_bytes"] = store_bytes(catalog)

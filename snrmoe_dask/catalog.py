@@ -171,6 +171,8 @@ def validate_catalog(ds: xr.Dataset, require_labels: Sequence[str] = REQUIRED_LA
     for name in (*REQUIRED_LABELS, *OPTIONAL_LABELS):
         if name in ds.variables and ds[name].dims != ("spectrum",):
             _fail(f"label '{name}' has dims {ds[name].dims}, expected ('spectrum',)")
+        if name in ds.variables and ds[name].dtype.kind not in "biuf":
+            _fail(f"label '{name}' holds {ds[name].dtype} values (text?); labels must be numbers")
     for name in require_labels:
         if name not in ds.variables:
             _fail(f"missing label '{name}', needed for this command")
@@ -178,7 +180,9 @@ def validate_catalog(ds: xr.Dataset, require_labels: Sequence[str] = REQUIRED_LA
         bad = ~np.isfinite(values)
         if bad.any():
             first = int(ids[np.argmax(bad)])
-            _fail(f"label '{name}' has {int(bad.sum())} NaN/inf values (first at spectrum id {first})")
+            hint = ("; the true S/N routes rows to their S/N bin: fill it, or drop the 'snr' variable to route "
+                    "every row by its S/N estimate") if name == "snr" else ""
+            _fail(f"label '{name}' has {int(bad.sum())} NaN/inf values (first at spectrum id {first}){hint}")
 
 
 class _CheckedArray:
@@ -260,6 +264,7 @@ def open_catalog(
     require_labels: Sequence[str] = REQUIRED_LABELS,
     config: CatalogConfig | None = None,
     chunk_size: int | None = None,
+    routes_by_snr: bool = False,
 ) -> xr.Dataset:
     """Open a catalog store lazily, validate it and attach its split.
 
@@ -269,6 +274,11 @@ def open_catalog(
         A zarr (v3 or v2) store written by ``snrmoe simulate`` or ``snrmoe ingest``.
     require_labels : sequence of str
         Labels that must be present and finite (empty for ``predict``).
+    routes_by_snr : bool
+        The command bins rows by the true S/N when the catalog has ``snr``
+        (``fit``, ``evaluate``, ``info``): then ``snr`` must be finite too. A
+        NaN there is refused with the count, never routed to a bin; without
+        the variable every row is routed by its S/N estimate.
     config : CatalogConfig, optional
         Split fractions, salt and ``test_size``; defaults if omitted.
     chunk_size : int, optional
@@ -303,7 +313,12 @@ def open_catalog(
         except Exception as exc:  # a damaged label chunk
             raise CatalogError(f"{path}: cannot read the per-spectrum variables {per_spectrum}: "
                                f"{type(exc).__name__}: {exc}") from None
-    validate_catalog(ds, require_labels)
+    if routes_by_snr and "snr" in ds.variables and "snr" not in require_labels:
+        require_labels = (*require_labels, "snr")
+    try:
+        validate_catalog(ds, require_labels)
+    except CatalogError as exc:  # the schema checks do not know the path; the user needs it
+        raise CatalogError(f"{path}: {exc}") from None
     ds = _checked_cube(ds, path)
     if chunk_size is not None:
         ds = ds.chunk({"spectrum": chunk_size})

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .catalog import CatalogError
 from .config import ConfigError, load_config
+from .outputs import claim_output, claimed, output_lock, replace_atomically
 from .store import ModelError
 
 __all__ = ["main"]
@@ -43,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-pixels", type=int, help="pixels per spectrum (default 4096)")
     p.add_argument("--error-model", choices=("noiseless", "noisy"),
                    help="error vector: sigma of the noiseless flux (default) or estimated from the observed counts")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing simulated catalog (an ingested catalog is never replaced)")
     _add_common(p)
 
     p = sub.add_parser("ingest", help="ingest HDF5/NPZ files or a folder of them into a catalog")
@@ -63,12 +65,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("catalog", help="catalog store (zarr) with labels")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--resume", action="store_true", help="continue an interrupted pass from MODEL_DIR/checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start an interrupted fit again (a complete model is never replaced)")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="score a model on the catalog's frozen test subset")
     p.add_argument("model_dir", help="model directory written by `snrmoe fit`")
     p.add_argument("catalog", help="catalog store (zarr) with labels")
     p.add_argument("--out", default="metrics.json", help="metrics file (default: metrics.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing metrics file")
     _add_common(p)
 
     p = sub.add_parser("predict", help="apply a model to any catalog (labels not needed), out of core")
@@ -76,11 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("catalog", help="catalog store (zarr)")
     p.add_argument("--out", required=True, help="predictions store to write (zarr)")
     p.add_argument("--gate", help="gate to mix the experts with (default: the model's best on validation)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing predictions store (nothing else is ever replaced)")
     _add_common(p)
 
     p = sub.add_parser("audit", help="does the error vector leak logg? Ridge on 5 representations + checks")
     p.add_argument("catalog", help="catalog store (zarr) with logg, snr and mag")
     p.add_argument("--out", required=True, help="directory for audit.json, audit.md, pixel_importance.zarr")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing audit directory")
     _add_common(p)
 
     p = sub.add_parser("ceiling", help="Bayes ceiling of logg (flux only; flux + oracle bins), simulated catalogs")
@@ -88,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for ceiling.json and ceiling.zarr")
     p.add_argument("--rows", choices=("test", "all"), default="test",
                    help="the frozen test subset (default) or every spectrum")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing ceiling directory")
     _add_common(p)
 
     p = sub.add_parser("run", help="run the whole chain from one YAML config (batch job)")
@@ -139,7 +148,8 @@ def _cmd_simulate(args) -> int:
                      "error_model": args.error_model},
         "cluster": {"scheduler": args.scheduler},
     })
-    with dask_session(cfg.cluster) as client:
+    with claimed(args.out, "simulated catalog", "snrmoe simulate", overwrite=args.overwrite), \
+            dask_session(cfg.cluster) as client:  # refused before a cluster starts
         res = run_simulate(cfg.simulate, args.out, cfg.storage, client=client, overwrite=args.overwrite)
     print(f"wrote        {args.out}: {res['n']} spectra in {res['seconds']:.1f} s "
           f"({res['spectra_per_second']:.0f} spectra/s)")
@@ -156,8 +166,9 @@ def _cmd_ingest(args) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\r[ingest] {done}/{total} spectra", end="", file=sys.stderr, flush=True)
 
-    rep = ingest(args.src, args.out, append=args.append, storage=cfg.storage,
-                 require_labels=() if args.no_labels else REQUIRED_LABELS, progress=progress)
+    with output_lock(args.out, "snrmoe ingest" + (" --append" if args.append else "")):  # one writer per catalog
+        rep = ingest(args.src, args.out, append=args.append, storage=cfg.storage,
+                     require_labels=() if args.no_labels else REQUIRED_LABELS, progress=progress)
     print("", file=sys.stderr)
     print(f"ingested     {rep['rows']} spectra from {len(rep['files'])} file(s) into {args.out}")
     print(f"ids          {rep['id_range'][0]}..{rep['id_range'][1]}")
@@ -183,8 +194,9 @@ def _cmd_fit(args) -> int:
     from .fit import fit_model
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
-    with dask_session(cfg.cluster) as client:
-        model = fit_model(args.catalog, args.out, cfg, client=client, resume=args.resume)
+    with claimed(args.out, "model", "snrmoe fit", overwrite=args.overwrite, resume=args.resume), \
+            dask_session(cfg.cluster) as client:  # refused before a cluster starts
+        model = fit_model(args.catalog, args.out, cfg, client=client, resume=args.resume, overwrite=args.overwrite)
     meta = model.meta
     print(f"fitted       {len(meta['experts'])} experts from {meta['train_rows']} train rows "
           f"in {meta['timings']['total_s']:.1f} s -> {args.out}")
@@ -204,10 +216,12 @@ def _cmd_evaluate(args) -> int:
     from .store import load_model
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
-    model = load_model(args.model_dir)
-    with dask_session(cfg.cluster) as client:
-        metrics = evaluate_model(model, args.catalog, cfg, client=client)
-    Path(args.out).write_text(json.dumps(metrics, indent=2))
+    with claimed(args.out, "metrics file", "snrmoe evaluate", overwrite=args.overwrite):  # before the work
+        model = load_model(args.model_dir)
+        with dask_session(cfg.cluster) as client:
+            metrics = evaluate_model(model, args.catalog, cfg, client=client)
+        with replace_atomically(args.out) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2))
     print(f"frozen test  {metrics['n_test']} spectra ({metrics['n_test_excluded_unusable']} left out)")
     print(r2_table(metrics))
     print(f"wrote        {args.out}")
@@ -224,8 +238,10 @@ def _cmd_predict(args) -> int:
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
     model = load_model(args.model_dir)
-    with dask_session(cfg.cluster) as client:
-        pred = predict_catalog(model, args.catalog, args.out, cfg, gate=args.gate, client=client)
+    with claimed(args.out, "predictions store", "snrmoe predict", overwrite=args.overwrite), \
+            dask_session(cfg.cluster) as client:  # refused before a cluster starts
+        pred = predict_catalog(model, args.catalog, args.out, cfg, gate=args.gate, client=client,
+                               overwrite=args.overwrite)
     flags = pred["flags"].values
     print(f"predicted    {flags.size} spectra with gate {pred.attrs['gate']} -> {args.out}")
     for name, bit in FLAG_BITS.items():
@@ -239,11 +255,12 @@ def _cmd_audit(args) -> int:
     from .cluster import dask_session
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
-    ds = open_catalog(args.catalog, require_labels=("logg", "snr", "mag"), config=cfg.catalog)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    with dask_session(cfg.cluster) as client:
-        result = audit_catalog(ds, cfg, client=client, work_dir=args.out)
-    doc = write_audit(result, args.out, ds, cfg)
+    with claimed(args.out, "audit directory", "snrmoe audit", overwrite=args.overwrite):
+        ds = open_catalog(args.catalog, require_labels=("logg", "snr", "mag"), config=cfg.catalog)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with dask_session(cfg.cluster) as client:
+            result = audit_catalog(ds, cfg, client=client, work_dir=args.out)
+        doc = write_audit(result, args.out, ds, cfg)
     print(audit_markdown(doc))
     print(f"wrote        {Path(args.out) / 'audit.json'}")
     return 0
@@ -258,6 +275,7 @@ def _cmd_ceiling(args) -> int:
     from .evaluate import ceiling_stage
 
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
+    claim_output(args.out, "ceiling directory", overwrite=args.overwrite)  # before the work
     ds = open_catalog(args.catalog, require_labels=("logg", "teff", "mh", "alpha_m", "mag", "snr"),
                       config=cfg.catalog)
     edges = bin_edges(ds, cfg.catalog)
@@ -265,8 +283,9 @@ def _cmd_ceiling(args) -> int:
     sub = ds.isel(spectrum=rows)
     with dask_session(cfg.cluster) as client:
         out = ceiling_stage(sub, edges, cfg, client=client)
-    doc = write_ceiling(out["summary"], out["post"], out["spectrum"], args.out,
-                        {"catalog": str(args.catalog), "rows": args.rows, "bin_edges": edges})
+    with claimed(args.out, "ceiling directory", "snrmoe ceiling", overwrite=args.overwrite):
+        doc = write_ceiling(out["summary"], out["post"], out["spectrum"], args.out,
+                            {"catalog": str(args.catalog), "rows": args.rows, "bin_edges": edges})
     for key, label in (("flux", "flux only"), ("flux_oracle_bins", "flux + oracle bins")):
         c = doc[key]
         print(f"ceiling ({label}): R2_max {c['overall']['r2_max']:.3f} +- {c['overall']['r2_max_se']:.3f} "
@@ -286,7 +305,8 @@ def _cmd_run(args) -> int:
 
     path = args.run_config or (config_dir() / "small.yaml")
     cfg = load_config(path, {"run": {"out": args.out}, "cluster": {"scheduler": args.scheduler}})
-    with dask_session(cfg.cluster) as client:
+    with claimed(cfg.run.out, "run directory", "snrmoe run", overwrite=args.overwrite, resume=args.resume,
+                 what="run.out / --out"), dask_session(cfg.cluster) as client:  # refused before a cluster starts
         record = run_pipeline(cfg, client=client, overwrite=args.overwrite, resume=args.resume)
     print(f"run          {cfg.run.out}  (config {path})")
     if "seed_summary" in record:

@@ -126,7 +126,14 @@ def dask_session(cfg: ClusterConfig | None = None, *, quiet: bool = False) -> It
         raise ValueError(
             f"unknown scheduler '{sched}': use local, tcp://host:port, slurm, pbs, threads or synchronous"
         )
-    client = Client(cluster) if cluster is not None else Client(sched)
+    if cluster is not None:
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(sched, timeout=cfg.connect_timeout)
+        except (OSError, TimeoutError) as exc:  # distributed raises OSError("Timed out trying to connect ...")
+            raise ValueError(f"cannot reach the Dask scheduler at {sched} within {cfg.connect_timeout:g} s "
+                             f"(cluster.connect_timeout): {type(exc).__name__}") from None
     try:
         _say(f"dask: scheduler {client.scheduler.address}, dashboard {client.dashboard_link}", quiet)
         yield client

@@ -5,6 +5,7 @@ Precedence is CLI flag > YAML file > shipped default (``config/default.yaml``).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,7 @@ class CatalogConfig(_Strict):
     split_salt: int = 0
     test_size: int = Field(10_000, ge=1)
     min_good_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    grid_tolerance_pixels: float = Field(1e-3, ge=0.0)
     snr_edges: list[float] = Field(default_factory=lambda: [2.0, 4.0, 7.0])
     snr_bin_names: list[str] = Field(default_factory=lambda: ["X", "L", "M", "H"])
     teff_edges: list[float] | None = None
@@ -60,8 +62,9 @@ class CatalogConfig(_Strict):
     @field_validator("snr_edges", "teff_edges", "mh_edges")
     @classmethod
     def _increasing(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and (len(v) == 0 or any(b <= a for a, b in zip(v, v[1:]))):
-            raise ValueError(f"bin edges must be a non-empty, strictly increasing list, got {v}")
+        if v is not None and (len(v) == 0 or not all(math.isfinite(e) for e in v)
+                              or any(b <= a for a, b in zip(v, v[1:]))):
+            raise ValueError(f"bin edges must be a non-empty, strictly increasing list of finite numbers, got {v}")
         return v
 
     @model_validator(mode="after")
@@ -129,6 +132,7 @@ class ClusterConfig(_Strict):
     threads_per_worker: int | None = Field(None, ge=1)
     memory_limit: str = "auto"
     dashboard_address: str = "127.0.0.1:8787"
+    connect_timeout: float = Field(10.0, gt=0.0)
     processes: bool = True
     jobqueue_file: str | None = None
     jobs: int = Field(1, ge=0)

@@ -57,8 +57,8 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     heatmap figures read it).
     """
     target = model.meta["target"]
-    ds = open_catalog(catalog, require_labels=(target, "teff", "mh"), config=cfg.catalog)
-    check_grid(model, ds, catalog)
+    ds = open_catalog(catalog, require_labels=(target, "teff", "mh"), config=cfg.catalog, routes_by_snr=True)
+    check_grid(model, ds, catalog, cfg.catalog.grid_tolerance_pixels)
     rows = np.flatnonzero(ds["frozen_test"].values)
     if rows.size == 0:
         raise CatalogError(f"{catalog}: the frozen test subset is empty")

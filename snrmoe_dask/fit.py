@@ -56,6 +56,7 @@ from .mixture import (
     gate_inputs,
     physical_names,
 )
+from .outputs import claimed
 from .pca import pca_from_stats
 from .reduce import SnrRouting, auto_chains, features_dataset, fold_blas_threads, one_pass
 from .split import TRAIN, VAL, id_hash
@@ -101,7 +102,8 @@ def _fit_and_save_baselines(stats: SufficientStats, bstats, relative_alphas, max
 
 # ---------------------------------------------------------------------- fit
 def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client=None,
-              progress: bool = True, resume: bool = False, audit_out: str | Path | None = None) -> Model:
+              progress: bool = True, resume: bool = False, overwrite: bool = False, replace_model: bool = False,
+              audit_out: str | Path | None = None) -> Model:
     """Features + sufficient statistics in one pass, then every expert family.
 
     Parameters
@@ -110,7 +112,11 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
         Catalog store with labels ``logg``, ``teff``, ``mh`` (and ``snr``, the
         true S/N used for oracle cells; without it the S/N estimate is used).
     model_dir : path-like
-        Output model store (created).
+        Output model store: must not exist, be empty, or be an interrupted
+        fit (continued with ``resume``, started again with ``overwrite``). A
+        complete model is replaced only with ``replace_model`` (``run``
+        redoing its own study); a catalog or any other folder never
+        (:func:`~snrmoe_dask.outputs.claim_output`).
     cfg : Config
     client : distributed.Client, optional
     resume : bool
@@ -125,14 +131,20 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     -------
     Model
     """
-    t_start = time.perf_counter()
     model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "model.json").unlink(missing_ok=True)  # a partial rerun must not look complete
+    with claimed(model_dir, "model", "snrmoe fit", overwrite=overwrite, resume=resume, replace_model=replace_model):
+        return _fit_model(catalog, model_dir, cfg, client=client, progress=progress, resume=resume,
+                          audit_out=audit_out)
+
+
+def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool, resume: bool, audit_out) -> Model:
+    t_start = time.perf_counter()
     target = cfg.fit.target
-    ds = open_catalog(catalog, require_labels=(target, "teff", "mh"), config=cfg.catalog)
+    ds = open_catalog(catalog, require_labels=(target, "teff", "mh"), config=cfg.catalog, routes_by_snr=True)
     n, p = ds.sizes["spectrum"], ds.sizes["wavelength"]
     edges = bin_edges(ds, cfg.catalog)
+    model_dir.mkdir(parents=True, exist_ok=True)  # only once the catalog is known to be fit for the fit
+    (model_dir / "model.json").unlink(missing_ok=True)  # a partial rerun must not look complete
     snr_names, phys_names = list(cfg.catalog.snr_bin_names), phys_bin_names(edges["teff_edges"], edges["mh_edges"])
     n_snr = len(snr_names)
     n_cells = len(phys_names) * n_snr

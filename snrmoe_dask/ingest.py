@@ -165,7 +165,11 @@ def _validate(src: SourceFile, require_labels: tuple[str, ...]) -> dict:
             continue
         if src.shapes[name] != (n,):
             raise IngestError(f"{where}: label dataset '{name}' has shape {src.shapes[name]}, expected ({n},)")
-        v = np.asarray(src.load(name), dtype=np.float64)
+        raw = np.asarray(src.load(name))
+        if raw.dtype.kind not in "biuf":
+            raise IngestError(f"{where}: label dataset '{name}' holds {raw.dtype} values (text?); labels must be "
+                              f"numbers")
+        v = raw.astype(np.float64)
         if name in require_labels and not np.all(np.isfinite(v)):
             raise IngestError(f"{where}: label dataset '{name}' has {int((~np.isfinite(v)).sum())} NaN/inf values")
         labels[name] = v

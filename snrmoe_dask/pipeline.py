@@ -28,6 +28,7 @@ from .catalog import open_catalog, pixel_quality, quality_totals, summarize_cata
 from .checkpoint import plan_token
 from .cluster import compute
 from .config import CatalogConfig, Config, SimulateConfig, StorageConfig
+from .outputs import claimed
 from .simulate import simulate_catalog, write_catalog
 from .store import versions
 
@@ -60,7 +61,7 @@ def run_simulate(sim: SimulateConfig, out: str | Path, storage: StorageConfig, *
 
 def catalog_info(path: str | Path, cfg: CatalogConfig, *, client=None, progress: bool = True) -> dict[str, Any]:
     """Open, validate and summarise a catalog (one pass over the cube for pixel counts)."""
-    ds = open_catalog(path, require_labels=(), config=cfg)
+    ds = open_catalog(path, require_labels=(), config=cfg, routes_by_snr=True)
     (q,) = compute(pixel_quality(ds, cfg.min_good_fraction), client=client, label="pixel quality",
                    progress=progress)
     return summarize_catalog(ds, quality_totals(q), cfg)
@@ -164,6 +165,11 @@ def _catalog_stage(run: _Run, client, overwrite: bool) -> Path:
 
 def run_study(cfg: Config, out: Path, *, client=None, overwrite: bool = False, resume: bool = False) -> dict:
     """One study (one seed) into ``out``: catalog, audit, fit, evaluate (+ ceiling), report."""
+    with claimed(out, "run directory", "snrmoe run", overwrite=overwrite, resume=resume, what="run.out / --out"):
+        return _run_study(cfg, out, client=client, overwrite=overwrite, resume=resume)
+
+
+def _run_study(cfg: Config, out: Path, *, client, overwrite: bool, resume: bool) -> dict:
     from .audit import audit_catalog, write_audit
     from .evaluate import evaluate_model
     from .fit import fit_model
@@ -171,6 +177,8 @@ def run_study(cfg: Config, out: Path, *, client=None, overwrite: bool = False, r
 
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(out, cfg, resume and not overwrite)
+    if not (out / "run.json").is_file():  # marks the directory as a run's from the start (an interrupted one too)
+        run.write()
     catalog = _catalog_stage(run, client, overwrite)
     run.record["catalog"] = str(catalog)
     run.write()
@@ -192,8 +200,9 @@ def run_study(cfg: Config, out: Path, *, client=None, overwrite: bool = False, r
                      own_pass=True)
     else:
         t0 = time.perf_counter()
-        model = fit_model(catalog, out / "model", cfg, client=client, resume=run.resume,
-                          audit_out=out / "audit" if want_audit else None)
+        # the run directory was claimed above: its own model (and an interrupted fit) may be replaced
+        model = fit_model(catalog, out / "model", cfg, client=client, resume=run.resume, overwrite=True,
+                          replace_model=True, audit_out=out / "audit" if want_audit else None)
         acc = model.meta["accumulation"]
         run.done("fit", t0, n_experts=len(model.meta["experts"]), train_rows=model.meta["train_rows"],
                  chunks_from_checkpoint=acc["chunks_from_checkpoint"], chunks_folded=acc["chunks_folded"],
@@ -241,9 +250,14 @@ def seed_config(cfg: Config, seed: int) -> Config:
 def run_pipeline(cfg: Config, *, client=None, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run the study for ``cfg`` (once, or once per ``run.seeds``); returns and writes ``run.json``."""
     out = Path(cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.run.seeds:
-        return run_study(cfg, out, client=client, overwrite=overwrite, resume=resume)
+    with claimed(out, "run directory", "snrmoe run", overwrite=overwrite, resume=resume, what="run.out / --out"):
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.run.seeds:
+            return run_study(cfg, out, client=client, overwrite=overwrite, resume=resume)
+        return _run_seeds(cfg, out, client=client, overwrite=overwrite, resume=resume)
+
+
+def _run_seeds(cfg: Config, out: Path, *, client, overwrite: bool, resume: bool) -> dict[str, Any]:
     from .report import seed_summary, write_seeds_report
 
     records = {}

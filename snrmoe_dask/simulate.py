@@ -19,6 +19,7 @@ from dask.base import tokenize
 
 from .catalog import SCHEMA_VERSION
 from .config import SimulateConfig, StorageConfig
+from .outputs import claim_output
 from .physics import ForwardModel, Instrument, default_wavelength, true_snr
 
 __all__ = ["GEN_BLOCK", "instrument_from_config", "simulate_labels", "simulate_block", "simulate_catalog",
@@ -170,13 +171,14 @@ def write_catalog(ds: xr.Dataset, path: str | Path, storage: StorageConfig | Non
 
     Raises
     ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is false.
+    OutputError
+        If ``path`` exists and is not a simulated catalog, or ``overwrite`` is
+        false (a catalog that was not simulated, a model or any other folder is
+        never replaced: :func:`~snrmoe_dask.outputs.claim_output`).
     """
     storage = storage or StorageConfig()
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    claim_output(path, "simulated catalog", overwrite=overwrite)
     chunk_rows = int(ds["flux"].chunks[0][0]) if ds["flux"].chunks else storage.ingest_chunk_size
     return ds.to_zarr(
         path,

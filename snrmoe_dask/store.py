@@ -265,13 +265,22 @@ def _load_baselines(model_dir: Path, meta: dict) -> xr.Dataset | None:
 
 
 # ----------------------------------------------------------------- evaluate
-def check_grid(model: Model, ds: xr.Dataset, catalog) -> None:
-    """Refuse a catalog whose wavelength grid is not the model's."""
-    if ds.sizes["wavelength"] != model.meta["n_pixels"] or not np.allclose(
-            [float(ds["wavelength"][0]), float(ds["wavelength"][-1])], model.meta["wavelength_range"]):
-        raise CatalogError(f"{catalog}: wavelength grid ({ds.sizes['wavelength']} px, "
-                           f"{float(ds['wavelength'][0]):.1f}-{float(ds['wavelength'][-1]):.1f} A) differs from "
-                           f"the model's ({model.meta['n_pixels']} px, {model.meta['wavelength_range']} A)")
+def check_grid(model: Model, ds: xr.Dataset, catalog, tolerance_pixels: float = 1e-3) -> None:
+    """Refuse a catalog whose wavelength grid is not the model's: the same pixel count and every wavelength within
+    ``tolerance_pixels`` x the model's median pixel spacing (config ``catalog.grid_tolerance_pixels``)."""
+    theirs = np.asarray(ds["wavelength"].values, np.float64)
+    if theirs.size != model.meta["n_pixels"]:
+        raise CatalogError(f"{catalog}: wavelength grid has {theirs.size} pixels, the model's "
+                           f"{model.meta['n_pixels']}")
+    ours = np.asarray(model.experts["wavelength"].values, np.float64)
+    step = float(np.median(np.abs(np.diff(ours)))) if ours.size > 1 else 1.0
+    off = np.abs(theirs - ours) / step
+    if not np.all(off <= tolerance_pixels):  # NaN wavelengths fail too
+        worst = int(np.nanargmax(np.where(np.isfinite(off), off, np.inf)))
+        n_off = int(np.sum(~(off <= tolerance_pixels)))
+        raise CatalogError(f"{catalog}: wavelength grid differs from the model's at {n_off} of {theirs.size} "
+                           f"pixels (pixel {worst}: {theirs[worst]:.4f} vs {ours[worst]:.4f} A; tolerance "
+                           f"{tolerance_pixels:g} pixel spacings, catalog.grid_tolerance_pixels)")
 
 
 def rows_source(model_dir: Path | None, ds: xr.Dataset, rows: np.ndarray) -> tuple[xr.Dataset, np.ndarray, str]:

@@ -42,8 +42,12 @@ def test_run_from_config_and_config_typo(tmp_path, capsys):
     rec = json.loads((tmp_path / "run" / "run.json").read_text())
     assert rec["summary"]["n_spectra"] == 300
     assert "seconds" in rec["stages"]["catalog"]
-    # a second run reuses the catalog simulated with the same config
-    assert main(["run", str(cfg)]) == 0
+    # a second run into the same directory says how to continue it, and --resume reuses the catalog
+    capsys.readouterr()
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists (run directory)" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert main(["run", str(cfg), "--resume"]) == 0
     rec = json.loads((tmp_path / "run" / "run.json").read_text())
     assert "skipped" in rec["stages"]["catalog"]
     cfg.write_text("simulate: {nn: 3}\n")

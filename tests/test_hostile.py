@@ -1,0 +1,103 @@
+"""Inputs a hostile user tries: each is refused with one line naming the problem (exit 2), never a silent answer."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from snrmoe_dask.cli import main
+from snrmoe_dask.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("edges", [[float("nan"), 4.0, 7.0], [2.0, float("inf"), 7.0], [2.0, 4.0, 4.0]])
+def test_bin_edges_must_be_finite_and_increasing(edges):
+    with pytest.raises(ConfigError, match="strictly increasing list of finite numbers"):
+        load_config(overrides={"catalog": {"snr_edges": edges}})
+
+
+def test_nan_edges_in_yaml_are_refused_on_the_command_line(tmp_path, fit_catalog, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("catalog: {snr_edges: [.nan, 4, 7]}\n")
+    assert main(["fit", str(fit_catalog), "--out", str(tmp_path / "m"), "--config", str(cfg),
+                 "--scheduler", "threads"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "snr_edges" in err[0] and "finite" in err[0]
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_warped_grid_with_the_same_endpoints_is_refused(fitted, fit_catalog, tmp_path, capsys, command):
+    _, _, model_dir = fitted
+    warped = tmp_path / "warped.zarr"
+    shutil.copytree(fit_catalog, warped)
+    wave = zarr.open_array(str(warped / "wavelength"), mode="r+")
+    w = np.asarray(wave[:], np.float64)
+    t = (w - w[0]) / (w[-1] - w[0])
+    wave[:] = w[0] + (w[-1] - w[0]) * t**1.2  # same pixel count and endpoints, interior moved by up to ~6 pixels
+    argv = [command, str(model_dir), str(warped), "--out", str(tmp_path / "out"), "--scheduler", "threads"]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "wavelength grid differs from the model's" in err[0], err
+    assert not (tmp_path / "out").exists()
+    # within the stated tolerance (a rounding of the grid) it is the same grid
+    wave[:] = w + 1e-4 * np.median(np.diff(w))
+    assert main([command, str(model_dir), str(warped), "--out", str(tmp_path / "ok"), "--scheduler", "threads"]) == 0
+
+
+def test_text_labels_are_named_with_the_file_and_the_label(tmp_path, capsys):
+    import h5py
+    from conftest import clean_arrays, write_raw
+
+    flux, error, labels = clean_arrays(n=100, p=32)
+    labels["logg"] = np.array(["abc"] * 100)
+    with pytest.warns(Warning):  # zarr: fixed-length text has no v3 specification yet
+        cat = write_raw(tmp_path / "text.zarr", flux, error, **labels)
+    for argv in (["info", str(cat)], ["fit", str(cat), "--out", str(tmp_path / "m")]):
+        assert main(argv + ["--scheduler", "threads"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and str(cat) in err[0] and "label 'logg' holds <U3 values" in err[0], err
+    h5 = tmp_path / "text.h5"
+    with h5py.File(h5, "w") as f:
+        f["flux"], f["error"], f["wavelength"] = flux, error, np.linspace(8000, 8800, 32)
+        f["logg"], f["teff"], f["mh"] = np.array([b"abc"] * 100), labels["teff"], labels["mh"]
+    assert main(["ingest", str(h5), "--out", str(tmp_path / "i.zarr")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(h5) in err[0] and "label dataset 'logg' holds |S3 values" in err[0], err
+    assert not (tmp_path / "i.zarr").exists()
+
+
+def test_nan_in_the_true_snr_is_refused_with_its_count_by_every_command_that_bins_by_it(fitted, fit_catalog,
+                                                                                         tmp_path, capsys):
+    _, _, model_dir = fitted
+    cat = tmp_path / "nan_snr.zarr"
+    shutil.copytree(fit_catalog, cat)
+    snr = zarr.open_array(str(cat / "snr"), mode="r+")
+    v = np.asarray(snr[:])
+    v[5:42] = np.nan
+    snr[:] = v
+    runs = {"info": ["info", str(cat)],
+            "fit": ["fit", str(cat), "--out", str(tmp_path / "m")],
+            "evaluate": ["evaluate", str(model_dir), str(cat), "--out", str(tmp_path / "e.json")]}
+    for name, argv in runs.items():
+        assert main(argv + ["--scheduler", "threads"]) == 2, name
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and "label 'snr' has 37 NaN/inf values" in err[0] and str(cat) in err[0], (name, err)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "e.json").exists()
+    # predict does not bin by the true S/N: it still runs
+    assert main(["predict", str(model_dir), str(cat), "--out", str(tmp_path / "p.zarr"), "--scheduler", "threads"]) == 0
+
+
+def test_an_unreachable_scheduler_is_one_line_within_the_configured_timeout(fit_catalog, tmp_path, capsys):
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("cluster: {connect_timeout: 1}\n")
+    t0 = time.perf_counter()
+    assert main(["info", str(fit_catalog), "--config", str(cfg), "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert time.perf_counter() - t0 < 15
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["snrmoe info: error: cannot reach the Dask scheduler at tcp://127.0.0.1:1 within 1 s "
+                   "(cluster.connect_timeout): OSError"]
