@@ -41,6 +41,7 @@ from .mixture import (
 from .store import (
     Model,
     check_grid,
+    model_catalog_config,
     routing_bins,
     rows_source,
 )
@@ -57,6 +58,8 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     heatmap figures read it).
     """
     target = model.meta["target"]
+    # the model's split and bins, never the command line's (a conflicting key is refused)
+    cfg = cfg.model_copy(update={"catalog": model_catalog_config(model, cfg.catalog)})
     ds = open_catalog(catalog, require_labels=(target, "teff", "mh"), config=cfg.catalog, routes_by_snr=True)
     check_grid(model, ds, catalog, cfg.catalog.grid_tolerance_pixels)
     rows = np.flatnonzero(ds["frozen_test"].values)

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .bins import phys_bin, snr_bin
 from .cache import CACHE_DIR, open_row_cache
 from .catalog import CatalogError
+from .config import CatalogConfig, ConfigError, load_config
 from .experts import (
     FAMILIES,
     ExpertSpec,
@@ -281,6 +282,30 @@ def check_grid(model: Model, ds: xr.Dataset, catalog, tolerance_pixels: float = 
         raise CatalogError(f"{catalog}: wavelength grid differs from the model's at {n_off} of {theirs.size} "
                            f"pixels (pixel {worst}: {theirs[worst]:.4f} vs {ours[worst]:.4f} A; tolerance "
                            f"{tolerance_pixels:g} pixel spacings, catalog.grid_tolerance_pixels)")
+
+
+#: the catalog settings a model was fitted with that decide its split and its bins
+SPLIT_KEYS = ("split_fractions", "split_salt", "test_size", "snr_edges", "snr_bin_names", "teff_edges", "mh_edges")
+
+
+def model_catalog_config(model: Model, given: CatalogConfig) -> CatalogConfig:
+    """The catalog settings to score ``model`` with: its own split and bins (``model.json``), the rest from ``given``.
+
+    A key of :data:`SPLIT_KEYS` that ``given`` sets to something other than
+    both the shipped default and the model's value is a conflict (a different
+    salt would score training rows as "frozen test") and raises
+    :class:`~snrmoe_dask.config.ConfigError` naming the key.
+    """
+    stored = (model.meta.get("config") or {}).get("catalog")
+    if stored is None:  # a model without its config: nothing to compare with
+        return given
+    shipped = load_config().catalog
+    for key in SPLIT_KEYS:
+        mine, theirs, default = getattr(given, key), stored.get(key), getattr(shipped, key)
+        if key in stored and mine != theirs and mine != default:
+            raise ConfigError(f"catalog.{key} is {mine} in this config, but the model was fitted with {theirs}; the "
+                              f"split and bins come from the model: drop the key or refit")
+    return given.model_copy(update={k: stored[k] for k in SPLIT_KEYS if k in stored})
 
 
 def rows_source(model_dir: Path | None, ds: xr.Dataset, rows: np.ndarray) -> tuple[xr.Dataset, np.ndarray, str]:

@@ -101,3 +101,20 @@ def test_an_unreachable_scheduler_is_one_line_within_the_configured_timeout(fit_
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["snrmoe info: error: cannot reach the Dask scheduler at tcp://127.0.0.1:1 within 1 s "
                    "(cluster.connect_timeout): OSError"]
+
+
+def test_evaluate_takes_the_split_from_the_model_and_refuses_a_conflicting_salt(fitted, fit_catalog, tmp_path, capsys):
+    import json
+
+    model, cfg, model_dir = fitted  # fitted with catalog.test_size 250 and the shipped salt
+    cfg_file = tmp_path / "salt.yaml"
+    cfg_file.write_text("catalog: {split_salt: 1}\n")
+    argv = ["evaluate", str(model_dir), str(fit_catalog), "--scheduler", "threads"]
+    assert main(argv + ["--config", str(cfg_file), "--out", str(tmp_path / "bad.json")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "catalog.split_salt is 1 in this config, but the model was fitted with 0" in err[0], err
+    assert not (tmp_path / "bad.json").exists()
+    # without a config the shipped test_size (10,000) does not replace the model's 250: the same frozen test
+    assert main(argv + ["--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["n_test"] + m["n_test_excluded_unusable"] == 250
