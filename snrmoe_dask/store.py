@@ -238,12 +238,46 @@ def load_model(model_dir: str | Path) -> Model:
         raise ModelError(f"{model_dir}: experts.zarr has {experts.sizes.get('wavelength')} pixels, "
                          f"model.json says {meta['n_pixels']}")
     for name in ("coef", "intercept", "resid_var"):
+        if name not in experts:
+            raise ModelError(f"{model_dir}/experts.zarr: variable '{name}' is missing")
         if not np.all(np.isfinite(experts[name].values)):
             raise ModelError(f"{model_dir}: experts.zarr '{name}' has non-finite values")
+    _check_bins_and_gates(model_dir, meta, experts)
     gates = load_gates(model_dir / "gates.zarr", meta.get("gates", {}))
     model = Model(experts, meta, gates, _load_baselines(model_dir, meta))
     model.path = model_dir
     return model
+
+
+def _check_bins_and_gates(model_dir: Path, meta: dict, experts: xr.Dataset) -> None:
+    """The bin names match the edges, the PCA axes the gates' inputs, and every fallback threshold is a number."""
+    where = model_dir / "model.json"
+    e = meta["bin_edges"]
+    if len(meta["snr_bin_names"]) != len(e["snr_edges"]) + 1:
+        raise ModelError(f"{where}: 'snr_bin_names' has {len(meta['snr_bin_names'])} names for "
+                         f"{len(e['snr_edges']) + 1} S/N bins")
+    n_phys = (len(e["teff_edges"]) + 1) * (len(e["mh_edges"]) + 1)
+    if len(meta["phys_bin_names"]) != n_phys:
+        raise ModelError(f"{where}: 'phys_bin_names' has {len(meta['phys_bin_names'])} names for {n_phys} "
+                         f"Teff x [M/H] bins")
+    gates = meta.get("gates") or {}
+    n_pca = sum(1 for name in gates.get("inputs", {}).get("physical", []) if name.startswith("pca_"))
+    if n_pca:
+        for name in ("pca_components", "pca_mean"):
+            if name not in experts:
+                raise ModelError(f"{model_dir}/experts.zarr: variable '{name}' is missing (the gates use {n_pca} "
+                                 f"PCA axes)")
+        comps = experts["pca_components"]
+        if comps.shape != (n_pca, meta["n_pixels"]) or experts["pca_mean"].shape != (meta["n_pixels"],):
+            raise ModelError(f"{model_dir}/experts.zarr: 'pca_components' has shape {comps.shape} and 'pca_mean' "
+                             f"{experts['pca_mean'].shape}; the gates need ({n_pca}, {meta['n_pixels']}) and "
+                             f"({meta['n_pixels']},)")
+    taus = {"gates.fallback_tau": gates.get("fallback_tau", 0.0)}
+    taus.update({f"gates.fitted.{k}.fallback_tau": v.get("fallback_tau", 0.0)
+                 for k, v in (gates.get("fitted") or {}).items() if isinstance(v, dict)})
+    for key, tau in taus.items():
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= float(tau) <= 1.0:
+            raise ModelError(f"{where}: '{key}' is {tau!r}; it must be a number in [0, 1]")
 
 
 def _load_baselines(model_dir: Path, meta: dict) -> xr.Dataset | None:

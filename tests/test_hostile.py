@@ -118,3 +118,45 @@ def test_evaluate_takes_the_split_from_the_model_and_refuses_a_conflicting_salt(
     assert main(argv + ["--out", str(tmp_path / "m.json")]) == 0
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["n_test"] + m["n_test_excluded_unusable"] == 250
+
+
+def _tamper_json(model_dir, edit):
+    import json
+
+    meta = json.loads((model_dir / "model.json").read_text())
+    edit(meta)
+    (model_dir / "model.json").write_text(json.dumps(meta))
+
+
+TAMPERED = {
+    "coef deleted": (lambda d: shutil.rmtree(d / "experts.zarr" / "coef"), "variable 'coef' is missing"),
+    "intercept deleted": (lambda d: shutil.rmtree(d / "experts.zarr" / "intercept"), "variable 'intercept' is missing"),
+    "resid_var deleted": (lambda d: shutil.rmtree(d / "experts.zarr" / "resid_var"), "variable 'resid_var' is missing"),
+    "pca_mean deleted": (lambda d: shutil.rmtree(d / "experts.zarr" / "pca_mean"), "variable 'pca_mean' is missing"),
+    "pca_components deleted": (lambda d: shutil.rmtree(d / "experts.zarr" / "pca_components"),
+                               "variable 'pca_components' is missing"),
+    "snr_bin_names shortened": (lambda d: _tamper_json(d, lambda m: m.update(snr_bin_names=m["snr_bin_names"][:-1])),
+                                "'snr_bin_names' has 3 names for 4 S/N bins"),
+    "string fallback_tau": (lambda d: _tamper_json(d, lambda m: m["gates"].update(fallback_tau="0.3")),
+                            "'gates.fallback_tau' is '0.3'; it must be a number"),
+    "string gate fallback_tau": (lambda d: _tamper_json(
+        d, lambda m: m["gates"]["fitted"]["deploy_joint"].update(fallback_tau="high")),
+        "'gates.fitted.deploy_joint.fallback_tau' is 'high'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED))
+def test_a_tampered_model_store_is_refused_naming_the_file(fitted, fit_catalog, tmp_path, capsys, case):
+    from snrmoe_dask.store import ModelError, load_model
+
+    _, _, model_dir = fitted
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    tamper, message = TAMPERED[case]
+    tamper(copy)
+    with pytest.raises(ModelError, match="model"):
+        load_model(copy)
+    assert main(["predict", str(copy), str(fit_catalog), "--out", str(tmp_path / "p.zarr"),
+                 "--scheduler", "threads"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and str(copy) in err[0] and message in err[0], err
