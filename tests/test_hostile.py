@@ -160,3 +160,30 @@ def test_a_tampered_model_store_is_refused_naming_the_file(fitted, fit_catalog, 
                  "--scheduler", "threads"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and str(copy) in err[0] and message in err[0], err
+
+
+def test_a_zarr_v2_catalog_works_for_every_command_and_fits_as_its_v3_copy(fit_catalog, tmp_path):
+    import json
+
+    import xarray as xr
+
+    ds = xr.open_zarr(fit_catalog, consolidated=False)
+    for var in ds.variables.values():
+        var.encoding.clear()
+    v2 = tmp_path / "v2.zarr"
+    ds.to_zarr(v2, zarr_format=2, mode="w-", consolidated=True)
+    assert (v2 / ".zgroup").is_file()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("catalog: {test_size: 250}\nfit: {min_cell_rows: 10}\nceiling: {spectra_per_snr_bin: 3}\n")
+    common = ["--config", str(cfg), "--scheduler", "threads"]
+    for cat, out in ((v2, tmp_path / "m2"), (fit_catalog, tmp_path / "m3")):
+        assert main(["fit", str(cat), "--out", str(out)] + common) == 0
+        assert main(["evaluate", str(out), str(cat), "--out", str(out) + ".json"] + common) == 0
+    e2 = xr.open_zarr(tmp_path / "m2" / "experts.zarr", consolidated=False)
+    e3 = xr.open_zarr(tmp_path / "m3" / "experts.zarr", consolidated=False)
+    np.testing.assert_array_equal(e2["coef"].values, e3["coef"].values)
+    m2, m3 = (json.loads((tmp_path / f"m{k}.json").read_text()) for k in (2, 3))
+    assert m2["models"]["global"]["r2"] == m3["models"]["global"]["r2"]
+    assert main(["predict", str(tmp_path / "m2"), str(v2), "--out", str(tmp_path / "p.zarr")] + common) == 0
+    assert main(["audit", str(v2), "--out", str(tmp_path / "a")] + common) == 0
+    assert main(["ceiling", str(v2), "--out", str(tmp_path / "c")] + common) == 0
