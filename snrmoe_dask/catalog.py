@@ -315,8 +315,8 @@ def open_catalog(
                                f"{type(exc).__name__}: {exc}") from None
     if routes_by_snr and "snr" in ds.variables and "snr" not in require_labels:
         require_labels = (*require_labels, "snr")
-    for var in ds.variables.values():  # how the catalog was stored (a v2 store's numcodecs) is not how ours are
-        var.encoding = {}
+    for var in ds.variables.values():  # the stored layout stays; the codecs (a v2 store's numcodecs) do not travel
+        var.encoding = {k: v for k, v in var.encoding.items() if k in ("chunks", "preferred_chunks")}
     try:
         validate_catalog(ds, require_labels)
     except CatalogError as exc:  # the schema checks do not know the path; the user needs it
