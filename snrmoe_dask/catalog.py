@@ -296,7 +296,7 @@ def open_catalog(
         If the store is missing, unreadable or breaks the schema.
     """
     cfg = config or CatalogConfig()
-    path = Path(path)
+    path = Path(path).absolute()  # tasks run on workers whose working directory is not ours
     if not path.exists():
         raise CatalogError(f"catalog not found: {path}")
     try:

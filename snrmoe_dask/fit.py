@@ -131,7 +131,7 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     -------
     Model
     """
-    model_dir = Path(model_dir)
+    model_dir = Path(model_dir).absolute()  # checkpoints and the row cache are written by workers
     with claimed(model_dir, "model", "snrmoe fit", overwrite=overwrite, resume=resume, replace_model=replace_model):
         return _fit_model(catalog, model_dir, cfg, client=client, progress=progress, resume=resume,
                           audit_out=audit_out)

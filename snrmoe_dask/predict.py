@@ -30,7 +30,7 @@ def predict_catalog(model: Model, catalog: str | Path, out: str | Path, cfg: Con
     leaves no output that looks finished and the previous one intact.
     """
     with claimed(out, "predictions store", "snrmoe predict", overwrite=overwrite):  # one writer per output
-        return _predict(model, catalog, Path(out), cfg, gate, client, progress)
+        return _predict(model, catalog, Path(out).absolute(), cfg, gate, client, progress)
 
 
 def _predict(model: Model, catalog, out: Path, cfg: Config, gate, client, progress: bool) -> xr.Dataset:

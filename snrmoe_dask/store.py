@@ -211,7 +211,7 @@ def load_model(model_dir: str | Path) -> Model:
     ModelError
         If ``model.json`` or ``experts.zarr`` is missing or they disagree.
     """
-    model_dir = Path(model_dir)
+    model_dir = Path(model_dir).absolute()  # the row cache is read by workers whose working directory is not ours
     meta_path = model_dir / "model.json"
     if not meta_path.is_file():
         raise ModelError(f"{model_dir}: no model.json (not a model store, or the fit did not complete)")
