@@ -162,8 +162,8 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
     routing = None
     if "snr" in ds:
         snr_source = "snr (true S/N label)"
-        # NaN S/N only occurs for spectra without good pixels, which the fold leaves out anyway
-        s_b = snr_bin(np.nan_to_num(np.asarray(ds["snr"].values, np.float64), nan=0.0), edges["snr_edges"])
+        # finite: open_catalog(routes_by_snr=True) refused a NaN with its count (it used to land in bin X here)
+        s_b = snr_bin(np.asarray(ds["snr"].values, np.float64), edges["snr_edges"])
         cell = np.where(train, cell_index(p_b, s_b, n_snr), -1).astype(np.int64)
     else:  # real data: the fold routes each train row by its S/N estimate, from the block it already holds
         snr_source = "snr_est (no true S/N label in the catalog)"

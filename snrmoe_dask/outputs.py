@@ -119,7 +119,10 @@ def claim_output(path: str | Path, kind: str, *, overwrite: bool = False, resume
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
     for parent in Path(path).absolute().parents:
-        inside = describe(parent)
+        try:
+            inside = describe(parent)
+        except OSError:  # an unreadable ancestor (permissions) holds nothing of ours to protect
+            continue
         if inside in ("catalog", "simulated catalog", "model", "predictions store"):
             raise OutputError(f"{path} is inside {parent}, a {inside}; snrmoe does not write into one: choose "
                               f"another {what}")
@@ -171,7 +174,8 @@ def replace_atomically(path: str | Path):
         raise
     old = None
     if path.exists() or path.is_symlink():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))  # unique: no leftover in the way
+        old.rmdir()
         path.rename(old)
     tmp.rename(path)
     if old is not None:
