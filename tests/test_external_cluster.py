@@ -72,7 +72,10 @@ def test_fit_and_evaluate_with_relative_paths_on_an_external_cluster_equal_the_l
     f = zarr.open_array(str(decoy / "flux"), mode="r+")
     f[:] = np.asarray(f[:])[::-1]
     cfg = here / "c.yaml"
-    cfg.write_text("catalog: {test_size: 250}\nfit: {min_cell_rows: 10}\nceiling: {enabled: false}\n")
+    # float64 statistics: the cluster folds in other blocks and chains than the threads, and float32 sums in another
+    # order move an ill-conditioned cell's coefficients by up to 1 % (seen on a clean-clone CI run)
+    cfg.write_text("catalog: {test_size: 250}\nfit: {min_cell_rows: 10, precision: float64}\n"
+                   "ceiling: {enabled: false}\n")
     monkeypatch.chdir(here)
     for sched, out in ((address, "m_ext"), ("threads", "m_loc")):
         assert main(["fit", "cat.zarr", "--out", out, "--config", "c.yaml", "--scheduler", sched]) == 0
