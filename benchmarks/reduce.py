@@ -32,7 +32,7 @@ from snrmoe_dask.bins import cell_index, phys_bin, snr_bin
 from snrmoe_dask.catalog import bin_edges, open_catalog
 from snrmoe_dask.cluster import compute, dask_session
 from snrmoe_dask.config import ClusterConfig, FitConfig
-from snrmoe_dask.reduce import auto_chains, fold_blas_threads, one_pass
+from snrmoe_dask.reduce import auto_chains, fold_blas_pieces, one_pass
 from snrmoe_dask.split import TRAIN
 
 
@@ -50,7 +50,7 @@ def blas_floor(ds, rows: np.ndarray, block: int = 16384) -> float:
     return total
 
 
-def measure(path: Path, client, fit: FitConfig, blas_threads: int = 0) -> dict:
+def measure(path: Path, client, fit: FitConfig, blas_pieces: int = 0) -> dict:
     ds = open_catalog(path)
     n, p = ds.sizes["spectrum"], ds.sizes["wavelength"]
     edges = bin_edges(ds)
@@ -74,7 +74,8 @@ def measure(path: Path, client, fit: FitConfig, blas_threads: int = 0) -> dict:
     out["floor_s"] = out["read_s"] + out["blas_s"]
 
     stats, feats, _, _ = one_pass(ds, ds["logg"].values, cells, n_cells=36, chains=chains, flush_rows=fit.flush_rows,
-                               precision=fit.precision, blas_threads=blas_threads or fold_blas_threads(threads, chains))
+                               precision=fit.precision,
+                               blas_pieces=blas_pieces or fit.blas_pieces or fold_blas_pieces(threads, chains))
     rows_counted = dask.delayed(lambda s: float(s.n.sum()))(stats)
     base = PeakRSS.current()
     with PeakRSS() as peak:
@@ -97,7 +98,7 @@ def main() -> None:
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--chains", type=int, default=None)
     ap.add_argument("--memory-budget", default="8GB")
-    ap.add_argument("--blas-threads", type=int, default=0, help="BLAS threads per fold (0: as the fit does)")
+    ap.add_argument("--blas-pieces", type=int, default=0, help="BLAS calls per fold update (0: as the fit does)")
     ap.add_argument("--json", default="benchmarks/results/reduce.json")
     args = ap.parse_args()
     fit = FitConfig(precision=args.precision, chains=args.chains, memory_budget=args.memory_budget)
@@ -110,7 +111,7 @@ def main() -> None:
     with dask_session(ClusterConfig(memory_limit="20GB")) as client:
         for n in sizes:
             path = ensure_catalog(data / f"sim_{n}.zarr", n, client)
-            r = measure(path, client, fit, args.blas_threads)
+            r = measure(path, client, fit, args.blas_pieces)
             results["runs"].append(r)
             print(json.dumps(r, indent=2), flush=True)
     if len(results["runs"]) == 2:

@@ -55,6 +55,14 @@ class ChainState:
             for acc in self.audit.acc.values():
                 acc.share_scratch(self.cells)
 
+    def use_blas_pieces(self, pieces: int) -> None:
+        """Run every accumulator's Gram updates as ``pieces`` BLAS calls at once (a runtime setting of the
+        fold, not part of the saved state)."""
+        for acc in (self.cells, getattr(self.baselines, "white", None),
+                    *(self.audit.acc.values() if self.audit is not None else ())):
+            if acc is not None:
+                acc.blas_pieces = int(pieces)
+
     @property
     def rows_seen(self) -> int:
         return self.cells.rows_seen

@@ -169,6 +169,9 @@ class FitConfig(_Strict):
     checkpoint_min_read_ratio: float = Field(2.0, ge=0.0)
     # chunks a chain may read before it has folded them: bounds the blocks waiting in worker memory
     read_ahead: int = Field(4, ge=1)
+    # single-threaded BLAS calls a fold runs at once (column panels of each Gram update); null = the worker's
+    # threads per chain, so a fold uses every core while the chunk reads and features take turns with it
+    blas_pieces: int | None = Field(None, ge=1)
 
     @field_validator("alphas_relative")
     @classmethod

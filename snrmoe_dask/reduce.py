@@ -47,7 +47,7 @@ from .leakage import AuditAccumulator, AuditPlan, AuditStats, audit_shifts
 from .pacing import PacedReads
 from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes
 
-__all__ = ["PassGraph", "SnrRouting", "auto_chains", "fold_blas_threads", "one_pass", "shift_from_block"]
+__all__ = ["PassGraph", "SnrRouting", "auto_chains", "fold_blas_pieces", "one_pass", "shift_from_block"]
 
 _SNR_EST = FEATURE_NAMES.index("snr_est")
 
@@ -119,7 +119,7 @@ def _init(shift, n_cells, flush_rows, precision, meta, baselines=(), checkpoint:
 
 
 def _fold(state: ChainState, index: int, flux, error, mask, y, cell, min_good: int,
-          blas_threads: int, features=None, checkpoint: Checkpoint | None = None, chain: int = 0,
+          blas_pieces: int, features=None, checkpoint: Checkpoint | None = None, chain: int = 0,
           routing: SnrRouting | None = None, audit_block: tuple | None = None) -> ChainState:
     if index in state.chunks_done:  # a retried task must not count a chunk twice
         return state
@@ -129,8 +129,10 @@ def _fold(state: ChainState, index: int, flux, error, mask, y, cell, min_good: i
     usable = good.sum(axis=1) >= min_good
     state.excluded_unusable += int(((cell >= 0) & ~usable).sum())
     keep = np.where(usable, cell, -1)
-    # the nanny pins BLAS to 1 thread per task; a chain may use its share of the worker's cores
-    with threadpool_limits(limits=blas_threads, user_api="blas"):
+    # each Gram update runs as ``blas_pieces`` single-threaded BLAS calls at once (the chain's share of the
+    # worker's cores): none of them waits for a BLAS thread that a chunk read has pushed off its core
+    state.use_blas_pieces(blas_pieces)
+    with threadpool_limits(limits=1, user_api="blas"):
         x = impute_bad_pixels(flux, good, copy=False)  # the block is shared with the features task
         state.cells.add(x, y, keep)
         if state.baselines is not None:
@@ -182,29 +184,31 @@ def _features(flux, error, mask, wavelength, checkpoint: Checkpoint | None = Non
 
 def auto_chains(n_threads: int, n_chunks: int, n_cells: int, n_features: int, flush_rows: int, precision: str,
                 memory_budget: float) -> int:
-    """Parallel accumulators: one per thread but one (that thread reads and decompresses the chunks, as
-    :func:`fold_blas_threads` assumes), bounded by chunks and by memory. A chain's ``syrk`` is GIL-free and
-    multithreaded, so one chain already keeps the other threads busy."""
+    """Parallel accumulators: one per thread but one, bounded by chunks and by memory. A chain's Gram
+    updates are GIL-free and split over the cores (:func:`fold_blas_pieces`), so one chain already keeps
+    the other threads busy."""
     per_chain = memory_bytes(n_cells, n_features, flush_rows, precision)
     by_memory = max(1, int(memory_budget // per_chain))
     return max(1, min(n_threads - 1, by_memory, math.ceil(n_chunks / 4)))
 
 
-def fold_blas_threads(threads: int, chains: int) -> int:
-    """BLAS threads per fold: the worker's threads minus one, shared by the chains.
+def fold_blas_pieces(threads: int, chains: int) -> int:
+    """Single-threaded BLAS calls per Gram update of a fold: the worker's threads, shared by the chains.
 
-    The spare thread reads chunks and computes features while the chains
-    fold (a fold's ``syrk`` releases the GIL). On 2 cores with one chain,
-    1 BLAS thread gave a 100k pass of 26-28 s against 30-31 s with 2: the
-    second BLAS thread stole the core the reads and features needed (README,
-    "The GIL").
+    A fold's update is cut into that many column panels computed at once
+    (:func:`~snrmoe_dask.blas.syrk_update`), GIL-free, so a lone chain uses
+    every core, and the chunk reads and features of the worker's other
+    thread take their turn on a core without stalling the update. A
+    multithreaded BLAS call did stall: its threads wait for each other, and
+    on 2 cores one BLAS thread (the other core left to the reads) was faster
+    than two (README, "The GIL").
     """
-    return max(1, (threads - 1) // max(1, chains))
+    return max(1, threads // max(1, chains))
 
 
 def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, chains: int = 1,
              flush_rows: int = 1024, precision: str = "float32", min_good_fraction: float = 0.5,
-             meta: dict | None = None, blas_threads: int = 1, baselines: tuple[str, ...] = (),
+             meta: dict | None = None, blas_pieces: int = 1, baselines: tuple[str, ...] = (),
              checkpoint: Checkpoint | None = None, read_ahead: int = 4,
              row_cache: list[CachePart | None] | None = None, routing: SnrRouting | None = None,
              audit: AuditPlan | None = None) -> PassGraph:
@@ -223,10 +227,10 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         Accumulation layout (see :class:`~snrmoe_dask.stats.CellAccumulator`).
     meta : dict
         Stored with the statistics.
-    blas_threads : int
-        BLAS threads inside each fold. One (the default) lets a worker's
-        other threads read and compute features while a chain folds (the
-        fold's ``syrk`` releases the GIL, :mod:`snrmoe_dask.blas`).
+    blas_pieces : int
+        Single-threaded BLAS calls each Gram update of a fold runs at once
+        (:func:`fold_blas_pieces`); the updates release the GIL, so the
+        worker's other threads read and compute features meanwhile.
     baselines : tuple of str
         Baselines (:data:`~snrmoe_dask.baselines.BASELINES`) whose statistics
         the same folds accumulate.
@@ -305,7 +309,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         if audit is not None and (audit.group[lo:hi] >= 0).any():
             audit_block = audit.block(lo, hi)
         if ((cell[lo:hi] >= 0).any() or audit_block is not None) and i not in done[c]:
-            accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_threads,
+            accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_pieces,
                            feats[-1], checkpoint, c, routing, audit_block,
                            dask_key_name=f"acc-fold-{tok}-{c}-{i}")
             reads.folded(accs[c], i)

@@ -444,6 +444,7 @@ class CellAccumulator:
         self._fill = np.zeros(n_cells, np.int64)
         self._scratch: list = [None]  # a box: accumulators of one chain may share it (share_scratch)
         self.rows_seen = 0
+        self.blas_pieces = 1  # BLAS calls per update at once (blas.syrk_update); set by the fold
 
     def share_scratch(self, other: CellAccumulator) -> CellAccumulator:
         """Flush into ``other``'s scratch matrix (accumulators that flush one at a time, as those of one
@@ -516,7 +517,8 @@ class CellAccumulator:
             scratch = self._scratch[0] = np.empty((self._p, self._p), self.dtype, order="F")
         # C <- a^T a on C's upper triangle; a.T is Fortran-ordered, so nothing is copied. C is Fortran-ordered,
         # so as a C-ordered array (C.T) the products sit in the *lower* triangle, the packed layout's.
-        syrk_update(scratch, a, beta=0.0)  # releases the GIL: the worker's other tasks run meanwhile
+        # releases the GIL: the worker's other tasks run meanwhile
+        syrk_update(scratch, a, beta=0.0, pieces=self.blas_pieces)
         pack_lower(scratch.T, out=s.xtx[k])
         # sum(x - c) and sum((x - c) y) in one GEMV in the working precision, added into float64
         w = np.empty((2, m), self.dtype)

@@ -123,3 +123,46 @@ def test_syrk_with_beta_zero_overwrites_the_triangle(dtype):
     np.testing.assert_allclose(np.triu(c), np.triu(a.T.astype(np.float64) @ a), rtol=1e-5)
     syrk_update(c, a[:0], beta=0.0)
     assert not c.any()
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("pieces", [2, 3, 7])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_split_update_equals_numpy(dtype, rtol, pieces, beta):
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((41, 29)).astype(dtype)
+    c = _symmetric_f(29, dtype, rng)
+    before = c.copy(order="F")
+    with threadpool_limits(limits=1, user_api="blas"):
+        syrk_update(c, a, beta=beta, pieces=pieces)
+    expected = beta * before.astype(np.float64) + a.T.astype(np.float64) @ a.astype(np.float64)
+    upper = np.triu_indices(29)
+    np.testing.assert_allclose(c[upper], expected[upper], rtol=rtol, atol=rtol * 41)
+    lower = np.tril_indices(29, -1)
+    np.testing.assert_array_equal(c[lower], before[lower])
+
+
+def test_panels_cover_the_triangle_in_about_equal_areas():
+    from snrmoe_dask.blas import panel_bounds
+
+    b = panel_bounds(4096, 2)
+    assert b[0] == 0 and b[-1] == 4096 and len(b) == 3
+    areas = [(hi * (hi + 1) - lo * (lo + 1)) / 2 for lo, hi in zip(b[:-1], b[1:])]
+    assert max(areas) / min(areas) < 1.01
+    for p, pieces in ((3, 8), (5, 5), (100, 3)):  # never more panels than columns, never an empty one
+        b = panel_bounds(p, pieces)
+        assert b[0] == 0 and b[-1] == p and all(lo < hi for lo, hi in zip(b[:-1], b[1:]))
+        assert len(b) - 1 <= min(p, pieces)
+    assert panel_bounds(10, 1) == [0, 10]
+
+
+def test_split_update_is_deterministic():
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal((300, 200)).astype(np.float32)
+    outs = []
+    for _ in range(3):
+        c = np.zeros((200, 200), np.float32, order="F")
+        with threadpool_limits(limits=1, user_api="blas"):
+            outs.append(syrk_update(c, a, beta=0.0, pieces=2).copy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])

@@ -119,13 +119,13 @@ def test_read_ahead_below_one_is_refused(sim_catalog):
         one_pass(ds, ds["logg"].values, train_cells(ds), n_cells=36, read_ahead=0)
 
 
-def test_thread_split_leaves_the_reads_a_thread_and_never_zero():
-    from snrmoe_dask.reduce import auto_chains, fold_blas_threads
+def test_thread_split_shares_the_cores_among_chains_and_never_zero():
+    from snrmoe_dask.reduce import auto_chains, fold_blas_pieces
 
-    assert fold_blas_threads(2, 1) == 1  # this machine: one chain folds, the other core reads
-    assert fold_blas_threads(16, 1) == 15
-    assert fold_blas_threads(16, 4) == 3
-    assert fold_blas_threads(4, 4) == fold_blas_threads(1, 1) == 1
+    assert fold_blas_pieces(2, 1) == 2  # this machine: the one chain's updates use both cores
+    assert fold_blas_pieces(16, 1) == 16
+    assert fold_blas_pieces(16, 4) == 4
+    assert fold_blas_pieces(4, 8) == fold_blas_pieces(1, 1) == 1
     # chains are bounded by threads (one reads), chunks and memory (a 4096-pixel, 36-cell accumulator is ~3.1 GB)
     assert auto_chains(2, 489, 36, 4096, 1024, "float32", 64e9) == 1
     assert auto_chains(16, 489, 36, 4096, 1024, "float32", 8e9) == 2
