@@ -159,44 +159,12 @@ class _LineProgress(Callback):
             self._next = (int(frac * 10) + 1) / 10
 
 
-class Later:
-    """The result of a collection that keeps computing after :func:`compute` returns (``background=``)."""
-
-    def __init__(self, future=None, value=None):
-        self._future, self._value = future, value
-
-    def result(self):
-        """Wait for it and return its value."""
-        if self._future is not None:
-            self._value, self._future = self._future.result(), None
-        return self._value
-
-
-def compute(*collections, client=None, label: str = "compute", progress: bool = True, background=()):
+def compute(*collections, client=None, label: str = "compute", progress: bool = True):
     """Compute dask collections, showing progress on stderr; returns a tuple.
 
     With a distributed client this uses ``distributed.progress`` on futures
     (also visible on the dashboard); otherwise ``dask.diagnostics.ProgressBar``.
-
-    ``background`` collections are submitted in the same graph (they share
-    its intermediate results) but not waited for: each comes back as a
-    :class:`Later` after the tuple's items, to be waited for when needed. Without a distributed client
-    they are computed with the rest.
     """
-    if client is None and background:
-        out = compute(*collections, *background, client=None, label=label, progress=progress)
-        return (*out[:len(collections)], *(Later(value=v) for v in out[len(collections):]))
-    if client is not None and background:
-        futures = client.compute(list(collections) + list(background))
-        main, later = futures[:len(collections)], futures[len(collections):]
-        if progress:
-            from distributed import progress as dist_progress
-
-            print(f"[{label}]", file=sys.stderr, flush=True)
-            with contextlib.redirect_stdout(sys.stderr):
-                dist_progress(main)
-            print("", file=sys.stderr)
-        return (*client.gather(main), *(Later(future=f) for f in later))
     if not progress:
         if client is not None:
             return tuple(client.gather(client.compute(list(collections))))

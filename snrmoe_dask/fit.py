@@ -89,13 +89,9 @@ def _clock(_stats) -> float:
     return time.time()
 
 
-def _stats_summary(stats: SufficientStats) -> dict:
-    return {"n_per_cell": stats.n.tolist(), "meta": stats.meta}
-
-
-def _save_stats(stats: SufficientStats, path: str) -> str:
+def _save_stats(stats: SufficientStats, path: str) -> dict:
     stats.to_zarr(path)
-    return path
+    return {"n_per_cell": stats.n.tolist(), "meta": stats.meta}
 
 
 def _fit_and_save_baselines(stats: SufficientStats, bstats, relative_alphas, max_df_fraction, search_precision,
@@ -208,16 +204,13 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
     audit_sol_d = (serial(blas, last, audit_solutions, audit_d, audit.n_groups, cfg.fit,
                           dask_key_name=f"solve audit-{stats_d.key}") if audit is not None else dask.delayed(None))
     # the statistics are written after the solves, not beside them: a concurrent 2.3 GB write slowed the
-    # solves' BLAS threads (default job: experts 67 s in-process, 79 s on the worker). The write goes on in
-    # the background while the client scores the audit and fits the gates (1M: 10 s of a serial tail)
-    saved_d = dask.delayed(_stats_summary)(stats_d)
-    write_d = serial(None, audit_sol_d if audit is not None else last, _save_stats, stats_d,
+    # solves' BLAS threads (default job: experts 67 s in-process, 79 s on the worker)
+    saved_d = serial(None, audit_sol_d if audit is not None else last, _save_stats, stats_d,
                      str(model_dir / "stats.zarr"), dask_key_name=f"save stats-{stats_d.key}")
     clock_d = dask.delayed(_clock)(stats_d)  # a cheap task that runs as soon as the pass has finished
     t0, t0_unix = time.perf_counter(), time.time()
-    feature_blocks, fits, saved, pca, base_fits, audit_sol, pass_end, stats_written = compute(
-        feats_d, fits_d, saved_d, pca_d, base_d, audit_sol_d, clock_d, background=(write_d,), client=client,
-        progress=progress,
+    feature_blocks, fits, saved, pca, base_fits, audit_sol, pass_end = compute(
+        feats_d, fits_d, saved_d, pca_d, base_d, audit_sol_d, clock_d, client=client, progress=progress,
         label=f"one pass ({chains} accumulator chain(s)) + {len(specs)} experts + {len(baselines)} baselines"
               + (" + audit" if audit is not None else ""))
     timings["pass_and_fit_s"] = time.perf_counter() - t0
@@ -261,7 +254,6 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
     gates, meta["gates"] = _fit_gate_stage(model, ds, features, y, snr_route, edges, cfg, model_dir, client, progress)
     timings["gates_s"] = time.perf_counter() - t0
     meta["timings"] = {**timings, "total_s": time.perf_counter() - t_start}
-    stats_written.result()  # before model.json marks the store complete
     save_model(model_dir, experts, meta, gates, baselines_ds)
     if checkpoint is not None:
         checkpoint.clear()  # the statistics are in stats.zarr now

@@ -128,27 +128,3 @@ def _jobqueue_file():
     from snrmoe_dask.cluster import _default_jobqueue_file
 
     return _default_jobqueue_file()
-
-
-@pytest.mark.parametrize("scheduler", ["local", "threads"])
-def test_background_collections_share_the_graph_and_come_back_later(scheduler, tmp_path):
-    import dask
-
-    from snrmoe_dask.cluster import Later
-
-    calls = tmp_path / "calls"
-    calls.mkdir()
-
-    def shared_step(x):  # counts its runs: the background result must not compute it a second time
-        (calls / f"{os.getpid()}-{len(list(calls.iterdir()))}").touch()
-        return x + 1
-
-    base = dask.delayed(shared_step, pure=True)(1)
-    front = dask.delayed(lambda v: v * 10)(base)
-    back = dask.delayed(lambda v: v * 100)(base)
-    cfg = ClusterConfig(scheduler=scheduler, processes=False, dashboard_address="127.0.0.1:0")
-    with dask_session(cfg, quiet=True) as client:
-        value, later = compute(front, background=(back,), client=client, progress=False)
-        assert value == 20
-        assert isinstance(later, Later) and later.result() == 200
-    assert len(list(calls.iterdir())) == 1
