@@ -142,7 +142,7 @@ def with_blas_threads(blas_threads: int | None, _after, fn, *args):
 
 def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[float], min_rows: int,
                 max_df_fraction: float = 1.0, search_precision: str = "float32", *,
-                blas_threads: int | None = None, one_at_a_time: bool = False) -> dict:
+                blas_threads: int | None = None, one_at_a_time: bool = False, after=None) -> dict:
     """Lazy fits: ``{name: Delayed[dict]}``; each depends on ``stats`` and its parent.
 
     A hierarchical expert is fitted in the same task as the joint expert of
@@ -150,6 +150,7 @@ def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[fl
     each task also waits for the previous one, so a worker runs one solve at
     a time with ``blas_threads`` BLAS threads: on 2 cores that is 1.3x faster
     than two concurrent single-threaded solves (``benchmarks/expert_solves.py``).
+    ``after`` (a delayed task) is what the first solve waits for, with ``one_at_a_time``.
     """
     solve = dask.delayed(with_blas_threads, pure=True)
     tok = tokenize(getattr(stats, "key", None), list(relative_alphas), min_rows, max_df_fraction, search_precision,
@@ -157,7 +158,7 @@ def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[fl
     twins = {(s.cells, s.parent): s for s in specs if s.shrink}
     by_name = {s.name: s for s in specs}
     out: dict = {}
-    previous = None
+    previous = after
     for spec in specs:
         if spec.shrink:
             continue  # fitted with its joint twin

@@ -188,24 +188,26 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
                                                             chains), baselines=baselines,
         checkpoint=checkpoint, read_ahead=cfg.fit.read_ahead, row_cache=row_cache, routing=routing, audit=audit)
     specs = expert_specs(snr_names, phys_names)
-    # one solve at a time with all the worker's cores in the BLAS (the statistics live on one worker)
+    # one solve at a time with all the worker's cores in the BLAS (the statistics live on one worker). The
+    # audit's and the baselines' solves join the queue; the audit's go first, so its Gram matrices (10 packed
+    # triangles, 0.67 GB at P = 4096) are released before the experts' solves add their buffers
     blas = _threads_per_worker(client)
-    fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
-                         cfg.fit.alpha_search_precision, blas_threads=blas, one_at_a_time=True)
-    pca_d = dask.delayed(pca_from_stats)(stats_d, cfg.gates.n_pca) if cfg.gates.n_pca else dask.delayed(None)
-    # the baselines' and the audit's solves join the experts' queue: one O(P^3) solve in memory at a time
     serial = dask.delayed(with_blas_threads, pure=True)
+    audit_sol_d = (serial(blas, None, audit_solutions, audit_d, audit.n_groups, cfg.fit,
+                          dask_key_name=f"solve audit-{stats_d.key}") if audit is not None else dask.delayed(None))
+    fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
+                         cfg.fit.alpha_search_precision, blas_threads=blas, one_at_a_time=True,
+                         after=audit_sol_d if audit is not None else None)
+    pca_d = dask.delayed(pca_from_stats)(stats_d, cfg.gates.n_pca) if cfg.gates.n_pca else dask.delayed(None)
     last = list(fits_d.values())[-1]
     base_d = dask.delayed(None)
     if baselines:
         base_d = last = serial(blas, last, _fit_and_save_baselines, stats_d, bstats_d, cfg.fit.alphas_relative,
                                cfg.fit.max_df_fraction, cfg.fit.alpha_search_precision,
                                str(model_dir / "baseline_stats"), dask_key_name=f"solve baselines-{stats_d.key}")
-    audit_sol_d = (serial(blas, last, audit_solutions, audit_d, audit.n_groups, cfg.fit,
-                          dask_key_name=f"solve audit-{stats_d.key}") if audit is not None else dask.delayed(None))
     # the statistics are written after the solves, not beside them: a concurrent 2.3 GB write slowed the
     # solves' BLAS threads (default job: experts 67 s in-process, 79 s on the worker)
-    saved_d = serial(None, audit_sol_d if audit is not None else last, _save_stats, stats_d,
+    saved_d = serial(None, last, _save_stats, stats_d,
                      str(model_dir / "stats.zarr"), dask_key_name=f"save stats-{stats_d.key}")
     clock_d = dask.delayed(_clock)(stats_d)  # a cheap task that runs as soon as the pass has finished
     t0, t0_unix = time.perf_counter(), time.time()
