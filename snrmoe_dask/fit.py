@@ -184,8 +184,8 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
     stats_d, feats_d, bstats_d, audit_d = one_pass(
         ds, y, cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows, precision=cfg.fit.precision,
         min_good_fraction=cfg.catalog.min_good_fraction, meta=meta_stats,
-        blas_pieces=cfg.fit.blas_pieces or fold_blas_pieces(min(threads, _threads_per_worker(client) * chains),
-                                                            chains), baselines=baselines,
+        blas_pieces=cfg.fit.blas_pieces or fold_blas_pieces(threads, chains, _threads_per_worker(client)),
+        baselines=baselines,
         checkpoint=checkpoint, read_ahead=cfg.fit.read_ahead, row_cache=row_cache, routing=routing, audit=audit)
     specs = expert_specs(snr_names, phys_names)
     # one solve at a time with all the worker's cores in the BLAS (the statistics live on one worker). The

@@ -192,8 +192,9 @@ def auto_chains(n_threads: int, n_chunks: int, n_cells: int, n_features: int, fl
     return max(1, min(n_threads - 1, by_memory, math.ceil(n_chunks / 4)))
 
 
-def fold_blas_pieces(threads: int, chains: int) -> int:
-    """Single-threaded BLAS calls per Gram update of a fold: the worker's threads, shared by the chains.
+def fold_blas_pieces(threads: int, chains: int, threads_per_worker: int | None = None) -> int:
+    """Single-threaded BLAS calls per Gram update of a fold: the cluster's ``threads`` shared by the
+    chains, at most one worker's threads (a fold runs on one worker).
 
     A fold's update is cut into that many column panels computed at once
     (:func:`~snrmoe_dask.blas.syrk_update`), GIL-free, so a lone chain uses
@@ -203,7 +204,7 @@ def fold_blas_pieces(threads: int, chains: int) -> int:
     on 2 cores one BLAS thread (the other core left to the reads) was faster
     than two (README, "The GIL").
     """
-    return max(1, threads // max(1, chains))
+    return max(1, min(threads_per_worker or threads, threads // max(1, chains)))
 
 
 def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, chains: int = 1,

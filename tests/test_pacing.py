@@ -126,6 +126,7 @@ def test_thread_split_shares_the_cores_among_chains_and_never_zero():
     assert fold_blas_pieces(16, 1) == 16
     assert fold_blas_pieces(16, 4) == 4
     assert fold_blas_pieces(4, 8) == fold_blas_pieces(1, 1) == 1
+    assert fold_blas_pieces(32, 1, threads_per_worker=4) == 4  # a fold runs on one worker's cores
     # chains are bounded by threads (one reads), chunks and memory (a 4096-pixel, 36-cell accumulator is ~3.1 GB)
     assert auto_chains(2, 489, 36, 4096, 1024, "float32", 64e9) == 1
     assert auto_chains(16, 489, 36, 4096, 1024, "float32", 8e9) == 2
