@@ -26,7 +26,7 @@ from dask.callbacks import Callback
 from .config import ClusterConfig
 
 __all__ = ["dask_session", "compute", "jobqueue_cluster", "load_jobqueue_profile", "local_cluster_kwargs",
-           "worker_environ"]
+           "release_memory", "worker_environ"]
 
 
 def local_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
@@ -49,6 +49,36 @@ def local_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     if cfg.processes:  # in-process clusters talk over inproc://, nothing listens on the network
         kwargs["host"] = "127.0.0.1"
     return kwargs
+
+
+def _trim_heap(dask_worker=None, wait_s: float = 5.0) -> int:
+    """Give the process's free heap back to the OS (glibc ``malloc_trim``); on a worker, first wait (up to
+    ``wait_s``) until the results it held have been released. Returns 1 if memory was returned."""
+    import ctypes
+    import ctypes.util
+
+    from .stats import process_scratch
+
+    deadline = time.monotonic() + wait_s
+    while dask_worker is not None and len(dask_worker.data) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with process_scratch() as scratch:  # the solve buffers are only reused within a stage
+        scratch.clear()
+    try:
+        return int(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return 0
+
+
+def release_memory(client=None) -> None:
+    """After a stage whose results have been gathered: return the workers' (or, without a client, this
+    process's) freed heap to the OS. With ``worker_env``'s malloc settings freed memory stays in the heap
+    for the next allocation (fresh pages cost seconds per GB on some VMs); between stages it would only
+    add to the peak of the process tree."""
+    if client is None:
+        _trim_heap()
+    else:
+        client.run(_trim_heap)
 
 
 def worker_environ(cfg: ClusterConfig) -> dict[str, str]:

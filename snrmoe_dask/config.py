@@ -121,7 +121,8 @@ class StorageConfig(_Strict):
     ingest_chunk_size: int = Field(2048, ge=1)
 
 
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+WORKER_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "4294967296",
+                     "MALLOC_TRIM_THRESHOLD_": "8589934592"}
 
 
 class ClusterConfig(_Strict):
@@ -139,8 +140,10 @@ class ClusterConfig(_Strict):
     adapt_max_jobs: int | None = Field(None, ge=1)
     local_directory: str | None = None
     # environment of the worker processes the LocalCluster's nannies spawn, on top of
-    # ``distributed.nanny.pre-spawn-environ``. The default lets glibc reuse freed chunk-sized
-    # buffers (< 64 MiB) instead of mapping fresh zeroed pages for every decoded block; None: off.
+    # ``distributed.nanny.pre-spawn-environ``. The default keeps freed memory in one glibc heap
+    # (every thread, blocks and Gram-sized buffers alike) for the next allocation instead of mapping
+    # fresh zeroed pages; :func:`~snrmoe_dask.cluster.release_memory` returns it between stages.
+    # None: off.
     worker_env: dict[str, str] | None = Field(default_factory=lambda: dict(WORKER_MALLOC_ENV))
 
 

@@ -37,7 +37,7 @@ from .bins import cell_index, phys_bin, phys_bin_names, snr_bin
 from .cache import CACHE_DIR, cached_rows, open_row_cache, plan_row_cache, remove_row_cache
 from .catalog import bin_edges, open_catalog
 from .checkpoint import Checkpoint, plan_token
-from .cluster import compute
+from .cluster import compute, release_memory
 from .config import Config
 from .experts import (
     ExpertSpec,
@@ -217,6 +217,7 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
               + (" + audit" if audit is not None else ""))
     timings["pass_and_fit_s"] = time.perf_counter() - t0
     timings["pass_s"] = pass_end - t0_unix  # the worker's clock: the same host, or NTP-close on a cluster
+    release_memory(client)  # the statistics and the solve buffers are gone: the gate stage starts lean
 
     features = features_dataset(feature_blocks, ds, cfg.catalog.min_good_fraction)
     snr_route = np.asarray(ds["snr"].values, np.float64) if routing is None else features["snr_est"].values

@@ -76,6 +76,10 @@ class Scratch:
     def clear(self) -> None:
         self._bufs.clear()
 
+    def __len__(self) -> int:
+        """Buffers held."""
+        return len(self._bufs)
+
 
 _SCRATCH, _SCRATCH_LOCK = Scratch(), threading.Lock()
 
@@ -327,8 +331,10 @@ class SufficientStats:
 
     # -------------------------------------------------------------- I/O
     def to_zarr(self, path: str | Path) -> None:
-        """Write to a zarr store (one array per statistic, float64)."""
+        """Write to a zarr store (one array per statistic, float64; ``xtx`` blosc-compressed)."""
         import xarray as xr
+        import zarr
+        from zarr.codecs import BloscCodec
 
         ds = xr.Dataset(
             {
@@ -339,9 +345,15 @@ class SufficientStats:
             attrs={"meta": json.dumps(self.meta), "kind": "snrmoe.SufficientStats", "version": "3",
                    "xtx_layout": "lower triangle packed by rows: row i holds xtx[i, :i+1] at offset i(i+1)/2"},
         )
-        # random-looking float64 sums do not compress; skipping the codec makes the write I/O-bound
-        enc = {"xtx": {"chunks": (1, self.xtx.shape[1]), "compressors": None}}
-        ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=enc)
+        # float64 sums of float32 products carry ~29 random low mantissa bits but share their high
+        # bytes: bit-shuffled lz4 at level 1 keeps ~44 % of the bytes at > 1 GB/s (measured at 20k
+        # and 1M), halving the store and the fresh pages its write has to fault in
+        codec = BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
+        enc = {"xtx": {"chunks": (1, self.xtx.shape[1]), "compressors": (codec,)}}
+        # two cells in flight (one per core): each holds its compressed copy until written, and the write
+        # comes at the fit's memory peak (zarr's default of 10 added 0.26 GB to the default job's peak)
+        with zarr.config.set({"async.concurrency": 2}):
+            ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=enc)
 
     @classmethod
     def from_zarr(cls, path: str | Path) -> SufficientStats:

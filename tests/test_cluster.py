@@ -8,7 +8,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from snrmoe_dask.cluster import compute, dask_session, load_jobqueue_profile, local_cluster_kwargs, worker_environ
+from snrmoe_dask.cluster import (compute, dask_session, load_jobqueue_profile, local_cluster_kwargs, release_memory,
+                                 worker_environ)
 from snrmoe_dask.config import WORKER_MALLOC_ENV, ClusterConfig
 
 
@@ -72,6 +73,28 @@ def test_local_worker_processes_get_the_spawn_environment():
     (got,) = env.values()
     assert got == {"MALLOC_TRIM_THRESHOLD_": "123456789", "SNRMOE_PROBE": "x", "OMP_NUM_THREADS": "1"}
     assert worker_environ(ClusterConfig(worker_env=None))["MALLOC_TRIM_THRESHOLD_"] == "65536"  # distributed's
+
+
+def test_release_memory_returns_the_workers_heap_and_drops_the_solve_buffers():
+    from snrmoe_dask.stats import process_scratch
+
+    def hold_a_buffer():
+        with process_scratch() as scratch:
+            scratch.take("probe", (256, 256), np.float64)
+            return len(scratch)
+
+    def buffers():
+        with process_scratch() as scratch:
+            return len(scratch)
+
+    cfg = ClusterConfig(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0")
+    with dask_session(cfg, quiet=True) as client:
+        assert list(client.run(hold_a_buffer).values()) == [1]
+        release_memory(client)
+        assert list(client.run(buffers).values()) == [0]
+    hold_a_buffer()  # without a client: this process
+    release_memory(None)
+    assert buffers() == 0
 
 
 def test_missing_profile(tmp_path):
