@@ -8,8 +8,14 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from snrmoe_dask.cluster import (compute, dask_session, load_jobqueue_profile, local_cluster_kwargs, release_memory,
-                                 worker_environ)
+from snrmoe_dask.cluster import (
+    compute,
+    dask_session,
+    load_jobqueue_profile,
+    local_cluster_kwargs,
+    release_memory,
+    worker_environ,
+)
 from snrmoe_dask.config import WORKER_MALLOC_ENV, ClusterConfig
 
 
