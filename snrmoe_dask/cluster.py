@@ -51,23 +51,35 @@ def local_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _trim_heap(dask_worker=None, wait_s: float = 5.0) -> int:
-    """Give the process's free heap back to the OS (glibc ``malloc_trim``); on a worker, first wait (up to
-    ``wait_s``) until the results it held have been released. Returns 1 if memory was returned."""
+#: seconds a worker waits for the results of the stage just gathered to be released before it trims
+RELEASE_WAIT_S = 5.0
+
+
+def _trim_heap() -> int:
+    """Drop this process's solve buffers and give its free heap back to the OS (glibc ``malloc_trim``).
+    Returns 1 if memory was returned."""
     import ctypes
     import ctypes.util
 
     from .stats import process_scratch
 
-    deadline = time.monotonic() + wait_s
-    while dask_worker is not None and len(dask_worker.data) and time.monotonic() < deadline:
-        time.sleep(0.05)
     with process_scratch() as scratch:  # the solve buffers are only reused within a stage
         scratch.clear()
     try:
         return int(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):  # not glibc: nothing to trim
         return 0
+
+
+async def _trim_worker_heap(dask_worker, wait_s: float = RELEASE_WAIT_S) -> int:
+    """:func:`_trim_heap` on a worker, once the keys it held are released (the release messages travel
+    apart from ``client.run``). A coroutine, so the worker's event loop processes them while it waits."""
+    import asyncio
+
+    deadline = time.monotonic() + wait_s
+    while len(dask_worker.data) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return _trim_heap()
 
 
 def release_memory(client=None) -> None:
@@ -78,7 +90,7 @@ def release_memory(client=None) -> None:
     if client is None:
         _trim_heap()
     else:
-        client.run(_trim_heap)
+        client.run(_trim_worker_heap)
 
 
 def worker_environ(cfg: ClusterConfig) -> dict[str, str]:

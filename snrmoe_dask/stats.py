@@ -350,7 +350,7 @@ class SufficientStats:
         # and 1M), halving the store and the fresh pages its write has to fault in
         codec = BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
         enc = {"xtx": {"chunks": (1, self.xtx.shape[1]), "compressors": (codec,)}}
-        # two cells in flight (one per core): each holds its compressed copy until written, and the write
+        # two cells in flight: each holds its compressed copy until written, and the write
         # comes at the fit's memory peak (zarr's default of 10 added 0.26 GB to the default job's peak)
         with zarr.config.set({"async.concurrency": 2}):
             ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=enc)
