@@ -44,7 +44,7 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, work_dir: str 
         sol_d = dask.delayed(audit_solutions)(graph.audit, plan.n_groups, cfg.fit)
         blocks, sol = compute(graph.features, sol_d, client=client, progress=progress,
                               label=f"audit pass ({plan.rows} train rows, {int(ds['frozen_test'].values.sum())} test)")
-        test = open_row_cache(root, ds)
+        test = open_row_cache(root, ds, role="test")
         if test is None:
             raise RuntimeError(f"{root}: the audit's test rows were not cached")
         test_features = np.concatenate(blocks)[test["position"].values]  # as the pass computed them

@@ -340,7 +340,7 @@ def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.nd
     meta: dict[str, Any] = {"fallback_tau": cfg.gates.fallback_tau, "snr_cliff": cfg.gates.snr_cliff,
                             "inputs": {"quality": list(QUALITY_FEATURES), "physical": physical_names(n_pca)},
                             "fitted": {}, "default": None, "selection": {}}
-    src = open_row_cache(model_dir / CACHE_DIR, ds)  # the val rows as the pass cached them: no second read
+    src = open_row_cache(model_dir / CACHE_DIR, ds, role="val")  # as the pass cached them: no second read
     meta["val_rows_source"] = "row cache" if src is not None else "catalog (no complete row cache)"
     if src is None:
         src = ds

@@ -173,9 +173,9 @@ def _seal(part: tuple) -> tuple[SufficientStats, BaselineStats | None, AuditStat
 
 
 def _features(flux, error, mask, wavelength, checkpoint: Checkpoint | None = None, index: int = 0,
-              cache_part: CachePart | None = None) -> np.ndarray:
-    if cache_part is not None:  # before the features' checkpoint: a chunk with saved features has its part
-        write_part(cache_part, flux, error, mask)
+              cache_parts: tuple[CachePart, ...] = ()) -> np.ndarray:
+    for part in cache_parts:  # before the features' checkpoint: a chunk with saved features has its parts
+        write_part(part, flux, error, mask)
     out = block_features(flux, error, mask, wavelength)
     if checkpoint is not None:
         checkpoint.save_features(index, out)
@@ -211,7 +211,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
              flush_rows: int = 1024, precision: str = "float32", min_good_fraction: float = 0.5,
              meta: dict | None = None, blas_pieces: int = 1, baselines: tuple[str, ...] = (),
              checkpoint: Checkpoint | None = None, read_ahead: int = 4,
-             row_cache: list[CachePart | None] | None = None, routing: SnrRouting | None = None,
+             row_cache: list[tuple[CachePart, ...]] | None = None, routing: SnrRouting | None = None,
              audit: AuditPlan | None = None) -> PassGraph:
     """Build the lazy one-pass graph.
 
@@ -243,7 +243,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         Chunks per chain that may be read before the chain has folded them
         (:class:`~snrmoe_dask.pacing.PacedReads`): bounds the blocks waiting
         in memory, whatever N is.
-    row_cache : list of CachePart or None, optional
+    row_cache : list of tuples of CachePart, optional
         One entry per chunk (:func:`~snrmoe_dask.cache.plan_row_cache`): the
         features task of each chunk writes its cached rows from the block it
         already holds, so the cache costs no read.
@@ -273,7 +273,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
     chains = max(1, min(chains, n_chunks))
     baselines = tuple(baselines)
     tok = tokenize(ds["flux"].data.name, ds["error"].data.name, y, cell, n_cells, chains, flush_rows, precision,
-                   min_good, baselines, [p.path if p is not None else None for p in row_cache or []], routing,
+                   min_good, baselines, [[q.path for q in parts] for parts in row_cache or []], routing,
                    None if audit is None else (audit.group, audit.targets, audit.flush_rows, audit.precision))
     reads = PacedReads(ds, ("flux", "error", "mask"), read_ahead * chains, tok)
 
@@ -293,7 +293,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         if i in feats_done:
             feats.append(dask.delayed(checkpoint.load_features, pure=True)(i, dask_key_name=f"features-{tok}-{i}"))
         else:
-            part = row_cache[i] if row_cache is not None else None
+            part = row_cache[i] if row_cache is not None else ()
             feats.append(dask.delayed(_features, pure=True)(fb, eb, mb, wave, checkpoint, i, part,
                                                             dask_key_name=f"features-{tok}-{i}"))
         if i == 0:  # the chains' shifts come from the first block (and its features, to route by S/N)

@@ -343,14 +343,18 @@ def model_catalog_config(model: Model, given: CatalogConfig) -> CatalogConfig:
 
 
 def rows_source(model_dir: Path | None, ds: xr.Dataset, rows: np.ndarray) -> tuple[xr.Dataset, np.ndarray, str]:
-    """Where to read catalog rows (the frozen test): the model's row cache when it holds every one of them
-    (written from this catalog by the fit's pass), else the catalog; with the rows' positions there."""
-    cache = open_row_cache(model_dir / CACHE_DIR, ds) if model_dir is not None else None
-    if cache is not None:
-        pos = cache["position"].values
-        at = np.searchsorted(pos, rows)
-        if np.all(at < pos.size) and np.array_equal(pos[np.minimum(at, pos.size - 1)], rows):
-            return cache, at, "row cache"
+    """Where to read catalog rows (sorted positions, such as the frozen test): the model's row cache when it
+    holds every one of them (written from this catalog by the fit's pass), else the catalog; with the rows'
+    positions there. The frozen-test parts alone are tried first: they are all the audit and evaluate read."""
+    if model_dir is not None:
+        for role in ("test", None):
+            cache = open_row_cache(model_dir / CACHE_DIR, ds, role=role)
+            if cache is None:
+                continue
+            pos = cache["position"].values
+            at = np.searchsorted(pos, rows)
+            if np.all(at < pos.size) and np.array_equal(pos[np.minimum(at, pos.size - 1)], rows):
+                return cache, at, "row cache"
     return ds, rows, "catalog"
 
 

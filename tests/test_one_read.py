@@ -53,6 +53,16 @@ def test_fit_audit_and_evaluate_read_every_cube_chunk_of_the_catalog_once(fit_ca
     per_var = Counter(k[len(str(fit_catalog)) + 1:].split("/")[0] for k in cube)
     assert per_var["flux"] == per_var["error"] == n_chunks  # every chunk once (and no mask in this catalog)
     assert max(cube.values()) == 1
+    # the roles are read apart: the gate stage reads the val parts once, the audit and evaluate only the
+    # frozen-test parts (once each), so no stage reads rows it does not use
+    rows_dir = f"{tmp_path / 'm' / CACHE_DIR}/"
+    by_role = Counter()
+    for key, count in counted_reads.items():
+        if key.startswith(rows_dir) and key[len(rows_dir):].split("/")[1] in ("flux", "error"):
+            part = key[len(rows_dir):].split("/")[0]
+            by_role[(part.split("-")[0], count)] += 1
+    assert {role for role, _ in by_role} == {"part", "test"}
+    assert all(count == (2 if role == "test" else 1) for role, count in by_role), by_role
     # the gates and evaluate read the rows the pass cached, and they are the catalog's rows, bit for bit
     cache = open_row_cache(tmp_path / "m" / CACHE_DIR, ds)
     assert cache is not None and model.meta["gates"]["val_rows_source"] == "row cache"
@@ -100,7 +110,7 @@ def test_a_wide_cache_part_is_one_block_per_variable(tmp_path):
     n, p = 300, 4096
     ds = _small_catalog(n, p, 0)
     keep = cached_rows(ds, None, 0)
-    (part,) = plan_row_cache(ds, keep, tmp_path / "rows", np.array([0, n]), {})
+    ((part,),) = plan_row_cache(ds, keep, tmp_path / "rows", np.array([0, n]), {})
     write_part(part, ds["flux"].values, ds["error"].values, None)
     cache = open_row_cache(tmp_path / "rows", ds)
     assert cache["flux"].data.numblocks == (1, 1)
@@ -121,7 +131,7 @@ def test_cache_parts_open_from_their_recorded_rows_in_chunk_order_and_older_cach
     keep = cached_rows(ds, None, 0) & (rng.random(n) < 0.7)
     starts = np.array([0, 20, 50, 90])
     root = tmp_path / "rows"
-    parts = plan_row_cache(ds, keep, root, starts, {})
+    parts = [part for (part,) in plan_row_cache(ds, keep, root, starts, {})]  # val rows only: one part per chunk
     for part, lo in zip(parts, starts):
         write_part(part, ds["flux"].values[lo:], ds["error"].values[lo:], None)
     # rename the parts as chunks 9999, 10000 and 100000 would be named
@@ -200,3 +210,47 @@ def test_building_the_pass_reads_nothing(fit_catalog, counted_reads):
                      audit=audit_plan(ds, cfg), chains=2)
     assert len(graph.features) == len(ds["flux"].chunks[0]) and n > 0
     assert sum(v for k, v in counted_reads.items() if "/flux/" in k or "/error/" in k) == before
+
+
+def test_the_cache_keeps_test_and_val_rows_apart_and_opens_each_role_or_the_union_in_catalog_order(tmp_path):
+    """Each chunk's frozen-test rows and its val rows go to separate parts; ``role`` opens one role, ``None``
+    all of them by position; a version-2 cache (both roles in one part per chunk) still opens, either way."""
+    from snrmoe_dask.cache import cached_rows, plan_row_cache, write_part
+
+    n, p = 120, 8
+    rng = np.random.default_rng(3)
+    ds = _small_catalog(n, p, 3)
+    ds["split"] = ("spectrum", rng.choice(np.array([0, 1, 2], np.int8), n))
+    ds["frozen_test"] = ("spectrum", (ds["split"].values == 2) & (rng.random(n) < 0.6))
+    keep = cached_rows(ds, None, 0)
+    starts = np.array([0, 40, 80, 120])
+    root = tmp_path / "rows"
+    parts = plan_row_cache(ds, keep, root, starts, {})
+    assert all(len(chunk) == 2 for chunk in parts)
+    for chunk, lo in zip(parts, starts):
+        for part in chunk:
+            write_part(part, ds["flux"].values[lo:], ds["error"].values[lo:], None)
+    test, val = ds["frozen_test"].values, keep & ~ds["frozen_test"].values
+    for role, rows in (("test", test), ("val", val), (None, keep)):
+        cache = open_row_cache(root, ds, role=role)
+        np.testing.assert_array_equal(cache["position"].values, np.flatnonzero(rows), err_msg=str(role))
+        np.testing.assert_array_equal(cache["flux"].values, ds["flux"].values[rows], err_msg=str(role))
+        np.testing.assert_array_equal(cache["logg"].values, ds["logg"].values[rows], err_msg=str(role))
+    assert open_row_cache(root, ds, role="test")["flux"].data.numblocks[0] == len(starts) - 1
+    with pytest.raises(ValueError, match="role must be one of"):
+        open_row_cache(root, ds, role="train")
+
+    # version 2: one part per chunk with both roles (what earlier fits wrote)
+    old = tmp_path / "old"
+    old_parts = plan_row_cache(ds.assign(frozen_test=("spectrum", np.zeros(n, bool))), keep, old, starts, {})
+    for (part,), lo in zip(old_parts, starts):
+        write_part(part, ds["flux"].values[lo:], ds["error"].values[lo:], None)
+    info = json.loads((old / "cache.json").read_text())
+    info.update(version=2, catalog_fingerprint=json.loads((root / "cache.json").read_text())["catalog_fingerprint"])
+    (old / "cache.json").write_text(json.dumps(info))
+    import shutil
+    shutil.rmtree(old / "columns.zarr")
+    shutil.copytree(root / "columns.zarr", old / "columns.zarr")  # the real frozen_test column
+    for role, rows in (("test", test), ("val", val), (None, keep)):
+        cache = open_row_cache(old, ds, role=role)
+        np.testing.assert_array_equal(cache["flux"].values, ds["flux"].values[rows], err_msg=f"v2 {role}")
