@@ -212,7 +212,8 @@ def test_building_the_pass_reads_nothing(fit_catalog, counted_reads):
     assert sum(v for k, v in counted_reads.items() if "/flux/" in k or "/error/" in k) == before
 
 
-def test_the_cache_keeps_test_and_val_rows_apart_and_opens_each_role_or_the_union_in_catalog_order(tmp_path):
+def test_the_cache_keeps_test_and_val_rows_apart_and_opens_each_role_or_the_union_in_catalog_order(tmp_path,
+                                                                                                  monkeypatch):
     """Each chunk's frozen-test rows and its val rows go to separate parts; ``role`` opens one role, ``None``
     all of them by position; a version-2 cache (both roles in one part per chunk) still opens, either way."""
     from snrmoe_dask.cache import cached_rows, plan_row_cache, write_part
@@ -236,9 +237,17 @@ def test_the_cache_keeps_test_and_val_rows_apart_and_opens_each_role_or_the_unio
         np.testing.assert_array_equal(cache["position"].values, np.flatnonzero(rows), err_msg=str(role))
         np.testing.assert_array_equal(cache["flux"].values, ds["flux"].values[rows], err_msg=str(role))
         np.testing.assert_array_equal(cache["logg"].values, ds["logg"].values[rows], err_msg=str(role))
-    assert open_row_cache(root, ds, role="test")["flux"].data.numblocks[0] == len(starts) - 1
+    assert open_row_cache(root, ds, role="test")["flux"].data.numblocks[0] == 1  # small parts: one block
     with pytest.raises(ValueError, match="role must be one of"):
         open_row_cache(root, ds, role="train")
+    import snrmoe_dask.cache as cache_module
+    val_rows = json.loads((root / "cache.json").read_text())["part_rows"]
+    limit = val_rows[0] + val_rows[1]  # the first two val parts fit one block, the third does not join them
+    monkeypatch.setattr(cache_module, "BLOCK_ROWS", limit)
+    grouped = open_row_cache(root, ds, role="val")
+    assert grouped["flux"].data.chunks[0] == (limit, val_rows[2])
+    np.testing.assert_array_equal(grouped["flux"].values, ds["flux"].values[val])
+    monkeypatch.undo()
 
     # version 2: one part per chunk with both roles (what earlier fits wrote)
     old = tmp_path / "old"
