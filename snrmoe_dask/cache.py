@@ -6,11 +6,10 @@ the experts are solved. Those rows are spread over every chunk of the catalog:
 reading them back would be a second (and third) read of the whole cube. The
 pass therefore writes them as it reads each chunk, into ``MODEL/rows/``:
 
-    rows/test-00000.zarr ...   one catalog-shaped zarr store per catalog chunk
-                               with frozen-test rows: flux, error, mask and
-                               every per-spectrum variable (labels, split,
-                               frozen_test), plus ``position`` (the row's index
-                               in the catalog)
+    rows/test-00000.zarr ...   one zarr group per catalog chunk with frozen-test
+                               rows: their flux, error and mask (one zarr chunk
+                               each) and ``position`` (the row's index in the
+                               catalog)
     rows/part-00000.zarr ...   the same for the chunk's other cached rows (val)
     rows/columns.zarr          the per-spectrum variables and ``position`` of
                                every cached row, by position
@@ -57,6 +56,12 @@ _BLOCKS = ("flux", "error", "mask")
 #: the parts' roles, in the order the union lists them: file-name prefix and cache.json's key for their rows
 ROLES = {"test": ("test", "test_part_rows"), "val": ("part", "part_rows")}
 _VERSION = 3
+
+
+def _frozen_test(table: xr.Dataset) -> np.ndarray:
+    """Which rows of a catalog (or of the cache's columns) are frozen-test rows: the test role."""
+    n = table.sizes["spectrum"]
+    return np.asarray(table["frozen_test"].values, bool) if "frozen_test" in table else np.zeros(n, bool)
 
 
 def catalog_fingerprint(ds: xr.Dataset) -> str:
@@ -112,7 +117,7 @@ def plan_row_cache(ds: xr.Dataset, keep: np.ndarray, root: str | Path, starts: n
     columns = {name: np.asarray(v.values) for name, v in ds.data_vars.items() if v.dims == ("spectrum",)}
     ids = np.asarray(ds["spectrum"].values)
     wave = np.asarray(ds["wavelength"].values)
-    test = np.asarray(ds["frozen_test"].values, bool) if "frozen_test" in ds else np.zeros(keep.shape, bool)
+    test = _frozen_test(ds)
     role_rows = {"test": keep & test, "val": keep & ~test}
     parts: list[tuple[CachePart, ...]] = []
     part_rows: dict[str, list[int]] = {role: [] for role in ROLES}
@@ -247,8 +252,7 @@ def open_row_cache(root: str | Path, ds: xr.Dataset | None = None, role: str | N
         if version == 2:
             order = np.arange(columns.sizes["spectrum"])
         else:  # the columns are by position; the parts list the test rows first, then the others
-            test = columns["frozen_test"].values.astype(bool) if "frozen_test" in columns else \
-                np.zeros(columns.sizes["spectrum"], bool)
+            test = _frozen_test(columns)
             order = np.concatenate([np.flatnonzero(test if r == "test" else ~test) for r in roles])
         out = columns.isel(spectrum=order)
         paths = [p for r in roles for p in found[r]]
@@ -269,7 +273,7 @@ def open_row_cache(root: str | Path, ds: xr.Dataset | None = None, role: str | N
         pos = out["position"].values
         keep = np.argsort(pos, kind="stable")
         if role is not None:
-            test = out["frozen_test"].values.astype(bool) if "frozen_test" in out else np.zeros(pos.size, bool)
+            test = _frozen_test(out)
             keep = keep[(test if role == "test" else ~test)[keep]]
         if not np.array_equal(keep, np.arange(pos.size)):
             out = out.isel(spectrum=keep)
