@@ -145,7 +145,8 @@ def block_features(flux: np.ndarray, error: np.ndarray, mask: np.ndarray | None 
         out[sl, :_Q] = quality_features(e, good)
         out[sl, _Q] = snr_estimate(f, e, good)
         out[sl, _S:_L] = np.nan if windows is None else line_indices(f, good, wavelength, windows)
-        out[sl, _L:] = pixel_counts(f, e, m)
+        # a block whose every pixel is good (no mask set, every value finite, every error > 0) has nothing to count
+        out[sl, _L:] = (0, 0, 0, f.shape[1]) if good.all() else pixel_counts(f, e, m)
     return out
 
 

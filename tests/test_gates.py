@@ -44,14 +44,18 @@ def test_line_index_of_a_box_line_is_its_depth():
     # so check the general formula against a direct computation instead
     rng = np.random.default_rng(0)
     flux = rng.normal(100, 5, (4, wave.size))
-    good = rng.random(flux.shape) > 0.1
-    idx = line_indices(flux, good, wave)
-    for j, (b, lo, hi) in enumerate(LINE_INDICES.values()):
-        for i in range(4):
-            def mean(win, i=i):
-                sel = (wave >= win[0]) & (wave <= win[1]) & good[i]
-                return flux[i, sel].mean()
-            np.testing.assert_allclose(idx[i, j], 1 - mean(b) / (0.5 * (mean(lo) + mean(hi))), rtol=1e-10, atol=1e-12)
+    some_bad = rng.random(flux.shape) > 0.1
+    flux[~some_bad] = np.nan  # a bad pixel's value never reaches a window's sum
+    for good in (some_bad, np.ones(flux.shape, bool)):  # the masked path and the all-good one
+        f = flux if good is some_bad else np.where(good, flux, 100.0)
+        idx = line_indices(f, good, wave)
+        for j, (b, lo, hi) in enumerate(LINE_INDICES.values()):
+            for i in range(4):
+                def mean(win, i=i, good=good, f=f):
+                    sel = (wave >= win[0]) & (wave <= win[1]) & good[i]
+                    return f[i, sel].mean()
+                np.testing.assert_allclose(idx[i, j], 1 - mean(b) / (0.5 * (mean(lo) + mean(hi))), rtol=1e-10,
+                                           atol=1e-12)
 
 
 def test_line_index_off_the_grid_is_nan():
