@@ -16,6 +16,7 @@ and :func:`summarize_catalog` are the labelled layer.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,17 @@ def _checked_cube(ds: xr.Dataset, path: Path) -> xr.Dataset:
     return ds
 
 
+def _has_consolidated(path: Path) -> bool:
+    """Whether the store at ``path`` holds consolidated metadata (zarr v3: in its root ``zarr.json``; v2:
+    ``.zmetadata``)."""
+    if (path / ".zmetadata").is_file():
+        return True
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("consolidated_metadata") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def open_catalog(
     path: str | Path,
     *,
@@ -299,8 +311,11 @@ def open_catalog(
     path = Path(path).absolute()  # tasks run on workers whose working directory is not ours
     if not path.exists():
         raise CatalogError(f"catalog not found: {path}")
+    # a catalog's consolidated metadata, when it has them, are its committed state (an append killed
+    # part-way has grown some arrays past it: snrmoe_dask.ingest)
+    consolidated = _has_consolidated(path)
     try:
-        ds = xr.open_zarr(path, consolidated=False, chunks={})
+        ds = xr.open_zarr(path, consolidated=consolidated, chunks={})
     except Exception as exc:  # zarr raises several types for a non-store
         raise CatalogError(f"{path} is not a readable zarr catalog: {type(exc).__name__}: {exc}") from None
     # the per-spectrum variables (labels, snr, mag) are small: read them once, here, instead of through the
@@ -308,7 +323,7 @@ def open_catalog(
     per_spectrum = [name for name, v in ds.data_vars.items() if v.dims == ("spectrum",)]
     if per_spectrum:
         try:  # xarray's own lazy backend arrays (no dask graph): decoded exactly as above, half the time
-            plain = xr.open_zarr(path, consolidated=False, chunks=None)
+            plain = xr.open_zarr(path, consolidated=consolidated, chunks=None)
             ds = ds.assign({name: ("spectrum", plain[name].values, ds[name].attrs) for name in per_spectrum})
         except Exception as exc:  # a damaged label chunk
             raise CatalogError(f"{path}: cannot read the per-spectrum variables {per_spectrum}: "

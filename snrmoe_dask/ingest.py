@@ -6,11 +6,26 @@ duplicate id refuses the whole ingest with a message naming the dataset and
 the file. Rows are then copied in blocks of ``chunk_size`` spectra, so memory
 stays bounded for files larger than RAM (HDF5 datasets are sliced; NPZ
 members are read as a byte stream, compressed or not).
+
+Writes are atomic at the catalog level. A new catalog is written beside its
+path and renamed into place when complete. An append writes its rows into the
+existing arrays, but readers see the catalog through its *consolidated
+metadata* (the root ``zarr.json`` holds every array's shape), which the
+append rewrites once, at the end: a kill at any point leaves the catalog
+opening with its old rows (zarr replaces each chunk file atomically, so the
+old rows of a rewritten last chunk are intact). The next append first trims
+the arrays back to the committed shapes, and every committed input is
+recorded by a fingerprint in the catalog's ``history``, so the same files
+appended twice are refused instead of duplicated under new ids.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,9 +36,10 @@ import xarray as xr
 
 from .catalog import OPTIONAL_LABELS, REQUIRED_LABELS, SCHEMA_VERSION, open_catalog
 from .config import StorageConfig
+from .outputs import output_lock
 from .simulate import zarr_encoding
 
-__all__ = ["IngestError", "ingest", "find_sources", "SourceFile"]
+__all__ = ["IngestError", "ingest", "find_sources", "SourceFile", "commit_catalog", "rollback_append"]
 
 _SUFFIXES = (".h5", ".hdf5", ".npz")
 _ID_NAMES = ("spectrum", "id")
@@ -186,6 +202,108 @@ def _validate(src: SourceFile, require_labels: tuple[str, ...]) -> dict:
     return {"n": n, "p": p, "wavelength": wave, "labels": labels, "ids": ids, "mask": "mask" in have}
 
 
+# ------------------------------------------------------------- atomicity
+def _fingerprint(src: SourceFile, info: dict) -> str:
+    """What identifies an input file's content: its shapes, grid, labels and ids, and its first row."""
+    h = hashlib.sha256(json.dumps([info["n"], info["p"], info["mask"]]).encode())
+    h.update(np.ascontiguousarray(info["wavelength"]).tobytes())
+    for name in sorted(info["labels"]):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(info["labels"][name]).tobytes())
+    if info["ids"] is not None:
+        h.update(np.ascontiguousarray(info["ids"]).tobytes())
+    for name in ("flux", "error"):  # the first row only: an NPZ member is a stream, its last row at the far end
+        h.update(np.ascontiguousarray(src.rows(name, 0, 1)).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _consolidate(path: Path) -> None:
+    import zarr
+
+    with warnings.catch_warnings():  # zarr v3 calls consolidated metadata experimental; we rely on it on purpose
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
+
+
+def commit_catalog(path: str | Path, attrs: dict | None = None) -> None:
+    """Make the catalog's current arrays its committed state: set ``attrs`` on the root group, then rewrite the
+    consolidated metadata (one atomic write of the root ``zarr.json``, the point after which readers see them)."""
+    import zarr
+
+    path = Path(path)
+    if attrs:
+        group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        group.attrs.update(attrs)
+    _consolidate(path)
+
+
+def rollback_append(path: str | Path) -> int:
+    """Trim every array back to the shape the consolidated metadata commits (an append killed part-way);
+    returns the rows trimmed from the longest array (0: nothing to undo).
+
+    A catalog without consolidated metadata (written before appends were atomic) is first committed as
+    it stands if its arrays agree, and refused if they do not (an interrupted append of an older version,
+    which recorded no committed shape).
+    """
+    import zarr
+
+    path = Path(path)
+    loose = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    try:
+        committed = zarr.open_group(str(path), mode="r", use_consolidated=True)
+        shapes = {name: arr.shape for name, arr in committed.arrays()}
+        consolidated = committed.metadata.consolidated_metadata is not None
+    except Exception:  # noqa: BLE001 - no consolidated metadata
+        consolidated = False
+    if not consolidated:
+        lengths = {name: arr.shape[0] for name, arr in loose.arrays() if arr.ndim and name != "wavelength"}
+        if len(set(lengths.values())) > 1:
+            raise IngestError(f"{path}: variables have different lengths along spectrum ({lengths}): an append by "
+                              "an older snrmoe was interrupted and left no record of the committed rows; re-ingest "
+                              "the catalog from its source files")
+        _consolidate(path)
+        return 0
+    trimmed = 0
+    for name, arr in loose.arrays():
+        want = shapes.get(name)
+        if want is not None and arr.shape != want:
+            trimmed = max(trimmed, arr.shape[0] - want[0])
+            arr.resize(want)
+    return trimmed
+
+
+def _append_rows(path: Path, block: xr.Dataset, at: int) -> None:
+    """Write ``block``'s rows at row ``at`` of every per-spectrum array of the catalog, growing each array (its own
+    ``zarr.json``; the root's consolidated metadata, which readers go by, are rewritten only on commit)."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    n = block.sizes["spectrum"]
+    for name, var in block.variables.items():
+        if var.dims[:1] != ("spectrum",):
+            continue
+        arr = group[name]
+        arr.resize((at + n, *arr.shape[1:]))
+        arr[at:at + n] = np.asarray(var.values).astype(arr.dtype, copy=False)
+
+
+def _committed_history(history: list, committed_rows: int) -> list[dict]:
+    """The history entries whose rows the catalog holds (an entry records the rows its file added; entries of
+    an append that did not commit are dropped). Entries of older versions (a path only) are kept."""
+    out, rows = [], 0
+    for e in history:
+        e = e if isinstance(e, dict) else {"file": str(e)}
+        rows += int(e.get("rows", 0))
+        if rows > committed_rows:
+            break
+        out.append(e)
+    return out
+
+
+def _staging(out: Path) -> Path:
+    return out.with_name(f".{out.name}.ingest-{os.getpid()}")
+
+
 # ------------------------------------------------------------------- ingest
 def _blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, size):
@@ -217,7 +335,14 @@ def ingest(src: str | Path, out: str | Path, *, append: bool = False, storage: S
         Rows written per file, total rows and the id range.
     """
     storage = storage or StorageConfig()
-    out = Path(out)
+    out = Path(out).absolute()
+    with output_lock(out, "snrmoe ingest" + (" --append" if append else "")):  # one writer per catalog
+        for stale in out.parent.glob(f".{out.name}.ingest-*"):  # a killed ingest's half-written new catalog
+            shutil.rmtree(stale, ignore_errors=True)
+        return _ingest(src, out, append, storage, require_labels, progress)
+
+
+def _ingest(src, out: Path, append: bool, storage: StorageConfig, require_labels, progress) -> dict:
     files = find_sources(src)
     sources = [SourceFile.open(f) for f in files]
     try:
@@ -227,10 +352,21 @@ def ingest(src: str | Path, out: str | Path, *, append: bool = False, storage: S
         existing_ids = np.empty(0, dtype=np.int64)
         existing_vars: set[str] | None = None
         has_mask = any(i["mask"] for i in infos)
+        prints = [_fingerprint(s, i) for s, i in zip(sources, infos)]
+        history: list = []
         if append:
             if not out.exists():
                 raise IngestError(f"--append: catalog {out} does not exist")
+            trimmed = rollback_append(out)  # an append killed part-way is undone before anything else
             cat = open_catalog(out, require_labels=())
+            committed = cat.sizes["spectrum"]
+            history = _committed_history(json.loads(cat.attrs.get("history", "[]")), cat.sizes["spectrum"])
+            seen = {e.get("fingerprint"): e for e in history if isinstance(e, dict)}
+            again = [(str(f), seen[fp]) for f, fp in zip(files, prints) if fp in seen]
+            if again:
+                f, e = again[0]
+                raise IngestError(f"{f} is already in catalog {out} (appended as {e.get('file')}, {e.get('rows')} "
+                                  f"rows); appending it again would duplicate its spectra")
             if cat.sizes["wavelength"] != p or not np.allclose(cat["wavelength"].values, wave, rtol=0, atol=1e-6):
                 raise IngestError(
                     f"{files[0]}: wavelength grid differs from catalog {out} "
@@ -272,24 +408,38 @@ def ingest(src: str | Path, out: str | Path, *, append: bool = False, storage: S
         done = 0
         first_write = not append
         report = {"files": {}, "rows": total}
+        if append:
+            report["rolled_back_rows"] = trimmed
+        target = out if append else _staging(out)  # a new catalog appears at its path only when complete
+        if not append:
+            shutil.rmtree(target, ignore_errors=True)  # our own pid's leftover: a name no one else writes
+        history = history + [{"file": str(f), "rows": int(i["n"]), "fingerprint": fp}
+                             for f, i, fp in zip(files, infos, prints)]
         for src_file, info in zip(sources, infos):
             for start, stop in _blocks(info["n"], storage.ingest_chunk_size):
                 block = _block_dataset(src_file, info, start, stop, wave, label_names, has_mask)
                 if first_write:
-                    block.attrs.update(
-                        schema_version=SCHEMA_VERSION,
-                        source="snrmoe ingest",
-                        history=json.dumps([str(f) for f in files]),
-                    )
-                    block.to_zarr(out, mode="w-", zarr_format=3, consolidated=False,
+                    block.attrs.update(schema_version=SCHEMA_VERSION, source="snrmoe ingest")
+                    block.to_zarr(target, mode="w-", zarr_format=3, consolidated=False,
                                   encoding=zarr_encoding(block, storage, storage.ingest_chunk_size))
                     first_write = False
-                else:
-                    block.to_zarr(out, append_dim="spectrum", consolidated=False)
+                elif not append:
+                    block.to_zarr(target, append_dim="spectrum", consolidated=False)
+                else:  # zarr directly: xarray's append rewrites the root metadata, the catalog's commit point
+                    _append_rows(target, block, committed + done)
                 done += stop - start
                 if progress is not None:
                     progress(done, total)
             report["files"][str(src_file.path)] = info["n"]
+        commit_catalog(target, {"history": json.dumps(history)})
+        if not append:
+            if out.exists():
+                raise IngestError(f"{out} appeared while ingesting; the new catalog is left at {target}")
+            try:
+                target.rename(out)  # fails if something appeared at out meanwhile: nothing is replaced
+            except OSError as exc:
+                raise IngestError(f"{out} appeared while ingesting; the new catalog is left at {target} "
+                                  f"({exc.strerror})") from None
         report["id_range"] = [int(cat_ids.min()), int(cat_ids.max())]
         return report
     finally:

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 import tracemalloc
 
 import h5py
@@ -83,8 +87,10 @@ def test_given_ids_are_used_and_duplicates_refused(tmp_path):
     d["spectrum"] = np.arange(1000, 1050)
     ingest(_h5(tmp_path / "a.h5", d), tmp_path / "c.zarr", storage=STORE)
     assert open_catalog(tmp_path / "c.zarr")["spectrum"].values[0] == 1000
+    other = _arrays(n=50, seed=9)  # other spectra under the same ids
+    other["spectrum"] = d["spectrum"]
     with pytest.raises(IngestError, match="not unique"):
-        ingest(_h5(tmp_path / "b.h5", d), tmp_path / "c.zarr", append=True, storage=STORE)
+        ingest(_h5(tmp_path / "b.h5", other), tmp_path / "c.zarr", append=True, storage=STORE)
     assert open_catalog(tmp_path / "c.zarr").sizes["spectrum"] == 50  # nothing half-written
 
 
@@ -163,3 +169,74 @@ def test_ingest_streams_with_bounded_memory(tmp_path, fmt):
     tracemalloc.stop()
     # one block is 200 x 1024 x 4 B = 0.8 MB per array; the whole cube is 32 MB
     assert peak < 12e6, f"peak {peak / 1e6:.1f} MB"
+
+
+# ------------------------------------------------------------ killed appends
+_CLI = [sys.executable, "-c", "import sys; from snrmoe_dask.cli import main; sys.exit(main())"]
+
+
+def _chunks_written(cat) -> int:
+    root = cat / "flux" / "c"
+    return sum(1 for _ in root.iterdir()) if root.is_dir() else 0
+
+
+@pytest.mark.parametrize("kill_after_chunks", [1, 5, 12, 19])
+def test_a_killed_append_leaves_the_old_catalog_and_rerunning_completes_it(tmp_path, kill_after_chunks):
+    """SIGKILL an ``ingest --append`` once it has written k of its 20 chunks: the catalog opens with exactly its
+    old rows; the same append run again completes it (no duplicate ids, the new spectra once); a third run
+    is refused, because the file is already in the catalog."""
+    old, new = _arrays(n=1030, seed=1), _arrays(n=2000, seed=2)  # 1030: the old last chunk is partial
+    # no ids in the files: ingest generates them, the case that duplicated spectra
+    cat = tmp_path / "c.zarr"
+    ingest(_npz(tmp_path / "old.npz", old), cat, storage=StorageConfig(ingest_chunk_size=100))
+    before = _chunks_written(cat)
+    cmd = [*_CLI, "ingest", str(_npz(tmp_path / "new.npz", new)), "--out", str(cat), "--append", "--chunk-size",
+           "100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and _chunks_written(cat) < before + kill_after_chunks:
+            assert time.monotonic() < deadline, "the append wrote nothing in 120 s"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "the append ended before it could be killed part-way"
+    ds = open_catalog(cat)
+    n = ds.sizes["spectrum"]
+    assert n == 1030, f"an append killed before it committed left {n} rows"
+    np.testing.assert_array_equal(ds["flux"].values[:1030], old["flux"])
+    np.testing.assert_array_equal(ds["logg"].values[:1030], old["logg"])
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # completes what was killed
+    assert rerun.returncode == 0, rerun.stderr
+    ds = open_catalog(cat)
+    assert ds.sizes["spectrum"] == 3030
+    np.testing.assert_array_equal(ds["spectrum"].values, np.arange(3030))
+    np.testing.assert_array_equal(ds["flux"].values[:1030], old["flux"])
+    np.testing.assert_array_equal(ds["flux"].values[1030:], new["flux"])
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 2 and "already in catalog" in third.stderr.strip().splitlines()[-1]
+    assert open_catalog(cat).sizes["spectrum"] == 3030
+
+
+def test_a_killed_new_ingest_leaves_nothing_at_the_path(tmp_path):
+    """A new catalog is written beside its path and renamed in when complete: a kill leaves no catalog (the
+    rerun succeeds, and removes the killed run's half-written store)."""
+    d = _arrays(n=3000, seed=4)
+    cat = tmp_path / "c.zarr"
+    cmd = [*_CLI, "ingest", str(_npz(tmp_path / "a.npz", d)), "--out", str(cat), "--chunk-size", "100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not any(_chunks_written(s) >= 5 for s in tmp_path.glob(".c.zarr.ingest-*")):
+            assert time.monotonic() < deadline, "the ingest wrote nothing in 120 s"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "the ingest ended before it could be killed part-way"
+    assert not cat.exists()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    np.testing.assert_array_equal(open_catalog(cat)["flux"].values, d["flux"])
+    assert not list(tmp_path.glob(".c.zarr.ingest-*"))
