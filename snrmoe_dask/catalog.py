@@ -30,6 +30,7 @@ from .config import CatalogConfig
 from .split import SPLIT_NAMES, TRAIN, assign_split, frozen_test_mask
 
 __all__ = [
+    "store_fingerprint",
     "SCHEMA_VERSION",
     "REQUIRED_LABELS",
     "OPTIONAL_LABELS",
@@ -257,6 +258,36 @@ def _checked_cube(ds: xr.Dataset, path: Path) -> xr.Dataset:
                                  meta=np.empty((0,) * arr.ndim, arr.dtype))
             ds[name] = ds[name].copy(data=data)
     return ds
+
+
+_FINGERPRINT_FILES = ("zarr.json", ".zgroup", ".zattrs", ".zmetadata", "flux/zarr.json", "flux/.zarray",
+                      "error/zarr.json", "error/.zarray", "spectrum/zarr.json", "spectrum/.zarray")
+_FIRST_CHUNKS = ("flux/c/0/0", "flux/0.0", "spectrum/c/0", "spectrum/0")
+
+
+def store_fingerprint(path: str | Path) -> str:
+    """What tells two copies of a catalog apart, cheaply: its metadata documents and the first 64 kB and size of
+    its first flux and id chunks. Run where the store is opened (a worker) and compared with the client's.
+
+    Raises
+    ------
+    CatalogError
+        If there is no store at ``path`` here.
+    """
+    import hashlib
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CatalogError(f"no catalog at {path}")
+    h = hashlib.sha256()
+    for name in (*_FINGERPRINT_FILES, *_FIRST_CHUNKS):
+        f = path / name
+        h.update(name.encode())
+        if f.is_file():
+            with f.open("rb") as fh:
+                h.update(str(f.stat().st_size).encode())
+                h.update(fh.read(65536))
+    return h.hexdigest()[:24]
 
 
 def _has_consolidated(path: Path) -> bool:

@@ -25,8 +25,8 @@ from dask.callbacks import Callback
 
 from .config import ClusterConfig
 
-__all__ = ["dask_session", "compute", "jobqueue_cluster", "load_jobqueue_profile", "local_cluster_kwargs",
-           "release_memory", "worker_environ"]
+__all__ = ["dask_session", "compute", "check_workers_see", "jobqueue_cluster", "load_jobqueue_profile",
+           "local_cluster_kwargs", "release_memory", "worker_environ"]
 
 
 def local_cluster_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
@@ -224,3 +224,44 @@ def compute(*collections, client=None, label: str = "compute", progress: bool = 
 
     with ProgressBar(out=sys.stderr) if sys.stderr.isatty() else _LineProgress():
         return dask.compute(*collections)
+
+
+def check_workers_see(client, path: str | Path, timeout: float = 30.0) -> None:
+    """Fail unless every worker of ``client`` opens the same store at ``path`` as this process.
+
+    Tasks open the catalog by its absolute path on the worker's own filesystem: a worker where that path is
+    missing would fail every read (and the pass wait for it), one where another store sits there would fold
+    another catalog's flux with our labels. Each worker computes
+    :func:`~snrmoe_dask.catalog.store_fingerprint` of the path, within ``timeout`` seconds
+    (``cluster.connect_timeout``); a missing, different or silent worker raises one :class:`ValueError`
+    naming it. Without a distributed client (threads) there is nothing to check.
+    """
+    from .catalog import CatalogError, store_fingerprint
+
+    if client is None or not hasattr(client, "scheduler_info"):
+        return
+    from distributed import wait
+
+    path = str(Path(path).absolute())
+    mine = store_fingerprint(path)
+    workers = sorted(client.scheduler_info()["workers"])
+    futures = {w: client.submit(store_fingerprint, path, workers=[w], allow_other_workers=False, pure=False,
+                                key=f"check catalog on {w}-{os.getpid()}-{time.monotonic_ns()}") for w in workers}
+    try:
+        done, pending = wait(list(futures.values()), timeout=timeout)
+    except Exception:  # noqa: BLE001 - distributed raises its own TimeoutError on some versions
+        pending = {f for f in futures.values() if not f.done()}
+    for f in pending:
+        f.cancel()
+    silent = [w for w, f in futures.items() if f in pending]
+    if silent:
+        raise CatalogError(f"worker(s) {', '.join(silent)} did not open catalog {path} within {timeout:g} s "
+                           "(cluster.connect_timeout)")
+    for w, f in futures.items():
+        if f.status == "error":
+            exc = f.exception()
+            raise CatalogError(f"worker {w} cannot open catalog {path}: {exc} (every worker must see the catalog "
+                               "at the same path: a shared filesystem)")
+        if f.result() != mine:
+            raise CatalogError(f"worker {w} sees a different store at {path} than this process (a copy on its own "
+                               "filesystem?): every worker must read the same catalog")

@@ -22,7 +22,7 @@ from .baselines import (
 from .bins import phys_bin, snr_bin
 from .catalog import CatalogError, open_catalog
 from .ceiling import efficiency
-from .cluster import compute
+from .cluster import check_workers_see, compute
 from .config import Config
 from .experts import (
     FAMILIES,
@@ -62,6 +62,7 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
     cfg = cfg.model_copy(update={"catalog": model_catalog_config(model, cfg.catalog)})
     ds = open_catalog(catalog, require_labels=(target, "teff", "mh"), config=cfg.catalog, routes_by_snr=True)
     check_grid(model, ds, catalog, cfg.catalog.grid_tolerance_pixels)
+    check_workers_see(client, catalog, cfg.cluster.connect_timeout)
     rows = np.flatnonzero(ds["frozen_test"].values)
     if rows.size == 0:
         raise CatalogError(f"{catalog}: the frozen test subset is empty")

@@ -37,7 +37,7 @@ from .bins import cell_index, phys_bin, phys_bin_names, snr_bin
 from .cache import CACHE_DIR, cached_rows, open_row_cache, plan_row_cache, remove_row_cache
 from .catalog import bin_edges, open_catalog
 from .checkpoint import Checkpoint, plan_token
-from .cluster import compute, release_memory
+from .cluster import check_workers_see, compute, release_memory
 from .config import Config
 from .experts import (
     ExpertSpec,
@@ -141,6 +141,7 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
     t_start = time.perf_counter()
     target = cfg.fit.target
     ds = open_catalog(catalog, require_labels=(target, "teff", "mh"), config=cfg.catalog, routes_by_snr=True)
+    check_workers_see(client, catalog, cfg.cluster.connect_timeout)  # before any task reads it
     n, p = ds.sizes["spectrum"], ds.sizes["wavelength"]
     edges = bin_edges(ds, cfg.catalog)
     model_dir.mkdir(parents=True, exist_ok=True)  # only once the catalog is known to be fit for the fit

@@ -7,7 +7,7 @@ from pathlib import Path
 import xarray as xr
 
 from .catalog import open_catalog
-from .cluster import compute
+from .cluster import check_workers_see, compute
 from .config import Config
 from .outputs import claimed, replace_atomically
 from .store import (
@@ -40,6 +40,7 @@ def _predict(model: Model, catalog, out: Path, cfg: Config, gate, client, progre
         raise ModelError("this model has no fitted gates (too few val rows at fit time); refit with a val split")
     ds = open_catalog(catalog, require_labels=(), config=cfg.catalog)
     check_grid(model, ds, catalog, cfg.catalog.grid_tolerance_pixels)
+    check_workers_see(client, catalog, cfg.cluster.connect_timeout)
     pred = predict_dataset(model, ds, gate)
     with replace_atomically(out) as tmp:
         job = pred.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, compute=False)
