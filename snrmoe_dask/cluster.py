@@ -244,11 +244,11 @@ def check_workers_see(client, path: str | Path, timeout: float = 30.0) -> None:
 
     path = str(Path(path).absolute())
     mine = store_fingerprint(path)
-    workers = sorted(client.scheduler_info()["workers"])
+    workers = sorted(client.nthreads())  # every worker (scheduler_info lists only the first few by default)
     futures = {w: client.submit(store_fingerprint, path, workers=[w], allow_other_workers=False, pure=False,
                                 key=f"check catalog on {w}-{os.getpid()}-{time.monotonic_ns()}") for w in workers}
     try:
-        done, pending = wait(list(futures.values()), timeout=timeout)
+        _, pending = wait(list(futures.values()), timeout=timeout)
     except Exception:  # noqa: BLE001 - distributed raises its own TimeoutError on some versions
         pending = {f for f in futures.values() if not f.done()}
     for f in pending:

@@ -360,7 +360,7 @@ def _ingest(src, out: Path, append: bool, storage: StorageConfig, require_labels
             trimmed = rollback_append(out)  # an append killed part-way is undone before anything else
             cat = open_catalog(out, require_labels=())
             committed = cat.sizes["spectrum"]
-            history = _committed_history(json.loads(cat.attrs.get("history", "[]")), cat.sizes["spectrum"])
+            history = _committed_history(json.loads(cat.attrs.get("history", "[]")), committed)
             seen = {e.get("fingerprint"): e for e in history if isinstance(e, dict)}
             again = [(str(f), seen[fp]) for f, fp in zip(files, prints) if fp in seen]
             if again:
