@@ -433,13 +433,9 @@ def _ingest(src, out: Path, append: bool, storage: StorageConfig, require_labels
             report["files"][str(src_file.path)] = info["n"]
         commit_catalog(target, {"history": json.dumps(history)})
         if not append:
-            if out.exists():
+            if out.exists():  # something appeared at out meanwhile (rename would replace an empty folder)
                 raise IngestError(f"{out} appeared while ingesting; the new catalog is left at {target}")
-            try:
-                target.rename(out)  # fails if something appeared at out meanwhile: nothing is replaced
-            except OSError as exc:
-                raise IngestError(f"{out} appeared while ingesting; the new catalog is left at {target} "
-                                  f"({exc.strerror})") from None
+            target.rename(out)
         report["id_range"] = [int(cat_ids.min()), int(cat_ids.max())]
         return report
     finally:

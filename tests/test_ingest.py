@@ -180,6 +180,20 @@ def _chunks_written(cat) -> int:
     return sum(1 for _ in root.iterdir()) if root.is_dir() else 0
 
 
+def _kill_when(cmd: list[str], ready) -> None:
+    """Run ``cmd``, SIGKILL it as soon as ``ready()`` holds, and check that it was killed part-way."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not ready():
+            assert time.monotonic() < deadline, "the ingest wrote nothing in 120 s"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "the ingest ended before it could be killed part-way"
+
+
 @pytest.mark.parametrize("kill_after_chunks", [1, 5, 12, 19])
 def test_a_killed_append_leaves_the_old_catalog_and_rerunning_completes_it(tmp_path, kill_after_chunks):
     """SIGKILL an ``ingest --append`` once it has written k of its 20 chunks: the catalog opens with exactly its
@@ -192,16 +206,7 @@ def test_a_killed_append_leaves_the_old_catalog_and_rerunning_completes_it(tmp_p
     before = _chunks_written(cat)
     cmd = [*_CLI, "ingest", str(_npz(tmp_path / "new.npz", new)), "--out", str(cat), "--append", "--chunk-size",
            "100"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and _chunks_written(cat) < before + kill_after_chunks:
-            assert time.monotonic() < deadline, "the append wrote nothing in 120 s"
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL, "the append ended before it could be killed part-way"
+    _kill_when(cmd, lambda: _chunks_written(cat) >= before + kill_after_chunks)
     ds = open_catalog(cat)
     n = ds.sizes["spectrum"]
     assert n == 1030, f"an append killed before it committed left {n} rows"
@@ -226,16 +231,7 @@ def test_a_killed_new_ingest_leaves_nothing_at_the_path(tmp_path):
     d = _arrays(n=3000, seed=4)
     cat = tmp_path / "c.zarr"
     cmd = [*_CLI, "ingest", str(_npz(tmp_path / "a.npz", d)), "--out", str(cat), "--chunk-size", "100"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and not any(_chunks_written(s) >= 5 for s in tmp_path.glob(".c.zarr.ingest-*")):
-            assert time.monotonic() < deadline, "the ingest wrote nothing in 120 s"
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL, "the ingest ended before it could be killed part-way"
+    _kill_when(cmd, lambda: any(_chunks_written(s) >= 5 for s in tmp_path.glob(".c.zarr.ingest-*")))
     assert not cat.exists()
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     np.testing.assert_array_equal(open_catalog(cat)["flux"].values, d["flux"])
