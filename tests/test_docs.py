@@ -1,0 +1,38 @@
+"""The documents say what the code and the suite do: generated sections are current, relative links resolve."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from bad_inputs import BEGIN, END, ROOT, render_doc, render_readme
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(ROOT.glob("*/README.md"))]
+
+
+def test_the_reliability_section_and_page_are_generated_from_the_current_table():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(BEGIN):readme.index(END) + len(END)]
+    assert section == render_readme(), "README is stale: run `python tests/bad_inputs.py`"
+    assert (ROOT / "docs" / "reliability.md").read_text() == render_doc(), \
+        "docs/reliability.md is stale: run `python tests/bad_inputs.py`"
+
+
+def test_every_fault_test_named_in_the_docs_exists():
+    from bad_inputs import FAULTS
+
+    for fault in FAULTS:
+        file, name = fault.test.split("::")
+        assert re.search(rf"^def {name}\(", (ROOT / file).read_text(), re.M), fault.test
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_every_relative_link_resolves_inside_the_repository(doc):
+    text = doc.read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'src="([^"]+)"', text)
+    for link in links:
+        if re.match(r"[a-z]+:", link) or link.startswith("#"):
+            continue  # a web address or an anchor on the same page
+        target = (doc.parent / link.split("#")[0]).resolve()
+        assert target.exists(), f"{doc.relative_to(ROOT)} links to {link}, which does not exist"
+        assert target.is_relative_to(ROOT), f"{doc.relative_to(ROOT)} links outside the repository: {link}"
