@@ -279,3 +279,40 @@ def open_row_cache(root: str | Path, ds: xr.Dataset | None = None, role: str | N
             out = out.isel(spectrum=keep)
     out.attrs.update({"row_cache": str(root), "catalog_fingerprint": info["catalog_fingerprint"]})
     return out
+
+
+def cache_dir_name(k: int) -> str:
+    """The row cache of a model's ``k``-th catalog: ``rows`` for the catalog it was fitted on, ``rows-1``,
+    ``rows-2``, ... for the catalogs ``snrmoe update`` and ``snrmoe merge`` added, in order."""
+    return CACHE_DIR if k == 0 else f"{CACHE_DIR}-{k}"
+
+
+def open_model_rows(model_dir: str | Path, catalogs: list[dict], role: str | None = None,
+                    max_val_rows: int | None = None, salt: int = 0) -> xr.Dataset | None:
+    """The cached rows of every catalog a model's statistics came from, as one Dataset in catalog order.
+
+    ``catalogs`` is ``model.json``'s list (each with ``rows`` and ``fingerprint``): the ``k``-th cache must be
+    written from the ``k``-th catalog, and its ``position`` is offset by the rows of the catalogs before it, so
+    positions index the concatenated feature table. The val rows are capped at ``max_val_rows`` by the same hash
+    as :func:`cached_rows`, so the union holds exactly the rows one fit on the catalogs joined would cache.
+    ``None`` if a cache is missing, damaged or from another catalog.
+    """
+    parts, offset = [], 0
+    for k, cat in enumerate(catalogs):
+        rows = open_row_cache(Path(model_dir) / cache_dir_name(k), role=role)
+        if rows is None or rows.attrs.get("catalog_fingerprint") != cat.get("fingerprint"):
+            return None
+        parts.append(rows.assign(position=rows["position"] + offset))
+        offset += int(cat["rows"])
+    if len(parts) == 1:
+        out = parts[0]
+    else:
+        out = xr.concat(parts, dim="spectrum", data_vars="minimal", coords="minimal", compat="override",
+                        join="override", combine_attrs="drop_conflicts")
+    if max_val_rows is not None and role != "test":
+        val = np.asarray(out["split"].values) == VAL
+        if val.sum() > max_val_rows:
+            h = id_hash(out["spectrum"].values, salt, stream=4)
+            drop = val & (h > np.sort(h[val])[max_val_rows - 1])
+            out = out.isel(spectrum=np.flatnonzero(~drop))
+    return out

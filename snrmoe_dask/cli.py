@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-labels", action="store_true", help="accept files without logg/teff/mh (for predict)")
     _add_common(p, cluster=False)
 
-    p = sub.add_parser("info", help="validate a catalog and print its summary")
-    p.add_argument("path", help="catalog store (zarr)")
+    p = sub.add_parser("info", help="validate a catalog and print its summary (or a model's provenance)")
+    p.add_argument("path", help="catalog store (zarr), or a model directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_common(p)
 
@@ -67,6 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted pass from MODEL_DIR/checkpoints")
     p.add_argument("--overwrite", action="store_true",
                    help="start an interrupted fit again (a complete model is never replaced)")
+    _add_common(p)
+
+    p = sub.add_parser("update", help="add a new catalog to a model: one read of the new rows, no refit")
+    p.add_argument("model_dir", help="model directory written by `snrmoe fit` (or update, merge)")
+    p.add_argument("catalog", help="new catalog store (zarr) with labels; its ids must be new to the model")
+    p.add_argument("--out", required=True, help="new model directory (MODEL_DIR itself only with --in-place)")
+    p.add_argument("--in-place", action="store_true", help="replace MODEL_DIR when the update completes")
+    _add_common(p)
+
+    p = sub.add_parser("merge", help="combine two models of disjoint catalogs into the model of both (no read)")
+    p.add_argument("model_a", help="model directory")
+    p.add_argument("model_b", help="model directory (same grid, bins, alpha grid and split as MODEL_A)")
+    p.add_argument("--out", required=True, help="new model directory")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="score a model on the catalog's frozen test subset")
@@ -175,10 +188,60 @@ def _cmd_ingest(args) -> int:
     return 0
 
 
+def _print_model(model_dir: Path, as_json: bool) -> None:
+    from .store import load_model
+
+    meta = load_model(model_dir).meta
+    if as_json:
+        print(json.dumps({k: meta.get(k) for k in ("kind", "target", "n_pixels", "train_rows", "catalogs", "history",
+                                                   "bin_edges", "bin_edges_source")}, indent=2))
+        return
+    print(f"model        {model_dir}: {len(meta['experts'])} experts, {meta.get('train_rows')} train rows, "
+          f"target {meta['target']}, {meta['n_pixels']} pixels")
+    for i, cat in enumerate(meta.get("catalogs") or []):
+        print(f"catalog {i:<4} {cat['path']}  ({cat['rows']} spectra, {cat['train_rows']} train, "
+              f"fingerprint {cat['fingerprint']})")
+    for step in meta.get("history") or []:
+        print(f"{step['op']:<12} {step['at']}  {', '.join(step['catalogs'])}")
+    print(f"bin edges    {meta.get('bin_edges_source', 'not recorded')}")
+
+
+def _model_update_summary(model, out) -> None:
+    meta = model.meta
+    print(f"model        {len(meta['experts'])} experts from {meta['train_rows']} train rows of "
+          f"{len(meta['catalogs'])} catalog(s) in {meta['timings']['total_s']:.1f} s -> {out}")
+    print(f"default gate {meta['gates'].get('default')}")
+
+
+def _cmd_update(args) -> int:
+    from .cluster import dask_session
+    from .update import update_model
+
+    cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
+    with dask_session(cfg.cluster) as client:
+        model = update_model(args.model_dir, args.catalog, args.out, cfg, client=client, in_place=args.in_place)
+    _model_update_summary(model, args.out)
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from .cluster import dask_session
+    from .update import merge_models
+
+    cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
+    with dask_session(cfg.cluster) as client:
+        model = merge_models(args.model_a, args.model_b, args.out, cfg, client=client)
+    _model_update_summary(model, args.out)
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .cluster import dask_session
     from .pipeline import catalog_info
 
+    if (Path(args.path) / "model.json").is_file():
+        _print_model(Path(args.path), args.json)
+        return 0
     cfg = load_config(args.config, {"cluster": {"scheduler": args.scheduler}})
     with dask_session(cfg.cluster, quiet=args.json) as client:
         summary = catalog_info(args.path, cfg.catalog, client=client, progress=not args.json)
@@ -352,7 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"snrmoe: warning: {msg}\n"
     handlers = {"simulate": _cmd_simulate, "ingest": _cmd_ingest, "info": _cmd_info, "fit": _cmd_fit,
-                "evaluate": _cmd_evaluate, "predict": _cmd_predict, "ceiling": _cmd_ceiling, "audit": _cmd_audit,
+                "evaluate": _cmd_evaluate, "predict": _cmd_predict, "update": _cmd_update, "merge": _cmd_merge,
+                "ceiling": _cmd_ceiling, "audit": _cmd_audit,
                 "run": _cmd_run, "report": _cmd_report}
     try:
         return handlers[args.command](args)

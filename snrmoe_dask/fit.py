@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from .baselines import (
     solve_baselines,
 )
 from .bins import cell_index, phys_bin, phys_bin_names, snr_bin
-from .cache import CACHE_DIR, cached_rows, open_row_cache, plan_row_cache, remove_row_cache
+from .cache import cache_dir_name, cached_rows, catalog_fingerprint, open_model_rows, plan_row_cache, remove_row_cache
 from .catalog import bin_edges, open_catalog
 from .checkpoint import Checkpoint, plan_token
 from .cluster import check_workers_see, compute, release_memory
@@ -58,19 +58,21 @@ from .mixture import (
 )
 from .outputs import claimed
 from .pca import pca_from_stats
+from .prior import Prior, Provenance
 from .reduce import SnrRouting, auto_chains, features_dataset, fold_blas_pieces, one_pass
 from .split import TRAIN, VAL, id_hash
 from .stats import SufficientStats, tri_size
 from .store import (
     MODEL_VERSION,
     Model,
+    ModelError,
     routing_bins,
     rows_source,
     save_model,
     versions,
 )
 
-__all__ = ["fit_model", "assemble_model", "auto_checkpoint_every"]
+__all__ = ["fit_model", "assemble_model", "auto_checkpoint_every", "solve_statistics", "finish_model", "Solved"]
 
 
 def _n_threads(client) -> int:
@@ -103,7 +105,7 @@ def _fit_and_save_baselines(stats: SufficientStats, bstats, relative_alphas, max
 # ---------------------------------------------------------------------- fit
 def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client=None,
               progress: bool = True, resume: bool = False, overwrite: bool = False, replace_model: bool = False,
-              audit_out: str | Path | None = None) -> Model:
+              audit_out: str | Path | None = None, prior: Prior | None = None, command: str = "snrmoe fit") -> Model:
     """Features + sufficient statistics in one pass, then every expert family.
 
     Parameters
@@ -126,38 +128,51 @@ def fit_model(catalog: str | Path, model_dir: str | Path, cfg: Config, *, client
     audit_out : path-like, optional
         Also run the leakage audit (:mod:`snrmoe_dask.audit`) in the same pass
         and write it there (the catalog needs ``snr`` and ``mag``).
+    prior : Prior, optional
+        An existing model whose statistics, feature table and row caches the
+        new model starts from (:mod:`snrmoe_dask.update`): the result is the
+        model of its catalogs and ``catalog``; only ``catalog`` is read.
+    command : str
+        The command named in the output's lock.
 
     Returns
     -------
     Model
     """
     model_dir = Path(model_dir).absolute()  # checkpoints and the row cache are written by workers
-    with claimed(model_dir, "model", "snrmoe fit", overwrite=overwrite, resume=resume, replace_model=replace_model):
+    with claimed(model_dir, "model", command, overwrite=overwrite, resume=resume, replace_model=replace_model):
         return _fit_model(catalog, model_dir, cfg, client=client, progress=progress, resume=resume,
-                          audit_out=audit_out)
+                          audit_out=audit_out, prior=prior)
 
 
-def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool, resume: bool, audit_out) -> Model:
+def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool, resume: bool, audit_out,
+               prior: Prior | None = None) -> Model:
+    """Read ``catalog`` once, then solve and finish the model; with ``prior`` (an existing model's statistics,
+    feature table and row caches), the model of the prior's catalogs and this one (``snrmoe update``)."""
     t_start = time.perf_counter()
     target = cfg.fit.target
     ds = open_catalog(catalog, require_labels=(target, "teff", "mh"), config=cfg.catalog, routes_by_snr=True)
+    if prior is not None:
+        prior.check_catalog(ds, catalog, cfg)
     check_workers_see(client, catalog, cfg.cluster.connect_timeout)  # before any task reads it
     n, p = ds.sizes["spectrum"], ds.sizes["wavelength"]
-    edges = bin_edges(ds, cfg.catalog)
+    edges = bin_edges(ds, cfg.catalog) if prior is None else prior.edges
     model_dir.mkdir(parents=True, exist_ok=True)  # only once the catalog is known to be fit for the fit
     (model_dir / "model.json").unlink(missing_ok=True)  # a partial rerun must not look complete
+    if prior is not None:
+        prior.link_caches(model_dir)
     snr_names, phys_names = list(cfg.catalog.snr_bin_names), phys_bin_names(edges["teff_edges"], edges["mh_edges"])
     n_snr = len(snr_names)
     n_cells = len(phys_names) * n_snr
 
-    # the val and frozen-test rows are cached by whichever pass reads the chunks first (gates, evaluate)
+    # the val and frozen-test rows are cached by the pass, for the gates and evaluate (one cache per catalog)
+    cache_dir = model_dir / cache_dir_name(0 if prior is None else len(prior.catalogs))
     if not resume:
-        remove_row_cache(model_dir / CACHE_DIR)
+        remove_row_cache(cache_dir)
     cache_keep = cached_rows(ds, cfg.fit.cache_max_val_rows, cfg.catalog.split_salt)
-    row_cache = plan_row_cache(ds, cache_keep, model_dir / CACHE_DIR, np.r_[0, np.cumsum(ds["flux"].chunks[0])],
+    row_cache = plan_row_cache(ds, cache_keep, cache_dir, np.r_[0, np.cumsum(ds["flux"].chunks[0])],
                                {"max_val_rows": cfg.fit.cache_max_val_rows,
                                 "split": cfg.catalog.model_dump(mode="json")})
-    timings: dict[str, float] = {}
     train = ds["split"].values == TRAIN
     p_b = phys_bin(ds["teff"].values, ds["mh"].values, edges["teff_edges"], edges["mh_edges"]).astype(np.int64)
     routing = None
@@ -188,17 +203,84 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
         blas_pieces=cfg.fit.blas_pieces or fold_blas_pieces(threads, chains, _threads_per_worker(client)),
         baselines=baselines,
         checkpoint=checkpoint, read_ahead=cfg.fit.read_ahead, row_cache=row_cache, routing=routing, audit=audit)
-    specs = expert_specs(snr_names, phys_names)
+    if prior is not None:  # the statistics add: the prior's are loaded where they are summed, not in the client
+        stats_d = dask.delayed(prior.add_stats, pure=True)(stats_d, dask_key_name=f"add prior stats-{stats_d.key}")
+        if baselines:
+            bstats_d = dask.delayed(prior.add_baseline_stats, pure=True)(
+                bstats_d, dask_key_name=f"add prior baseline stats-{stats_d.key}")
+    blas = _threads_per_worker(client)
+    audit_sol_d = None
+    if audit is not None:
+        audit_sol_d = dask.delayed(with_blas_threads, pure=True)(blas, None, audit_solutions, audit_d, audit.n_groups,
+                                                                 cfg.fit, dask_key_name=f"solve audit-{stats_d.key}")
+    solved = solve_statistics(stats_d, bstats_d if baselines else None, expert_specs(snr_names, phys_names), cfg,
+                              model_dir, client, progress, extra={"features": feats_d, "audit": audit_sol_d},
+                              label=f"one pass ({chains} accumulator chain(s))")
+    timings = solved.timings
+    feature_blocks, audit_sol = solved.extra["features"], solved.extra.get("audit")
+    features = features_dataset(feature_blocks, ds, cfg.catalog.min_good_fraction)
+    if audit is not None:
+        t0 = time.perf_counter()
+        frozen = np.flatnonzero(ds["frozen_test"].values)
+        test_src, test_rows, _ = rows_source(model_dir, ds, frozen)
+        test_features = np.concatenate(feature_blocks)[frozen]  # the pass's feature rows: not computed again
+        write_audit(audit_result(audit_sol, test_src.isel(spectrum=test_rows).load(), audit, cfg, test_features),
+                    audit_out, ds, cfg)
+        timings["audit_s"] = time.perf_counter() - t0
+    features["split"] = ds["split"]
+    this = {"path": str(catalog), "rows": int(n), "fingerprint": catalog_fingerprint(ds),
+            "train_rows": int((cell >= 0).sum()), "snr_routing_source": snr_source}
+    if prior is not None:
+        provenance = prior.provenance.then("update", this)
+    else:
+        given = [k for k in ("teff_edges", "mh_edges") if getattr(cfg.catalog, k) is not None]
+        tertiles = [k for k in ("teff_edges", "mh_edges") if k not in given]
+        provenance = Provenance.first(this, "; ".join(
+            ([f"config ({', '.join(given)})"] if given else [])
+            + ([f"training-label tertiles of {catalog} ({', '.join(tertiles)})"] if tertiles else [])))
+    excluded = solved.saved["meta"].get("train_rows_excluded_unusable", 0)
+    accumulation = {"chains": chains, "precision": cfg.fit.precision, "flush_rows": cfg.fit.flush_rows,
+                    "checkpoint_every": checkpoint.every if checkpoint else 0,
+                    "chunks_from_checkpoint": solved.saved["meta"].get("chunks_from_checkpoint", 0),
+                    "chunks_folded": solved.saved["meta"].get("chunks_folded", 0),
+                    "feature_blocks_from_checkpoint": features_resumed}
+    model = finish_model(solved, features if prior is None else prior.features_with(features), provenance,
+                    wavelength=ds["wavelength"].values, edges=edges, cfg=cfg, model_dir=model_dir, client=client,
+                    progress=progress, snr_source=snr_source, t_start=t_start, accumulation=accumulation,
+                    train_rows_excluded_unusable=excluded,
+                    catalog_ds=ds if prior is None else None)
+    if checkpoint is not None:
+        checkpoint.clear()  # the statistics are in stats.zarr now
+    return model
+
+
+@dataclass
+class Solved:
+    """What the solve stage returns: the experts' and baselines' fits, PCA, and the extra tasks computed with them."""
+
+    fits: dict
+    pca: dict | None
+    base_fits: dict | None
+    saved: dict
+    extra: dict
+    timings: dict
+
+
+def solve_statistics(stats_d, bstats_d, specs: list[ExpertSpec], cfg: Config, model_dir: Path, client,
+                     progress: bool, *, extra: dict | None = None, label: str = "statistics") -> Solved:
+    """Every expert, the baselines and PCA from the statistics (a delayed object: the pass, or a sum of stores),
+    and ``stats.zarr`` written after them; ``extra`` delayed tasks (the feature blocks, the audit's solutions)
+    are computed in the same call, so the solves start the moment the pass ends."""
+    extra = {k: v for k, v in (extra or {}).items() if v is not None}
+    baselines = tuple(cfg.fit.baselines) if bstats_d is not None else ()
     # one solve at a time with all the worker's cores in the BLAS (the statistics live on one worker). The
     # audit's and the baselines' solves join the queue; the audit's go first, so its Gram matrices (10 packed
     # triangles, 0.67 GB at P = 4096) are released before the experts' solves add their buffers
     blas = _threads_per_worker(client)
     serial = dask.delayed(with_blas_threads, pure=True)
-    audit_sol_d = (serial(blas, None, audit_solutions, audit_d, audit.n_groups, cfg.fit,
-                          dask_key_name=f"solve audit-{stats_d.key}") if audit is not None else dask.delayed(None))
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
                          cfg.fit.alpha_search_precision, blas_threads=blas, one_at_a_time=True,
-                         after=audit_sol_d if audit is not None else None)
+                         after=extra.get("audit"))
     pca_d = dask.delayed(pca_from_stats)(stats_d, cfg.gates.n_pca) if cfg.gates.n_pca else dask.delayed(None)
     last = list(fits_d.values())[-1]
     base_d = dask.delayed(None)
@@ -210,57 +292,66 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
     # solves' BLAS threads (default job: experts 67 s in-process, 79 s on the worker)
     saved_d = serial(None, last, _save_stats, stats_d,
                      str(model_dir / "stats.zarr"), dask_key_name=f"save stats-{stats_d.key}")
-    clock_d = dask.delayed(_clock)(stats_d)  # a cheap task that runs as soon as the pass has finished
+    clock_d = dask.delayed(_clock)(stats_d)  # a cheap task that runs as soon as the statistics are complete
     t0, t0_unix = time.perf_counter(), time.time()
-    feature_blocks, fits, saved, pca, base_fits, audit_sol, pass_end = compute(
-        feats_d, fits_d, saved_d, pca_d, base_d, audit_sol_d, clock_d, client=client, progress=progress,
-        label=f"one pass ({chains} accumulator chain(s)) + {len(specs)} experts + {len(baselines)} baselines"
-              + (" + audit" if audit is not None else ""))
-    timings["pass_and_fit_s"] = time.perf_counter() - t0
-    timings["pass_s"] = pass_end - t0_unix  # the worker's clock: the same host, or NTP-close on a cluster
+    names = list(extra)
+    fits, saved, pca, base_fits, stats_end, *rest = compute(
+        fits_d, saved_d, pca_d, base_d, clock_d, *extra.values(), client=client, progress=progress,
+        label=f"{label} + {len(specs)} experts + {len(baselines)} baselines"
+              + (" + audit" if "audit" in extra else ""))
+    timings = {"pass_and_fit_s": time.perf_counter() - t0,
+               "pass_s": stats_end - t0_unix}  # the worker's clock: the same host, or NTP-close on a cluster
     release_memory(client)  # the statistics and the solve buffers are gone: the gate stage starts lean
+    return Solved(fits, pca, base_fits, saved, dict(zip(names, rest)), timings)
 
-    features = features_dataset(feature_blocks, ds, cfg.catalog.min_good_fraction)
-    snr_route = np.asarray(ds["snr"].values, np.float64) if routing is None else features["snr_est"].values
-    if audit is not None:
-        t0 = time.perf_counter()
-        frozen = np.flatnonzero(ds["frozen_test"].values)
-        test_src, test_rows, _ = rows_source(model_dir, ds, frozen)
-        test_features = np.concatenate(feature_blocks)[frozen]  # the pass's feature rows: not computed again
-        write_audit(audit_result(audit_sol, test_src.isel(spectrum=test_rows).load(), audit, cfg, test_features),
-                    audit_out, ds, cfg)
-        timings["audit_s"] = time.perf_counter() - t0
-    features["split"] = ds["split"]
+
+def finish_model(solved: Solved, features: xr.Dataset, provenance: Provenance, *, wavelength: np.ndarray, edges: dict,
+            cfg: Config, model_dir: Path, client, progress: bool, snr_source: str, t_start: float,
+            accumulation: dict, train_rows_excluded_unusable: int, catalog_ds: xr.Dataset | None = None) -> Model:
+    """Write the feature table, assemble the experts, fit the gates on the cached val rows of every catalog the
+    statistics came from (or ``catalog_ds``'s own, when its row cache is not complete), and save the model
+    (``model.json`` last)."""
     features.to_zarr(model_dir / "features.zarr", mode="w", zarr_format=3, consolidated=False)
+    fits, base_fits = solved.fits, solved.base_fits
+    snr_names, phys_names = list(cfg.catalog.snr_bin_names), phys_bin_names(edges["teff_edges"], edges["mh_edges"])
+    specs = expert_specs(snr_names, phys_names)
     fallbacks = {name: f["fallback"] for name, f in fits.items() if f["fallback"]}
     for name, parent in fallbacks.items():
         warnings.warn(f"expert '{name}' has {fits[name]['n']:.0f} train rows (< min_cell_rows="
-                      f"{cfg.fit.min_cell_rows}); it falls back to '{parent}'", stacklevel=2)
-    baselines_ds = baselines_dataset(base_fits, ds["wavelength"].values) if base_fits else None
+                      f"{cfg.fit.min_cell_rows}); it falls back to '{parent}'", stacklevel=3)
+    baselines_ds = baselines_dataset(base_fits, wavelength) if base_fits else None
     model = assemble_model(
-        specs, fits, ds["wavelength"].values, pca=pca, edges=edges, snr_names=snr_names, phys_names=phys_names,
-        target=target, min_good_fraction=cfg.catalog.min_good_fraction,
+        specs, fits, wavelength, pca=solved.pca, edges=edges, snr_names=snr_names, phys_names=phys_names,
+        target=cfg.fit.target, min_good_fraction=cfg.catalog.min_good_fraction,
         snr_routing_source=snr_source,
         baselines={"fitted": [b for b in BASELINES if b in (base_fits or {})], "terms": list(TERM_NAMES),
                    "alpha": {b: f["alpha"] for b, f in (base_fits or {}).items()},
                    "at_grid_edge": {b: f["at_grid_edge"] for b, f in (base_fits or {}).items()}},
-        train_rows=int((cell >= 0).sum()),
-        train_rows_excluded_unusable=saved["meta"].get("train_rows_excluded_unusable", 0),
-        rows_per_cell=saved["n_per_cell"],
-        accumulation={"chains": chains, "precision": cfg.fit.precision, "flush_rows": cfg.fit.flush_rows,
-                      "checkpoint_every": checkpoint.every if checkpoint else 0,
-                      "chunks_from_checkpoint": saved["meta"].get("chunks_from_checkpoint", 0),
-                      "chunks_folded": saved["meta"].get("chunks_folded", 0),
-                      "feature_blocks_from_checkpoint": features_resumed},
-        catalog=str(catalog), catalog_rows=n, config=cfg.model_dump(mode="json"), versions=versions())
+        train_rows=int(sum(c["train_rows"] for c in provenance.catalogs)),
+        train_rows_excluded_unusable=int(train_rows_excluded_unusable),
+        rows_per_cell=solved.saved["n_per_cell"],
+        accumulation=accumulation,
+        catalog=provenance.catalogs[-1]["path"] if len(provenance.catalogs) == 1 else
+        [c["path"] for c in provenance.catalogs],
+        catalog_rows=int(sum(c["rows"] for c in provenance.catalogs)),
+        catalogs=provenance.catalogs, history=provenance.history, bin_edges_source=provenance.edges_source,
+        config=cfg.model_dump(mode="json"), versions=versions())
     experts, meta = model.experts, model.meta
     t0 = time.perf_counter()
-    gates, meta["gates"] = _fit_gate_stage(model, ds, features, y, snr_route, edges, cfg, model_dir, client, progress)
+    src = open_model_rows(model_dir, provenance.catalogs, role="val", max_val_rows=cfg.fit.cache_max_val_rows,
+                          salt=cfg.catalog.split_salt)
+    meta_source = "row cache"
+    if src is None and catalog_ds is not None:
+        src, meta_source = catalog_ds, "catalog (no complete row cache)"
+    if src is None:
+        raise ModelError(f"{model_dir}: the row cache of a catalog is missing or damaged; the gates cannot be "
+                         "fitted without its val rows")
+    gates, meta["gates"] = _fit_gate_stage(model, src, features, edges, cfg, model_dir, client, progress)
+    meta["gates"]["val_rows_source"] = meta_source
+    timings = dict(solved.timings)
     timings["gates_s"] = time.perf_counter() - t0
     meta["timings"] = {**timings, "total_s": time.perf_counter() - t_start}
     save_model(model_dir, experts, meta, gates, baselines_ds)
-    if checkpoint is not None:
-        checkpoint.clear()  # the statistics are in stats.zarr now
     model = Model(experts, meta, gates, baselines_ds)
     model.path = model_dir
     return model
@@ -334,21 +425,23 @@ def _checkpoint(model_dir: Path, cfg: Config, catalog, ds: xr.Dataset, y: np.nda
     return Checkpoint(str(model_dir / "checkpoints"), every, token).open(resume)
 
 
-def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.ndarray, snr_route: np.ndarray,
-                    edges: dict, cfg: Config, model_dir: Path, client, progress: bool) -> tuple[dict, dict]:
-    """Project the usable val rows on every expert (+ PCA), write the gate table, fit the gates."""
+def _fit_gate_stage(model: Model, src: xr.Dataset, features: xr.Dataset, edges: dict, cfg: Config,
+                    model_dir: Path, client, progress: bool) -> tuple[dict, dict]:
+    """Project the usable val rows of ``src`` (the row caches, or a catalog) on every expert (+ PCA), write the
+    gate table, fit the gates. ``features`` is the feature table of every row, by position (``src['position']``)."""
     n_pca = cfg.gates.n_pca
     meta: dict[str, Any] = {"fallback_tau": cfg.gates.fallback_tau, "snr_cliff": cfg.gates.snr_cliff,
                             "inputs": {"quality": list(QUALITY_FEATURES), "physical": physical_names(n_pca)},
                             "fitted": {}, "default": None, "selection": {}}
-    src = open_row_cache(model_dir / CACHE_DIR, ds, role="val")  # as the pass cached them: no second read
-    meta["val_rows_source"] = "row cache" if src is not None else "catalog (no complete row cache)"
-    if src is None:
-        src = ds
     pos = src["position"].values if "position" in src else np.arange(src.sizes["spectrum"])
     val_local = np.flatnonzero((src["split"].values == VAL) & features["usable"].values[pos])
     val = pos[val_local]
-    select = id_hash(ds["spectrum"].values[val], cfg.catalog.split_salt, stream=2) < cfg.gates.select_fraction
+    rows = src.isel(spectrum=val_local)
+    ids = rows["spectrum"].values
+    y = np.asarray(rows[cfg.fit.target].values, np.float64)
+    by_true_snr = str(model.meta.get("snr_routing_source", "")).startswith("snr (")
+    snr_route = np.asarray(rows["snr"].values, np.float64) if by_true_snr else features["snr_est"].values[val]
+    select = id_hash(ids, cfg.catalog.split_salt, stream=2) < cfg.gates.select_fraction
     if val.size < cfg.gates.min_val_rows or select.sum() < 2 or (~select).sum() < cfg.gates.min_fit_rows:
         warnings.warn(f"only {val.size} usable val rows: gates are not fitted (predict needs a gate)", stacklevel=3)
         return {}, meta
@@ -359,28 +452,28 @@ def _fit_gate_stage(model: Model, ds: xr.Dataset, features: xr.Dataset, y: np.nd
     pred, pca = proj[:, :n_exp], proj[:, n_exp:]
     feats = np.column_stack([features[c].values[val] for c in FEATURE_NAMES])
     table = gate_inputs(feats, pca)
-    s_b, p_b = routing_bins(ds.isel(spectrum=val), edges, np.nan_to_num(snr_route[val], nan=0.0))
+    s_b, p_b = routing_bins(rows, edges, np.nan_to_num(snr_route, nan=0.0))
     # the gates fit on at most gates.max_fit_rows of the other val rows (hash-selected; the selection rows all stay)
     fit_rows = ~select
     if cfg.gates.max_fit_rows is not None and fit_rows.sum() > cfg.gates.max_fit_rows:
-        h = id_hash(ds["spectrum"].values[val], cfg.catalog.split_salt, stream=6)
+        h = id_hash(ids, cfg.catalog.split_salt, stream=6)
         fit_rows &= h <= np.sort(h[fit_rows])[cfg.gates.max_fit_rows - 1]
     use = fit_rows | select
-    gates, selection, default = fit_gates(model, {k: v[use] for k, v in table.items()}, pred[use], y[val][use],
+    gates, selection, default = fit_gates(model, {k: v[use] for k, v in table.items()}, pred[use], y[use],
                                           s_b[use], p_b[use], select[use], cfg.gates)
     snr_est = features["snr_est"].values[val]
     for gate in gates.values():  # sigma calibrated on the val rows held out of the gate fits, as deployed
         out = apply_model_gate(model, gate, table, pred)
-        gate.info["sigma_calibration"] = calibrate_sigma(y[val] - out["yhat"], out["sigma"], out["yhat"], snr_est,
+        gate.info["sigma_calibration"] = calibrate_sigma(y - out["yhat"], out["sigma"], out["yhat"], snr_est,
                                                          edges["snr_edges"], cfg.gates.calibration_min_rows,
                                                          calibrate=select)
     gate_table = xr.Dataset(
         {"quality": (("spectrum", "quality_feature"), table["quality"]),
          "physical": (("spectrum", "physical_feature"), table["physical"]),
-         "expert_pred": (("spectrum", "expert"), pred), "y": ("spectrum", y[val]),
+         "expert_pred": (("spectrum", "expert"), pred), "y": ("spectrum", y),
          "snr_bin": ("spectrum", s_b), "phys_bin": ("spectrum", p_b), "select": ("spectrum", select),
          "gate_fit": ("spectrum", fit_rows)},
-        coords={"spectrum": ds["spectrum"].values[val]},
+        coords={"spectrum": ids},
         # names as JSON attributes: zarr v3 has no stable string dtype yet
         attrs={"quality_feature": json.dumps(list(QUALITY_FEATURES)),
                "physical_feature": json.dumps(physical_names(n_pca)),
