@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .leakage import REPRESENTATIONS, audit_plan, audit_result, audit_solutions, importance_by_region
+from .zarrstore import consolidate
 
 __all__ = ["audit_catalog", "write_audit", "audit_markdown"]
 
@@ -95,6 +96,7 @@ def write_audit(result: dict, out_dir, ds, cfg) -> dict:
     (out_dir / "audit.json").write_text(json.dumps(doc, indent=2))
     xr.Dataset({"importance": ("wavelength", imp)}, coords={"wavelength": wave}).to_zarr(
         out_dir / "pixel_importance.zarr", mode="w", zarr_format=3, consolidated=False)
+    consolidate(out_dir / "pixel_importance.zarr")
     (out_dir / "audit.md").write_text(audit_markdown(doc))
     return doc
 

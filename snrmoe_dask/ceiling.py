@@ -402,12 +402,15 @@ def write_ceiling(summary: dict, post: np.ndarray, spectrum_ids: np.ndarray, out
 
     import xarray as xr
 
+    from .zarrstore import consolidate
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     xr.Dataset({"post_var_logg": ("spectrum", post[:, 0]), "ess": ("spectrum", post[:, 1]),
                 "post_var_logg_oracle_bins": ("spectrum", post[:, 2]), "ess_oracle_bins": ("spectrum", post[:, 3])},
                coords={"spectrum": np.asarray(spectrum_ids)}).to_zarr(out_dir / "ceiling.zarr", mode="w",
                                                                       zarr_format=3, consolidated=False)
+    consolidate(out_dir / "ceiling.zarr")
     doc = {**provenance, **summary}
     (out_dir / "ceiling.json").write_text(json.dumps(doc, indent=2))
     return doc

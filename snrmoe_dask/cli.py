@@ -176,13 +176,20 @@ def _cmd_ingest(args) -> int:
 
     cfg = load_config(args.config, {"storage": {"ingest_chunk_size": args.chunk_size}})
 
+    tty, shown = sys.stderr.isatty(), [0.0]
+
     def progress(done: int, total: int) -> None:
-        print(f"\r[ingest] {done}/{total} spectra", end="", file=sys.stderr, flush=True)
+        if tty:
+            print(f"\r[ingest] {done}/{total} spectra", end="", file=sys.stderr, flush=True)
+        elif done >= total or done / max(total, 1) >= shown[0] + 0.1:  # a batch log: a line per 10 %
+            shown[0] = done / max(total, 1)
+            print(f"[ingest] {done}/{total} spectra", file=sys.stderr, flush=True)
 
     with output_lock(args.out, "snrmoe ingest" + (" --append" if args.append else "")):  # one writer per catalog
         rep = ingest(args.src, args.out, append=args.append, storage=cfg.storage,
                      require_labels=() if args.no_labels else REQUIRED_LABELS, progress=progress)
-    print("", file=sys.stderr)
+    if tty:
+        print("", file=sys.stderr)
     print(f"ingested     {rep['rows']} spectra from {len(rep['files'])} file(s) into {args.out}")
     print(f"ids          {rep['id_range'][0]}..{rep['id_range'][1]}")
     return 0

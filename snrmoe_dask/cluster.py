@@ -200,12 +200,39 @@ class _LineProgress(Callback):
                   flush=True)
             self._next = (int(frac * 10) + 1) / 10
 
+    def _finish(self, dsk, state, errored):
+        status = "error" if errored else "finished"
+        print(f"  {status}: {self._total} tasks in {time.perf_counter() - self._t0:.1f} s", file=sys.stderr,
+              flush=True)
+
+
+def _line_progress_bar(futures) -> None:
+    """``distributed``'s text progress as batch-log lines: one per 10 % of the tasks and one at the end, with
+    the elapsed time (its own bar redraws one line with carriage returns: 240 KB in a default job's log)."""
+    from distributed.diagnostics.progressbar import TextProgressBar
+
+    class LineBar(TextProgressBar):
+        _next = 0.1
+
+        def _draw_bar(self, remaining, all, **kwargs):
+            frac = (1 - remaining / all) if all else 1.0
+            if frac >= self._next and frac < 1.0:
+                print(f"  {frac:4.0%} of {all} tasks, {self.elapsed:.0f} s", file=sys.stderr, flush=True)
+                self._next = (int(frac * 10) + 1) / 10
+
+        def _draw_stop(self, remaining=0, all=0, status="finished", **kwargs):
+            print(f"  {status}: {all} tasks in {self.elapsed:.1f} s", file=sys.stderr, flush=True)
+
+    LineBar(futures, complete=True)
+
 
 def compute(*collections, client=None, label: str = "compute", progress: bool = True):
     """Compute dask collections, showing progress on stderr; returns a tuple.
 
     With a distributed client this uses ``distributed.progress`` on futures
     (also visible on the dashboard); otherwise ``dask.diagnostics.ProgressBar``.
+    When stderr is not a terminal (a batch job's log), progress is one line per
+    10 % of the tasks and one at the end, never a carriage-return bar.
     """
     if not progress:
         if client is not None:
@@ -216,6 +243,9 @@ def compute(*collections, client=None, label: str = "compute", progress: bool = 
         from distributed import progress as dist_progress
 
         futures = client.compute(list(collections))
+        if not sys.stderr.isatty():
+            _line_progress_bar(futures)
+            return tuple(client.gather(futures))
         with contextlib.redirect_stdout(sys.stderr):
             dist_progress(futures)  # its scheduler feed is cancelled noisily at shutdown if slowed
         print("", file=sys.stderr)

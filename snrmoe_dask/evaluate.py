@@ -45,6 +45,7 @@ from .store import (
     routing_bins,
     rows_source,
 )
+from .zarrstore import consolidate
 
 __all__ = ["evaluate_model", "ceiling_stage", "coverage"]
 
@@ -147,6 +148,7 @@ def evaluate_model(model: Model, catalog: str | Path, cfg: Config, *, client=Non
             attrs={"model": json.dumps(names), "snr_bin_names": json.dumps(model.snr_names),
                    "phys_bin_names": json.dumps(model.phys_names)})
         out.to_zarr(predictions_out, mode="w", zarr_format=3, consolidated=False)
+        consolidate(predictions_out)
     return metrics
 
 

@@ -71,6 +71,7 @@ from .store import (
     save_model,
     versions,
 )
+from .zarrstore import consolidate
 
 __all__ = ["fit_model", "assemble_model", "auto_checkpoint_every", "solve_statistics", "finish_model", "Solved"]
 
@@ -312,13 +313,15 @@ def finish_model(solved: Solved, features: xr.Dataset, provenance: Provenance, *
     statistics came from (or ``catalog_ds``'s own, when its row cache is not complete), and save the model
     (``model.json`` last)."""
     features.to_zarr(model_dir / "features.zarr", mode="w", zarr_format=3, consolidated=False)
+    consolidate(model_dir / "features.zarr")
     fits, base_fits = solved.fits, solved.base_fits
     snr_names, phys_names = list(cfg.catalog.snr_bin_names), phys_bin_names(edges["teff_edges"], edges["mh_edges"])
     specs = expert_specs(snr_names, phys_names)
     fallbacks = {name: f["fallback"] for name, f in fits.items() if f["fallback"]}
-    for name, parent in fallbacks.items():
-        warnings.warn(f"expert '{name}' has {fits[name]['n']:.0f} train rows (< min_cell_rows="
-                      f"{cfg.fit.min_cell_rows}); it falls back to '{parent}'", stacklevel=3)
+    if fallbacks:  # one line for all of them; model.json lists each with its rows and parent
+        warnings.warn(f"{len(fallbacks)} expert(s) have fewer than fit.min_cell_rows={cfg.fit.min_cell_rows} train "
+                      f"rows and fall back to their parent (listed in model.json 'fallbacks'): "
+                      f"{', '.join(sorted(fallbacks))}", stacklevel=3)
     baselines_ds = baselines_dataset(base_fits, wavelength) if base_fits else None
     model = assemble_model(
         specs, fits, wavelength, pca=solved.pca, edges=edges, snr_names=snr_names, phys_names=phys_names,
@@ -335,6 +338,7 @@ def finish_model(solved: Solved, features: xr.Dataset, provenance: Provenance, *
         [c["path"] for c in provenance.catalogs],
         catalog_rows=int(sum(c["rows"] for c in provenance.catalogs)),
         catalogs=provenance.catalogs, history=provenance.history, bin_edges_source=provenance.edges_source,
+        fallbacks={name: {"train_rows": int(fits[name]["n"]), "parent": parent} for name, parent in fallbacks.items()},
         config=cfg.model_dump(mode="json"), versions=versions())
     experts, meta = model.experts, model.meta
     t0 = time.perf_counter()
@@ -479,6 +483,7 @@ def _fit_gate_stage(model: Model, src: xr.Dataset, features: xr.Dataset, edges: 
                "physical_feature": json.dumps(physical_names(n_pca)),
                "expert": json.dumps([s.name for s in model.specs])})
     gate_table.to_zarr(model_dir / "gate_table.zarr", mode="w", zarr_format=3, consolidated=False)
+    consolidate(model_dir / "gate_table.zarr")
     meta["fitted"] = {name: {"family": g.spec.family, "inputs": list(g.spec.inputs), "kind": g.kind,
                              "n_classes": g.n_classes, "experts": [model.specs[i].name for i in
                                                                    model.members(g.spec.family)], **g.info}

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from .catalog import OPTIONAL_LABELS, REQUIRED_LABELS, SCHEMA_VERSION, open_cata
 from .config import StorageConfig
 from .outputs import output_lock
 from .simulate import zarr_encoding
+from .zarrstore import consolidate
 
 __all__ = ["IngestError", "ingest", "find_sources", "SourceFile", "commit_catalog", "rollback_append"]
 
@@ -160,6 +160,9 @@ def _validate(src: SourceFile, require_labels: tuple[str, ...]) -> dict:
         if name not in have:
             near = [h for h in have if h.lower() == name.lower() or h.lower().startswith(name.lower()[:3])]
             hint = f" (did you mean {near}?)" if near else ""
+            if not near and name in require_labels:  # unlabelled spectra are what predict is for
+                hint = (" (spectra without labels: ingest them with --no-labels; the catalog can be predicted, "
+                        "not fitted)")
             raise IngestError(f"{where}: missing dataset '{name}'{hint}; found {sorted(have)}")
     fshape = src.shapes["flux"]
     if len(fshape) != 2:
@@ -217,14 +220,6 @@ def _fingerprint(src: SourceFile, info: dict) -> str:
     return h.hexdigest()[:32]
 
 
-def _consolidate(path: Path) -> None:
-    import zarr
-
-    with warnings.catch_warnings():  # zarr v3 calls consolidated metadata experimental; we rely on it on purpose
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(str(path))
-
-
 def commit_catalog(path: str | Path, attrs: dict | None = None) -> None:
     """Make the catalog's current arrays its committed state: set ``attrs`` on the root group, then rewrite the
     consolidated metadata (one atomic write of the root ``zarr.json``, the point after which readers see them)."""
@@ -234,7 +229,7 @@ def commit_catalog(path: str | Path, attrs: dict | None = None) -> None:
     if attrs:
         group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
         group.attrs.update(attrs)
-    _consolidate(path)
+    consolidate(path)
 
 
 def rollback_append(path: str | Path) -> int:
@@ -261,7 +256,7 @@ def rollback_append(path: str | Path) -> int:
             raise IngestError(f"{path}: variables have different lengths along spectrum ({lengths}): an append by "
                               "an older snrmoe was interrupted and left no record of the committed rows; re-ingest "
                               "the catalog from its source files")
-        _consolidate(path)
+        consolidate(path)
         return 0
     trimmed = 0
     for name, arr in loose.arrays():

@@ -31,6 +31,7 @@ from .config import CatalogConfig, Config, SimulateConfig, StorageConfig
 from .outputs import claimed
 from .simulate import simulate_catalog, write_catalog
 from .store import versions
+from .zarrstore import consolidate
 
 __all__ = ["run_simulate", "snr_distribution", "catalog_info", "run_study", "run_pipeline", "seed_config",
            "STAGES"]
@@ -53,6 +54,7 @@ def run_simulate(sim: SimulateConfig, out: str | Path, storage: StorageConfig, *
     job = write_catalog(ds, out, storage, overwrite=overwrite)
     t0 = time.perf_counter()
     compute(job, client=client, label=f"simulate {sim.n} spectra -> {out}", progress=progress)
+    consolidate(out)  # xarray.open_zarr(out) then opens it quietly, from one read of metadata
     seconds = time.perf_counter() - t0
     cat = open_catalog(out, require_labels=("snr",))
     dist = snr_distribution(np.asarray(cat["snr"].values), CatalogConfig())

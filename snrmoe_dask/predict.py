@@ -15,6 +15,7 @@ from .store import (
     ModelError,
     check_grid,
 )
+from .zarrstore import consolidate
 
 __all__ = ["predict_catalog"]
 
@@ -46,5 +47,6 @@ def _predict(model: Model, catalog, out: Path, cfg: Config, gate, client, progre
         job = pred.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, compute=False)
         compute(job, client=client, label=f"predict {ds.sizes['spectrum']} spectra (gate {pred.attrs['gate']})",
                 progress=progress)
+        consolidate(tmp)
     return xr.open_zarr(out, consolidated=False)
 

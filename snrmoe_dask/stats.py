@@ -46,6 +46,7 @@ import numpy as np
 from scipy.linalg.blas import dsyrk as _dsyrk
 
 from .blas import syrk_update
+from .zarrstore import consolidate
 
 __all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "Scratch", "process_scratch", "impute_bad_pixels",
            "memory_bytes", "symmetrize_lower", "tri_size", "pack_lower", "unpack_lower", "unpack_symmetric"]
@@ -354,6 +355,7 @@ class SufficientStats:
         # comes at the fit's memory peak (zarr's default of 10 added 0.26 GB to the default job's peak)
         with zarr.config.set({"async.concurrency": 2}):
             ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=enc)
+        consolidate(path)
 
     @classmethod
     def from_zarr(cls, path: str | Path) -> SufficientStats:

@@ -42,6 +42,7 @@ from .experts import (
     ExpertSpec,
 )
 from .gates import GATE_SPECS, Gate
+from .zarrstore import consolidate
 
 __all__ = ["MODEL_VERSION", "Model", "ModelError", "ModelMeta", "load_model", "save_model", "check_grid",
            "routing_bins", "rows_source", "versions"]
@@ -196,10 +197,13 @@ def save_model(model_dir: Path, experts: xr.Dataset, meta: dict, gates: dict[str
                baselines: xr.Dataset | None = None) -> None:
     """Write ``experts.zarr``, ``gates.zarr``, ``baselines.zarr`` and then ``model.json`` (the completion marker)."""
     experts.to_zarr(model_dir / "experts.zarr", mode="w", zarr_format=3, consolidated=False)
+    consolidate(model_dir / "experts.zarr")
     if gates:
         save_gates(model_dir / "gates.zarr", gates)
+        consolidate(model_dir / "gates.zarr")
     if baselines is not None:
         baselines.to_zarr(model_dir / "baselines.zarr", mode="w", zarr_format=3, consolidated=False)
+        consolidate(model_dir / "baselines.zarr")
     (model_dir / "model.json").write_text(json.dumps(meta, indent=2))
 
 

@@ -371,7 +371,7 @@ CASES: list[Case] = [
          "unsupported file type"),
     case("ingest", "a folder without spectra", ingest(lambda c: _mkdir(c.tmp / "d")), "refused", "folder holds no"),
     case("ingest", "missing dataset 'logg'", ingest(lambda c: c.h5(lambda d: d.pop("logg"))), "refused",
-         "missing dataset 'logg'"),
+         "missing dataset 'logg' (spectra without labels: ingest them with --no-labels"),
     case("ingest", "error of another shape than flux",
          ingest(lambda c: c.h5(_set("error", lambda d: d["error"][:, :31]))),
          "refused", "dataset 'error' has shape (100, 31), 'flux' has (100, 32)"),

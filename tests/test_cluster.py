@@ -38,6 +38,29 @@ def test_local_session_computes_and_reports_dashboard(capsys):
     assert "dashboard" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("scheduler", ["distributed", "threads"])
+def test_progress_in_a_batch_log_is_lines_without_carriage_returns(scheduler, capsys):
+    """stderr is captured (not a terminal): a line per 10 % of the tasks and a last line, never a redrawn bar."""
+    import dask
+
+    x = da.ones((2000, 10), chunks=(10, 10))
+    if scheduler == "distributed":
+        cfg = ClusterConfig(processes=False, dashboard_address="127.0.0.1:0", threads_per_worker=2)
+        with dask_session(cfg) as client:
+            capsys.readouterr()
+            (s,) = compute((x + 1).sum(), client=client, label="sum")
+    else:
+        with dask.config.set(scheduler="threads"):
+            (s,) = compute((x + 1).sum(), label="sum")
+    assert s == 40000
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.strip().splitlines()
+    assert lines[0] == "[sum]" and lines[-1].startswith("  finished: ") and lines[-1].endswith(" s")
+    percents = [int(line.split("%")[0]) for line in lines[1:-1]]
+    assert len(percents) >= 5 and percents == sorted(percents) and percents[-1] >= 90
+
+
 def test_threads_session_and_unknown_scheduler():
     with dask_session(ClusterConfig(scheduler="threads"), quiet=True) as client:
         assert client is None

@@ -176,9 +176,12 @@ def test_metrics_contract_and_model_store(fit_catalog, fitted):
 def test_empty_cells_fall_back_to_parent(tmp_path):
     path = write_sim(tmp_path / "faint.zarr", small_sim_config(n=1500, n_pixels=64, mag_min=22.2, mag_max=22.5))
     cfg = _cfg()
-    with dask.config.set(scheduler="threads"), pytest.warns(UserWarning, match="falls back to"):
+    with dask.config.set(scheduler="threads"), pytest.warns(UserWarning, match="fall back to their parent") as seen:
         model = fit_model(path, tmp_path / "m", cfg, progress=False)
+    assert len([w for w in seen if "fall back" in str(w.message)]) == 1  # one line for all of them
     fb = {e["name"]: e["fallback"] for e in model.meta["experts"]}
+    assert set(model.meta["fallbacks"]) == {name for name, parent in fb.items() if parent}
+    assert model.meta["fallbacks"]["oracle_snr/H"] == {"train_rows": 0, "parent": "global"}
     assert fb["oracle_snr/H"] == "global"  # no bright star at mag > 22.2
     g, h = model.index["global"], model.index["oracle_snr/H"]
     np.testing.assert_array_equal(model.experts["coef"].values[h], model.experts["coef"].values[g])

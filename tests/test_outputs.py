@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -211,3 +212,28 @@ def test_two_fits_into_one_directory_one_is_refused_and_the_first_model_is_intac
         first.kill()
     model = load_model(out)
     assert len(model.specs) > 0 and not lock_path(out).exists()
+
+
+def test_every_store_a_user_opens_opens_quietly_with_plain_xarray(fitted, fit_catalog, tmp_path):
+    """Consolidated metadata: ``xr.open_zarr(path)`` needs no keyword and warns about nothing."""
+    import warnings
+
+    import xarray as xr
+
+    _, _, model_dir = fitted
+    assert main(["predict", str(model_dir), str(fit_catalog), "--out", str(tmp_path / "p.zarr"),
+                 "--scheduler", "threads"]) == 0
+    assert main(["simulate", "--n", "60", "--n-pixels", "32", "--out", str(tmp_path / "s.zarr"),
+                 "--scheduler", "threads"]) == 0
+    stores = [tmp_path / "p.zarr", tmp_path / "s.zarr", *(model_dir / name for name in (
+        "experts.zarr", "features.zarr", "gate_table.zarr", "baselines.zarr", "stats.zarr"))]
+    for path in stores:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ds = xr.open_zarr(path)
+        assert ds.sizes, path
+    gates = json.loads((model_dir / "model.json").read_text())["gates"]["fitted"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in gates:  # one group per gate
+            assert xr.open_zarr(model_dir / "gates.zarr", group=name).data_vars
