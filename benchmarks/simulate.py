@@ -4,8 +4,8 @@ Usage::
 
     python benchmarks/simulate.py --n 100000 [--chunk-size 2048] [--out DIR]
 
-Prints spectra/s, the projected time for 1M x 4096, and the ratio against the
-SPEC target (1M in <= 600 s), plus the floor of the same run: generating the
+Prints spectra/s, the projected time for 1M x 4096, and the ratio against
+the target (1M in <= 600 s), plus the floor of the same run: generating the
 same rows in memory without writing (compute-only), so the write overhead is
 visible.
 """

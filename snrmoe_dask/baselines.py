@@ -1,4 +1,4 @@
-"""The seeds' single-model control baselines (SPEC section 4), from sufficient statistics.
+"""The seeds' single-model control baselines, from sufficient statistics.
 
 * ``whitened``: Ridge on ``flux / error`` (bad pixels -> 0: a pixel with no
   information has zero inverse-variance weight). Its own Gram matrix is

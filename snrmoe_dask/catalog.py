@@ -1,6 +1,6 @@
 """The catalog: a zarr store opened as a lazy, validated xarray Dataset.
 
-Schema (SPEC section 2)::
+Schema::
 
     flux        (spectrum, wavelength) float32   observed counts
     error       (spectrum, wavelength) float32   1-sigma noise

@@ -36,7 +36,7 @@ class _Strict(BaseModel):
 
 
 class CatalogConfig(_Strict):
-    """How a catalog is split and binned (SPEC section 2)."""
+    """How a catalog is split and binned."""
 
     split_fractions: dict[Literal["train", "val", "test"], float] = Field(
         default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -78,7 +78,7 @@ class CatalogConfig(_Strict):
 
 
 class SimulateConfig(_Strict):
-    """The synthetic PFS-like catalog (SPEC section 6)."""
+    """The synthetic PFS-like catalog."""
 
     n: int = Field(20_000, ge=1)
     seed: int = Field(0, ge=0)
@@ -126,7 +126,7 @@ WORKER_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "4294967
 
 
 class ClusterConfig(_Strict):
-    """Which Dask cluster to use (SPEC section 7)."""
+    """Which Dask cluster to use."""
 
     scheduler: str = "local"
     n_workers: int | None = Field(None, ge=1)
@@ -148,7 +148,7 @@ class ClusterConfig(_Strict):
 
 
 class FitConfig(_Strict):
-    """One-pass statistics and the Ridge experts (SPEC sections 3-4)."""
+    """One-pass statistics and the Ridge experts."""
 
     target: Literal["logg"] = "logg"
     alphas_relative: list[float] = Field(
@@ -196,7 +196,7 @@ class FitConfig(_Strict):
 
 
 class GatesConfig(_Strict):
-    """Deployable gates, fitted on the val rows (SPEC section 4)."""
+    """Deployable gates, fitted on the val rows."""
 
     fallback_tau: float = Field(0.3, ge=0.0, le=1.0)
     default: str = "auto"
@@ -246,7 +246,7 @@ class EvaluateConfig(_Strict):
 
 
 class AuditConfig(_Strict):
-    """The leakage audit (SPEC section 5)."""
+    """The leakage audit."""
 
     logg_r2_max: float = 0.05
     snr_r2_min: float = 0.5

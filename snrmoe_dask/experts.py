@@ -1,6 +1,6 @@
 """Expert families as sums of cells, and their lazy fit on the cluster.
 
-A cell is ``phys * n_snr + snr``. Families (SPEC section 5):
+A cell is ``phys * n_snr + snr``. Families:
 
 * ``global``        1 expert, every cell;
 * ``oracle_snr``    one per S/N bin (sum over physical bins);

@@ -1,7 +1,7 @@
 """Soft gates over experts: NumPy kernels, their fits, and their storage form.
 
 A gate maps a spectrum's small feature vector to weights ``p`` over ``K``
-experts; the mixture is ``yhat = sum_k p_k yhat_k`` (SPEC section 4). If
+experts; the mixture is ``yhat = sum_k p_k yhat_k``. If
 ``max p < tau`` the mixture falls back to the ``global`` expert.
 
 Every fitted gate is evaluated by one of three forward kernels:

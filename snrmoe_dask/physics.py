@@ -52,7 +52,7 @@ _LN10 = np.log(10.0)
 
 @dataclass(frozen=True)
 class Instrument:
-    """PFS medium-resolution red arm, as SPEC section 6 describes it."""
+    """PFS medium-resolution red arm, as docs/method.md (the simulator) describes it."""
 
     wave_min: float = 7100.0
     wave_max: float = 8850.0
@@ -65,7 +65,8 @@ class Instrument:
     throughput_peak: float = 8000.0
     throughput_width: float = 1100.0
     #: source counts per pixel at the throughput peak for a mag-21.5 star of
-    #: reference colour; calibrated so the S/N distribution matches SPEC 6.
+    #: reference colour; calibrated so the S/N distribution matches the target
+    #: distribution of docs/method.md (the simulator).
     counts_ref: float = 66.5
     #: sky continuum counts per pixel at 8000 A (dark sky, 1.1" fibre).
     sky_continuum: float = 95.0

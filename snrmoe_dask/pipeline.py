@@ -1,4 +1,4 @@
-"""The batch job behind ``snrmoe run``: the stages of SPEC section 3 in order.
+"""The batch job behind ``snrmoe run``: the stages of the study in order.
 
 Stages: ``catalog`` (simulate, ingest or an existing store), ``audit``,
 ``fit`` (the one pass -- features and statistics -- then experts, baselines
@@ -38,7 +38,7 @@ __all__ = ["run_simulate", "snr_distribution", "catalog_info", "run_study", "run
 
 
 def snr_distribution(snr: np.ndarray, cfg: CatalogConfig) -> dict[str, Any]:
-    """Median, max and per-bin fractions of an S/N array (the SPEC 6 calibration)."""
+    """Median, max and per-bin fractions of an S/N array (the simulator's calibration target, docs/method.md)."""
     bins = snr_bin(snr, cfg.snr_edges)
     return {
         "median": float(np.median(snr)),

@@ -18,6 +18,26 @@ def test_the_reliability_section_and_page_are_generated_from_the_current_table()
         "docs/reliability.md is stale: run `python tests/bad_inputs.py`"
 
 
+def test_the_readme_results_are_generated_from_the_committed_benchmark_output():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import readme_results
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(readme_results.BEGIN):readme.index(readme_results.END) + len(readme_results.END)]
+    assert section == readme_results.render(), "README is stale: run `python benchmarks/readme_results.py`"
+
+
+def test_the_readme_is_a_front_door_and_the_repository_stands_alone():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 220
+    assert readme.index("```bash") < readme.index("## ")  # the two commands come first
+    for doc in [*DOCS, *sorted((ROOT / "snrmoe_dask").glob("*.py"))]:
+        text = doc.read_text()
+        assert "../shared" not in text and "SPEC section" not in text and "SPEC §" not in text, doc
+
+
 def test_every_fault_test_named_in_the_docs_exists():
     from bad_inputs import FAULTS
 

@@ -100,7 +100,8 @@ def test_forward_model_needs_all_labels():
 
 
 def test_snr_calibration_matches_spec():
-    """SPEC 6 at noise 1, mag 20.5-22.5: median ~2.9, max ~9, H/M/L/X ~ 3/30/38/29 %."""
+    """The target (docs/method.md, the simulator) at noise 1, mag 20.5-22.5: median ~2.9, max ~9, H/M/L/X ~
+    3/30/38/29 %."""
     cfg = SimulateConfig(n=16_384)
     out = simulate_block(cfg, 0, cfg.n)
     dist = snr_distribution(out["snr"], CatalogConfig())
