@@ -405,7 +405,35 @@ def _cmd_run(args) -> int:
         print("audit        " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in audit.items()))
     print(f"wrote        {Path(cfg.run.out) / 'run.json'}" + (f", {Path(cfg.run.out) / 'report.md'}"
                                                               if "report" in record["stages"] else ""))
+    for line in _findings(record, Path(cfg.run.out)):
+        print(line)
     return 0
+
+
+def _findings(record: dict, out: Path) -> list[str]:
+    """What the run found, in three lines: the deployed gate against global, the audit, where the report is."""
+    lines = []
+    m = record.get("metrics")
+    gate = (m or {}).get("default_gate")
+    if m and gate in m["models"]:
+        g, d = m["models"]["global"], m["models"][gate]
+        delta, se = m["delta_r2_vs_global"][gate], m["delta_r2_se_vs_global"][gate]
+        verdict = "beats" if delta > se else "does not beat"
+        lines.append(f"found        the deployed gate {gate} (chosen on val rows) {verdict} global on the frozen "
+                     f"test: R² {d['r2']:.3f} ± {d['r2_se']:.3f} vs {g['r2']:.3f} ± {g['r2_se']:.3f} "
+                     f"(ΔR² {delta:+.3f} ± {se:.3f})")
+    audit_json = out / "audit" / "audit.json"
+    if "audit" in record["stages"] and audit_json.is_file():
+        reps = json.loads(audit_json.read_text())["representations"]
+        q = reps.get("S3b", {})
+        leaks = [k for k, v in reps.items() if not v["pass"]]
+        lines.append(f"found        audit: logg R² from the error vector {reps['full']['logg_r2']:.3f} ± "
+                     f"{reps['full']['logg_r2_se']:.3f} ({', '.join(leaks) or 'none'} leak); from the 10 quality "
+                     f"statistics the gates use {q.get('logg_r2', float('nan')):.3f} ± {q.get('logg_r2_se', 0):.3f}"
+                     f" ({'pass' if q.get('pass') else 'FAIL'}); {audit_json.parent / 'audit.md'}")
+    if "report" in record["stages"]:
+        lines.append(f"found        the report with every table and figure: {out / 'report.md'}")
+    return lines
 
 
 def _cmd_report(args) -> int:

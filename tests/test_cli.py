@@ -42,6 +42,16 @@ def test_run_from_config_and_config_typo(tmp_path, capsys):
     rec = json.loads((tmp_path / "run" / "run.json").read_text())
     assert rec["summary"]["n_spectra"] == 300
     assert "seconds" in rec["stages"]["catalog"]
+    # the last lines say what the run found: the deployed gate against global, the audit, the report
+    found = [line for line in capsys.readouterr().out.splitlines() if line.startswith("found")]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    gate = metrics["default_gate"]
+    audit = json.loads((tmp_path / "run" / "audit" / "audit.json").read_text())["representations"]
+    assert len(found) == 3
+    assert f"deployed gate {gate}" in found[0] and f"{metrics['models'][gate]['r2']:.3f}" in found[0]
+    assert f"vs {metrics['models']['global']['r2']:.3f}" in found[0]
+    assert f"{audit['full']['logg_r2']:.3f}" in found[1] and f"{audit['S3b']['logg_r2']:.3f}" in found[1]
+    assert str(tmp_path / "run" / "report.md") in found[2]
     # a second run into the same directory says how to continue it, and --resume reuses the catalog
     capsys.readouterr()
     assert main(["run", str(cfg)]) == 2
