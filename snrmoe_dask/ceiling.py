@@ -322,8 +322,12 @@ def choose_spectra(snr_b: np.ndarray, n_bins: int, per_bin: int, seed: int) -> n
 
 
 def bayes_ceiling_tasks(ds, rows: np.ndarray, flux: np.ndarray, cell0: np.ndarray, edges: dict, n_snr: int, cfg, *,
-                        block: int = 8) -> list:
-    """Lazy :func:`posterior_block` tasks for catalog rows ``rows`` whose flux (rows, P) is already read."""
+                        block: int = 8, scatter=None) -> list:
+    """Lazy :func:`posterior_block` tasks for catalog rows ``rows`` whose flux (rows, P) is already read.
+
+    ``scatter`` (a distributed client's ``scatter``) sends the flux blocks to the workers as data instead of
+    embedding them in the graph (16 MB for the default job's 510 spectra).
+    """
     import dask
 
     model = model_from_catalog_attrs(ds.attrs)
@@ -331,9 +335,13 @@ def bayes_ceiling_tasks(ds, rows: np.ndarray, flux: np.ndarray, cell0: np.ndarra
     rows = np.asarray(rows)
     labels = np.column_stack([np.asarray(ds[k].values, np.float64)[rows] for k in PARAMS])
     task = dask.delayed(posterior_block, pure=True)
+    starts = list(range(0, rows.size, block))
+    blocks = [flux[a:a + block] for a in starts]
+    if scatter is not None and blocks:
+        blocks = scatter(blocks)
     out = []
-    for a in range(0, rows.size, block):
-        out.append(task(model, sim, flux[a:a + block], labels[a:a + block], cell0[a:a + block], edges, n_snr,
+    for a, fl in zip(starts, blocks):
+        out.append(task(model, sim, fl, labels[a:a + block], cell0[a:a + block], edges, n_snr,
                         n_samples=cfg.samples, prior_fraction=cfg.prior_fraction, scale=cfg.proposal_scale,
                         seed=cfg.seed, first=int(rows[a]), dask_key_name=f"ceiling-posterior-{rows[a]}"))
     return out

@@ -185,7 +185,8 @@ def ceiling_stage(ds: xr.Dataset, edges: dict, cfg: Config, *, client=None, prog
         (flux,) = compute(ds["flux"].data[rows], client=client, label=f"Bayes ceiling: flux of {rows.size} spectra",
                           progress=False)
     cell0 = p_b[rows] * n_snr + snr_b[rows]
-    parts = bayes_ceiling_tasks(ds, rows, np.asarray(flux, np.float64), cell0, edges, n_snr, cfg.ceiling)
+    parts = bayes_ceiling_tasks(ds, rows, np.asarray(flux, np.float64), cell0, edges, n_snr, cfg.ceiling,
+                                scatter=getattr(client, "scatter", None))
     (parts,) = compute(parts, client=client, label=f"Bayes ceiling: posteriors of {rows.size} spectra",
                        progress=progress)
     post = np.concatenate(parts) if parts else np.empty((0, 4))
