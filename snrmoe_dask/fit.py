@@ -229,7 +229,7 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
                     audit_out, ds, cfg)
         timings["audit_s"] = time.perf_counter() - t0
     features["split"] = ds["split"]
-    this = {"path": str(catalog), "rows": int(n), "fingerprint": catalog_fingerprint(ds),
+    this = {"path": str(Path(catalog).absolute()), "rows": int(n), "fingerprint": catalog_fingerprint(ds),
             "train_rows": int((cell >= 0).sum()), "snr_routing_source": snr_source}
     if prior is not None:
         provenance = prior.provenance.then("update", this)

@@ -104,14 +104,6 @@ class Prior:
         return {k: list(v) for k, v in self.meta["bin_edges"].items()}
 
     @property
-    def rows(self) -> int:
-        return int(sum(c["rows"] for c in self.provenance.catalogs))
-
-    @property
-    def excluded(self) -> int:
-        return int(self.meta.get("train_rows_excluded_unusable", 0))
-
-    @property
     def catalogs(self) -> list[dict]:
         return self.provenance.catalogs
 
