@@ -30,22 +30,35 @@ __all__ = ["update_model", "merge_models", "model_config_for"]
 
 #: sections of the config that define the cells, the split, the solves and the gates: they come from the model
 MODEL_SECTIONS = ("catalog", "fit", "gates")
+#: keys of those sections that only say how this run computes (memory, threads, checkpoints): the caller's
+EXECUTION_KEYS = {"fit": {"chains", "memory_budget", "read_ahead", "checkpoint_every", "checkpoint_min_read_ratio",
+                          "blas_pieces", "flush_rows"},
+                  "gates": {"n_jobs"}}
 
 
 def model_config_for(prior: Prior, given: Config) -> Config:
-    """The model's config, with ``given``'s cluster section; a key of :data:`MODEL_SECTIONS` that ``given`` sets
-    to something other than both the shipped default and the model's value is refused, naming the key."""
+    """The model's config, with ``given``'s cluster section and execution keys (:data:`EXECUTION_KEYS`); another
+    key of :data:`MODEL_SECTIONS` that ``given`` sets to something other than both the shipped default and the
+    model's value is refused, naming the key."""
     mine = prior.config(cluster=given.cluster.model_dump(mode="json"))
     shipped = load_config()
+    updates = {}
     for section in MODEL_SECTIONS:
-        for key, value in getattr(given, section).model_dump(mode="json").items():
-            theirs = getattr(mine, section).model_dump(mode="json")[key]
-            default = getattr(shipped, section).model_dump(mode="json")[key]
-            if value != theirs and value != default:
-                raise ConfigError(f"{section}.{key} is {value} in this config, but model {prior.model_dir} has "
-                                  f"{theirs}; an update keeps the model's cells, split and solves: drop the key "
-                                  "or fit a new model")
-    return mine
+        ours = getattr(given, section).model_dump(mode="json")
+        theirs_all = getattr(mine, section).model_dump(mode="json")
+        default_all = getattr(shipped, section).model_dump(mode="json")
+        run_keys = EXECUTION_KEYS.get(section, set())
+        for key, value in ours.items():
+            theirs, default = theirs_all[key], default_all[key]
+            if key in run_keys or value == theirs or value == default:
+                continue
+            raise ConfigError(f"{section}.{key} is {value} in this config, but model {prior.model_dir} has "
+                              f"{theirs}; an update keeps the model's cells, split and solves: drop the key "
+                              "or fit a new model")
+        if run_keys:
+            updates[section] = getattr(mine, section).model_copy(update={k: getattr(getattr(given, section), k)
+                                                                         for k in run_keys})
+    return mine.model_copy(update=updates)
 
 
 def update_model(model_dir: str | Path, catalog: str | Path, out: str | Path, cfg: Config | None = None, *,

@@ -151,3 +151,21 @@ def test_update_in_place_and_info_through_the_command_line(catalogs, tmp_path, c
     assert any(line.startswith("catalog 1") and str(b) in line for line in out)
     assert [line.split()[0] for line in out if line.split()[0] in ("fit", "update")] == ["fit", "update"]
     assert main(["evaluate", str(model), str(b), "--out", str(tmp_path / "e.json"), *common]) == 0
+
+
+def test_an_update_takes_the_models_settings_and_only_the_run_settings_of_the_given_config(fitted):
+    from snrmoe_dask.config import ConfigError, load_config
+    from snrmoe_dask.prior import Prior
+    from snrmoe_dask.update import model_config_for
+
+    _, fit_cfg_used, model_dir = fitted
+    prior = Prior.load(model_dir)
+    given = load_config(overrides={"fit": {"memory_budget": "3GB", "read_ahead": 2}, "gates": {"n_jobs": 1},
+                                   "cluster": {"scheduler": "threads"}})
+    cfg = model_config_for(prior, given)
+    assert cfg.fit.memory_budget == "3GB" and cfg.fit.read_ahead == 2 and cfg.gates.n_jobs == 1
+    assert cfg.cluster.scheduler == "threads"
+    assert cfg.catalog.test_size == fit_cfg_used.catalog.test_size == 250  # the model's, not the shipped 10,000
+    assert cfg.fit.min_cell_rows == 10 and cfg.catalog.teff_edges == prior.edges["teff_edges"]
+    with pytest.raises(ConfigError, match="fit.min_cell_rows is 7 in this config"):
+        model_config_for(prior, load_config(overrides={"fit": {"min_cell_rows": 7}}))
