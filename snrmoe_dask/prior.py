@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,6 @@ class Prior:
     model_dir: Path
     meta: dict
     provenance: Provenance
-    ids_path: Path = field(repr=False)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Prior:
@@ -96,7 +95,7 @@ class Prior:
         if open_model_rows(model_dir, provenance.catalogs, role=None) is None:
             raise PriorError(f"{model_dir}: the row cache of a catalog is missing or damaged (rows*/): the gates "
                              "of an updated model refit on those val rows; refit it")
-        return cls(model_dir, meta, provenance, model_dir / "features.zarr")
+        return cls(model_dir, meta, provenance)
 
     # -------------------------------------------------------------- what it holds
     @property
@@ -121,7 +120,7 @@ class Prior:
         return xr.open_zarr(self.model_dir / "features.zarr", consolidated=False).load()
 
     def ids(self) -> np.ndarray:
-        return np.asarray(xr.open_zarr(self.ids_path, consolidated=False)["spectrum"].values)
+        return np.asarray(xr.open_zarr(self.model_dir / "features.zarr", consolidated=False)["spectrum"].values)
 
     def features_with(self, new: xr.Dataset) -> xr.Dataset:
         """This model's feature table followed by ``new``'s rows (the positions the caches are offset to)."""
@@ -169,7 +168,8 @@ class Prior:
     def check_mergeable(self, other: Prior) -> None:
         """Two models that combine into the model of their catalogs joined: same grid, bins, α grid, split."""
         a, b = self.meta, other.meta
-        checks = {"wavelength grid": (_grid(self.model_dir), _grid(other.model_dir)),
+        ga, gb = _grid(self.model_dir), _grid(other.model_dir)
+        checks = {"wavelength grid": (ga.shape == gb.shape and np.allclose(ga, gb, rtol=0, atol=1e-9), True),
                   "bin edges": (a["bin_edges"], b["bin_edges"]),
                   "S/N bin names": (a["snr_bin_names"], b["snr_bin_names"]),
                   "alpha grid (fit.alphas_relative)": (a["config"]["fit"]["alphas_relative"],
@@ -183,9 +183,7 @@ class Prior:
                   "statistics precision (fit.precision)": (a["config"]["fit"]["precision"],
                                                            b["config"]["fit"]["precision"])}
         for what, (x, y) in checks.items():
-            same = np.allclose(x, y, rtol=0, atol=1e-9) if what == "wavelength grid" and x.shape == y.shape \
-                else (x == y if not isinstance(x, np.ndarray) else False)
-            if not same:
+            if x != y:
                 raise PriorError(f"models {self.model_dir} and {other.model_dir} differ in their {what}; they "
                                  "cannot be merged")
         seen = np.intersect1d(self.ids(), other.ids())

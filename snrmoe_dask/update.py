@@ -24,7 +24,7 @@ from .experts import expert_specs
 from .fit import finish_model, fit_model, solve_statistics
 from .outputs import claimed, output_lock
 from .prior import Prior, PriorError, link_caches
-from .store import Model
+from .store import Model, load_model
 
 __all__ = ["update_model", "merge_models", "model_config_for"]
 
@@ -89,8 +89,6 @@ def update_model(model_dir: str | Path, catalog: str | Path, out: str | Path, cf
         model_dir.rename(old)
         staging.rename(model_dir)
         shutil.rmtree(old, ignore_errors=True)
-    from .store import load_model
-
     return load_model(model_dir)
 
 
@@ -112,8 +110,7 @@ def merge_models(model_a: str | Path, model_b: str | Path, out: str | Path, cfg:
         edges = a.edges
         specs = expert_specs(list(a.meta["snr_bin_names"]), list(a.meta["phys_bin_names"]))
         solved = solve_statistics(stats_d, bstats_d, specs, cfg, out, client, progress, label="merged statistics")
-        features = xr.concat([a.features(), b.features()], dim="spectrum", data_vars="minimal", coords="minimal",
-                             compat="override", join="override", combine_attrs="override")
+        features = a.features_with(b.features())
         wavelength = xr.open_zarr(a.model_dir / "experts.zarr", consolidated=False)["wavelength"].values
         return finish_model(solved, features, a.provenance.then("merge", *b.catalogs), wavelength=wavelength,
                        edges=edges, cfg=cfg, model_dir=out, client=client, progress=progress,
