@@ -14,6 +14,16 @@ experts three ways, in the same run:
   vectors per expert (``?syevd``) to score the α grid, on a sample of
   experts, extrapolated to all.
 
+It also prints the **kernel floor** of the method, measured in the same run:
+the serial solves call the O(P^3) kernels a known number of times (a
+tridiagonal reduction ``?sytrd`` per distinct Gram matrix, the sketch of a
+low-rank cell, a float64 Cholesky ``dpotrf`` per (Gram matrix, alpha)); each
+kernel is timed alone on a matrix of this size, and the floor is the counts
+times those times. ``full-rank floor`` is the same for a catalog large enough
+that every cell has more rows than pixels (1M spectra): one reduction per
+expert that is not a hierarchical twin, and one Cholesky per expert plus one
+per hierarchical prior (the parent refitted without the cell).
+
 Prints seconds per layout, seconds per expert of each scoring (the
 tridiagonal reduction, or the range of a low-rank cell, + the Cholesky solve,
 vs an eigendecomposition), and checks that the scoring chooses the same α as
@@ -33,6 +43,8 @@ import numpy as np
 import scipy.linalg
 from threadpoolctl import threadpool_limits
 
+import snrmoe_dask.experts
+import snrmoe_dask.ridge
 from snrmoe_dask.config import FitConfig
 from snrmoe_dask.experts import expert_specs, fit_experts
 from snrmoe_dask.ridge import ridge_alphas, solve_ridge, spectrum
@@ -59,6 +71,68 @@ def _eigh_gcv_alpha(cs, grid, precision: str, max_df_fraction: float) -> float:
     return float(grid[int(np.argmin(gcv))])
 
 
+class KernelCounts:
+    """Counts and seconds of the solve kernels while active (wraps the module functions the solves look up)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list] = {}
+        self._saved: list = []
+
+    def _wrap(self, module, name: str, label) -> None:
+        fn = getattr(module, name)
+
+        def counted(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            entry = self.calls.setdefault(label(out), [0, 0.0])
+            entry[0] += 1
+            entry[1] += time.perf_counter() - t0
+            return out
+
+        self._saved.append((module, name, fn))
+        setattr(module, name, counted)
+
+    def __enter__(self) -> KernelCounts:
+        ridge = snrmoe_dask.ridge
+        # spectrum: a reduction, or a low-rank cell's sketch (its own entry); _exact_solve: a Cholesky, or
+        # two triangular solves when the factor of that alpha is already there (counted apart)
+        self._wrap(snrmoe_dask.experts, "spectrum",
+                   lambda sp: "sketch (low-rank cell)" if isinstance(sp, snrmoe_dask.ridge.RangeSpectrum)
+                   else "reduction ?sytrd")
+        self._wrap(ridge, "_exact_solve", lambda _: "float64 solve (Cholesky)")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module, name, fn in reversed(self._saved):
+            setattr(module, name, fn)
+
+
+def _best_of(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def kernel_seconds(p: int, precision: str, cores: int) -> dict:
+    """One ``?sytrd`` (``precision``) and one float64 Cholesky of a positive definite ``p x p`` matrix, alone."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((p + p // 2, p)).astype(np.float32)
+    g = (x.T @ x).astype(np.float64)
+    sytrd, lwork = ((scipy.linalg.lapack.ssytrd, scipy.linalg.lapack.ssytrd_lwork) if precision == "float32"
+                    else (scipy.linalg.lapack.dsytrd, scipy.linalg.lapack.dsytrd_lwork))
+    lw = int(lwork(p)[0])
+    with threadpool_limits(cores):
+        t_red = _best_of(lambda: sytrd(np.asfortranarray(g.astype(precision)), lower=1, overwrite_a=1, lwork=lw))
+        t_copy = _best_of(lambda: np.asfortranarray(g.astype(precision)))
+        t_chol = _best_of(lambda: scipy.linalg.cho_factor(np.asfortranarray(g), lower=True, overwrite_a=True,
+                                                          check_finite=False))
+        t_gcopy = _best_of(lambda: np.asfortranarray(g))
+    return {"reduction_s": t_red - t_copy, "cholesky_s": t_chol - t_gcopy}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", type=Path)
@@ -82,7 +156,20 @@ def main() -> None:
             dask.compute(lazy)
         return time.perf_counter() - t0
 
-    out["serial_s"] = solve_all("sync", cores)
+    with KernelCounts() as counts:
+        out["serial_s"] = solve_all("sync", cores)
+    out["kernels_in_serial"] = {k: {"calls": n, "seconds": round(sec, 2)} for k, (n, sec) in counts.calls.items()}
+    kern = kernel_seconds(stats.n_features, args.precision, cores)
+    out.update({f"kernel_{k}": v for k, v in kern.items()})
+    n_red = counts.calls.get("reduction ?sytrd", [0, 0.0])[0]
+    n_chol = counts.calls.get("float64 solve (Cholesky)", [0, 0.0])[0]
+    sketch_s = counts.calls.get("sketch (low-rank cell)", [0, 0.0])[1]
+    out["floor_s"] = n_red * kern["reduction_s"] + n_chol * kern["cholesky_s"] + sketch_s
+    out["serial_vs_floor"] = out["serial_s"] / out["floor_s"]
+    full_red = sum(1 for s in specs if not s.shrink)
+    full_chol = len(specs) + sum(1 for s in specs if s.shrink)
+    out["full_rank_floor_s"] = full_red * kern["reduction_s"] + full_chol * kern["cholesky_s"]
+    out["full_rank_counts"] = {"reductions": full_red, "choleskys": full_chol}
     out["threads_s"] = solve_all("threads", 1)
     big = [s for s in specs if not s.shrink and float(stats.n[list(s.cells)].sum()) >= fit.min_cell_rows]
     sample = big[:: max(1, len(big) // args.peer_sample)][: args.peer_sample]
@@ -106,7 +193,12 @@ def main() -> None:
                                                                    - out["scoring_s_per_expert"])
     out["same_alpha_as_float64_eigh"] = all(same)
     for k, v in out.items():
-        print(f"{k:28s} {v:.2f}" if isinstance(v, float) else f"{k:28s} {v}")
+        print(f"{k:28s} {v:.3f}" if isinstance(v, float) else f"{k:28s} {v}")
+    print(f"floor: {n_red} reductions x {kern['reduction_s']:.3f} s + {n_chol} Choleskys x {kern['cholesky_s']:.3f} s "
+          f"+ sketches {sketch_s:.1f} s = {out['floor_s']:.1f} s; serial solves {out['serial_s']:.1f} s "
+          f"= {out['serial_vs_floor']:.2f}x the floor")
+    print(f"full-rank floor (every cell with more rows than pixels): {full_red} reductions + {full_chol} Choleskys "
+          f"= {out['full_rank_floor_s']:.1f} s")
     best = min(out["serial_s"], out["threads_s"])
     print(f"ratio best layout / peer (eigh) {best / out['peer_eigh_projected_s']:.2f}")
     if args.json:
