@@ -245,3 +245,37 @@ def test_solves_in_reused_buffers_equal_solves_in_fresh_arrays():
 
 def _exact(gram, b, alpha):
     return np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), b)
+
+
+def test_a_low_rank_cell_is_solved_by_refinement_to_the_float64_solution():
+    """A cell of fewer rows than a quarter of the pixels (float32-accumulated, as the pass does): its float64
+    coefficients come from iterative refinement with the range's eigenpairs, and equal the direct float64
+    solution; at a penalty too small for the refinement to converge the Cholesky path takes over, with the
+    same answer."""
+    from snrmoe_dask.config import SimulateConfig
+    from snrmoe_dask.ridge import REFINE_TOL, RangeSpectrum, _exact_solve, refined_solve, spectrum
+    from snrmoe_dask.simulate import simulate_block
+
+    n_rows, p = 90, 512
+    blk = simulate_block(SimulateConfig(n=n_rows, n_pixels=p, seed=5), 0, n_rows)
+    x, y = blk["flux"].astype(np.float64), blk["logg"]
+    acc = CellAccumulator(1, x[:32].mean(0), precision="float32", flush_rows=32)
+    acc.add(x, y, np.zeros(n_rows, np.int64))
+    cs = acc.finalize().cells([0])
+    sp = spectrum(cs, "float32")
+    assert isinstance(sp, RangeSpectrum)
+    mean_eig = np.trace(cs.gram) / p
+    direct = lambda a: np.linalg.solve(cs.gram + a * np.eye(p), cs.xty)  # noqa: E731
+    for rel in (1e-2, 1.0, 100.0):
+        a = rel * mean_eig
+        w = refined_solve(cs.gram, cs.xty, a, sp)
+        assert w is not None, rel
+        r = cs.xty - cs.gram @ w - a * w
+        assert np.linalg.norm(r) <= REFINE_TOL * ((sp.eigenvalues[-1] + a) * np.linalg.norm(w) + np.linalg.norm(cs.xty))
+        np.testing.assert_allclose(w, direct(a), rtol=1e-9, atol=1e-12 * np.abs(direct(a)).max())
+        sol = solve_ridge(cs, [], fixed_alpha=a, spec=sp)
+        np.testing.assert_array_equal(sol.coef, w)  # solve_ridge takes the refined solution
+    tiny = 1e-6 * mean_eig
+    assert refined_solve(cs.gram, cs.xty, tiny, sp) is None  # no contraction: not accepted
+    sol = solve_ridge(cs, [], fixed_alpha=tiny, spec=sp)
+    np.testing.assert_array_equal(sol.coef, _exact_solve(cs.gram, cs.xty, tiny))  # the factorisation's answer
