@@ -9,6 +9,7 @@ comes from a committed JSON file named next to it.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +22,26 @@ def _load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
 
+def _commit_age() -> dict[str, int]:
+    """Full commit hashes of this checkout's history, oldest first (empty outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-list", "--reverse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {h: i for i, h in enumerate(out)}
+
+
 def _latest(prefix: str) -> str:
-    """The newest dated file of a benchmark (names carry the date, then the commit)."""
-    return sorted(p.name for p in RESULTS.glob(f"{prefix}_20*.json") if "partial" not in p.name)[-1]
+    """The newest dated file of a benchmark (names carry the date, then the commit measured): by date, then,
+    within a day, by the measured commit's place in the history."""
+    age = _commit_age()
+
+    def key(name: str) -> tuple[str, int, str]:
+        date, _, commit = name[len(prefix) + 1:-len(".json")].partition("_")
+        return date, max((i for h, i in age.items() if commit and h.startswith(commit)), default=-1), name
+
+    return max((p.name for p in RESULTS.glob(f"{prefix}_20*.json") if "partial" not in p.name), key=key)
 
 
 def _r2(m: dict, name: str) -> str:
