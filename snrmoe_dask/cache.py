@@ -47,8 +47,8 @@ from zarr.codecs import BloscCodec
 from .checkpoint import plan_token
 from .split import VAL, id_hash
 
-__all__ = ["CachePart", "catalog_fingerprint", "cached_rows", "open_row_cache", "plan_row_cache", "remove_row_cache",
-           "write_part", "CACHE_DIR", "ROLES"]
+__all__ = ["CachePart", "capped_val", "catalog_fingerprint", "cached_rows", "open_row_cache", "plan_row_cache",
+           "remove_row_cache", "write_part", "CACHE_DIR", "ROLES"]
 
 CACHE_DIR = "rows"
 COLUMNS = "columns.zarr"
@@ -87,15 +87,20 @@ def remove_row_cache(root: str | Path) -> None:
         shutil.rmtree(root)
 
 
+def capped_val(ids: np.ndarray, split: np.ndarray, max_val_rows: int | None, salt: int) -> np.ndarray:
+    """Boolean mask of the val rows kept: all of them, or the ``max_val_rows`` with the smallest id hash
+    (stream 4), so the same rows are kept whichever catalogs they arrive in."""
+    val = np.asarray(split) == VAL
+    if max_val_rows is not None and int(val.sum()) > max_val_rows:
+        h = id_hash(np.asarray(ids), salt, stream=4)
+        val &= h <= np.sort(h[val])[max_val_rows - 1]
+    return val
+
+
 def cached_rows(ds: xr.Dataset, max_val_rows: int | None, salt: int) -> np.ndarray:
     """Boolean mask of the rows to cache: every frozen-test row and the val rows, at most ``max_val_rows``
     of them (a hash-selected subset when there are more)."""
-    val = ds["split"].values == VAL
-    n_val = int(val.sum())
-    if max_val_rows is not None and n_val > max_val_rows:
-        h = id_hash(ds["spectrum"].values, salt, stream=4)
-        val &= h <= np.sort(h[val])[max_val_rows - 1]
-    return val | ds["frozen_test"].values
+    return capped_val(ds["spectrum"].values, ds["split"].values, max_val_rows, salt) | ds["frozen_test"].values
 
 
 @dataclass(frozen=True)
@@ -293,8 +298,9 @@ def open_model_rows(model_dir: str | Path, catalogs: list[dict], role: str | Non
 
     ``catalogs`` is ``model.json``'s list (each with ``rows`` and ``fingerprint``): the ``k``-th cache must be
     written from the ``k``-th catalog, and its ``position`` is offset by the rows of the catalogs before it, so
-    positions index the concatenated feature table. The val rows are capped at ``max_val_rows`` by the same hash
-    as :func:`cached_rows`, so the union holds exactly the rows one fit on the catalogs joined would cache.
+    positions index the concatenated feature table. The val rows are capped at ``max_val_rows`` by
+    :func:`capped_val`, as :func:`cached_rows` caps them, so the union holds exactly the rows one fit on the
+    catalogs joined would cache.
     ``None`` if a cache is missing, damaged or from another catalog.
     """
     parts, offset = [], 0
@@ -310,9 +316,8 @@ def open_model_rows(model_dir: str | Path, catalogs: list[dict], role: str | Non
         out = xr.concat(parts, dim="spectrum", data_vars="minimal", coords="minimal", compat="override",
                         join="override", combine_attrs="drop_conflicts")
     if max_val_rows is not None and role != "test":
-        val = np.asarray(out["split"].values) == VAL
-        if val.sum() > max_val_rows:
-            h = id_hash(out["spectrum"].values, salt, stream=4)
-            drop = val & (h > np.sort(h[val])[max_val_rows - 1])
+        split = np.asarray(out["split"].values)
+        drop = (split == VAL) & ~capped_val(out["spectrum"].values, split, max_val_rows, salt)
+        if drop.any():
             out = out.isel(spectrum=np.flatnonzero(~drop))
     return out
