@@ -55,7 +55,7 @@ from .features import FEATURE_NAMES, PIXEL_COUNTS, QUALITY_FEATURES, block_featu
 from .lines import LINE_INDICES
 from .metrics import r2_score
 from .split import TRAIN, id_hash
-from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, unpack_symmetric
+from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, packed_quadratic
 
 __all__ = ["REPRESENTATIONS", "TARGETS", "SMALL_TARGETS", "AuditPlan", "AuditAccumulator", "AuditStats",
            "audit_plan", "audit_shifts", "audit_solutions", "audit_result", "error_representations",
@@ -309,9 +309,10 @@ def r2_from_stats(stats: SufficientStats, groups, coef: np.ndarray, intercept: f
         stats = stats.reshift(stats.shift[idx[0]])
     b = intercept + float(coef @ stats.shift[idx[0]])
     sx, sy, syy = stats.sx[idx].sum(0), float(stats.sy[idx].sum()), float(stats.syy[idx].sum())
-    xtx = unpack_symmetric(stats.xtx[idx].sum(0))
+    xtx = stats.xtx[idx[0]] if idx.size == 1 else stats.xtx[idx].sum(0)
     xty = stats.xty[idx].sum(0)
-    rss = syy - 2 * b * sy - 2 * coef @ xty + n * b * b + 2 * b * coef @ sx + coef @ xtx @ coef
+    rss = (syy - 2 * b * sy - 2 * coef @ xty + n * b * b + 2 * b * coef @ sx
+           + packed_quadratic(xtx, np.asarray(coef, np.float64)))
     tss = syy - sy * sy / n
     return None if tss <= 0 else float(1 - rss / tss)
 

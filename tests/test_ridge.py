@@ -169,6 +169,7 @@ def test_tridiagonal_grid_scores_choose_the_exact_gcv_alpha_on_simulated_spectra
     if full_rank:
         np.testing.assert_allclose(sp.dof(grid), [np.sum(exact / (exact + a)) for a in grid],
                                    rtol=1e-3 if precision == "float32" else 1e-8)
+        np.testing.assert_allclose(sp.dof(grid), sp._dof_recurrence(grid), rtol=1e-12)  # LAPACK's pivots
     eligible = np.ones(grid.size, bool)
     if cs.n <= x.shape[1]:  # singular Gram matrix: only alphas within the df cap are candidates
         d = np.clip(np.linalg.eigvalsh(cs.gram), 0, None)
@@ -205,6 +206,29 @@ def test_an_indefinite_system_is_solved_exactly_not_by_least_squares():
     np.testing.assert_array_equal(g, 0.5 * (g + g.T))  # the Gram matrix itself is never written
     singular = np.zeros((40, 40))  # least squares: the minimum-norm solution of 0 x = b is 0
     np.testing.assert_allclose(_exact_solve(singular, b, 0.0, scratch=scratch), np.zeros(40), atol=1e-12)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_rotation_by_the_reflectors_gives_the_tridiagonal_form(precision):
+    """``Spectrum.rotate`` applies ``Q^T``: ``Q^T G Q`` is the reduction's tridiagonal ``T``, ``Q`` is orthogonal
+    (norms kept, to the precision its float32 reflectors hold it), and a block of columns rotates as its
+    columns one by one."""
+    from snrmoe_dask.ridge import Spectrum, spectrum
+    from snrmoe_dask.stats import CenteredStats
+
+    rng = np.random.default_rng(3)
+    for p in (2, 3, 60):
+        x = rng.normal(size=(4 * p + 40, p)) @ rng.normal(size=(p, p))
+        g = x.T @ x
+        sp = spectrum(CenteredStats(float(x.shape[0]), np.zeros(p), 0.0, g, np.zeros(p), 1.0), precision)
+        assert isinstance(sp, Spectrum)
+        t = np.diag(sp.diag) + np.diag(sp.offdiag, 1) + np.diag(sp.offdiag, -1)
+        qtgq = sp.rotate(sp.rotate(g).T)  # (Q^T G Q)^T = Q^T G Q
+        tol = 1e-13 if precision == "float64" else 2e-6
+        np.testing.assert_allclose(qtgq, t, rtol=0, atol=tol * np.abs(g).max())
+        b = rng.normal(size=(p, 3))
+        np.testing.assert_allclose(np.linalg.norm(sp.rotate(b), axis=0), np.linalg.norm(b, axis=0), rtol=tol)
+        np.testing.assert_array_equal(sp.rotate(b)[:, 1], sp.rotate(b[:, 1]))
 
 
 def test_solves_in_reused_buffers_equal_solves_in_fresh_arrays():

@@ -13,6 +13,7 @@ from snrmoe_dask.stats import (
     pack_lower,
     symmetrize_lower,
     tri_size,
+    packed_quadratic,
     unpack_symmetric,
 )
 
@@ -154,6 +155,17 @@ def test_packed_triangle_round_trip_equals_numpy_tril():
     np.testing.assert_array_equal(unpack_symmetric(packed), sym)
     with pytest.raises(ValueError, match="packed triangle"):
         unpack_symmetric(np.zeros(10 + 1))
+
+
+def test_packed_quadratic_form_equals_numpy_on_the_full_matrix():
+    rng = np.random.default_rng(1)
+    for p in (1, 2, 37):
+        m = rng.normal(size=(p, p))
+        sym = np.tril(m) + np.tril(m, -1).T
+        w = rng.normal(size=p)
+        assert packed_quadratic(pack_lower(m), w) == pytest.approx(float(w @ sym @ w), rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        packed_quadratic(pack_lower(m), np.ones(p + 1))
 
 
 @pytest.mark.parametrize("precision", ["float32", "float64"])
