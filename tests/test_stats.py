@@ -11,9 +11,9 @@ from snrmoe_dask.stats import (
     impute_bad_pixels,
     memory_bytes,
     pack_lower,
+    packed_quadratic,
     symmetrize_lower,
     tri_size,
-    packed_quadratic,
     unpack_symmetric,
 )
 
