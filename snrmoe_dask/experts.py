@@ -30,7 +30,7 @@ import xarray as xr
 from dask.base import tokenize
 from threadpoolctl import threadpool_limits
 
-from .ridge import ridge_alphas, ridge_coef, solve_ridge, spectrum
+from .ridge import cholesky_solve_in_place, ridge_alphas, ridge_coef, solve_ridge, spectrum
 from .stats import Scratch, SufficientStats, process_scratch
 
 __all__ = ["FAMILIES", "ORACLE_FAMILIES", "ExpertSpec", "expert_specs", "leave_cells_out_prior", "solve_expert",
@@ -87,7 +87,10 @@ def leave_cells_out_prior(stats: SufficientStats, parent: dict, parent_cells: Se
     rest = tuple(c for c in parent_cells if c not in set(cells))
     if parent.get("fallback") or not rest or float(stats.n[list(rest)].sum()) < 2:
         return np.asarray(parent["coef"], np.float64)
-    return ridge_coef(stats.cells(rest, scratch, name="gram-rest"), float(parent["alpha"]), scratch)
+    alpha = float(parent["alpha"])
+    cs = stats.cells(rest, scratch, name="gram-rest", lower_only=True)  # factored in place: no copy, no symmetrising
+    w = cholesky_solve_in_place(cs.gram, cs.xty, alpha)
+    return w if w is not None else ridge_coef(stats.cells(rest, scratch, name="gram-rest"), alpha, scratch)
 
 
 def solve_expert(stats: SufficientStats, spec: ExpertSpec, relative_alphas: Sequence[float], min_rows: int,

@@ -52,7 +52,7 @@ import scipy.linalg.lapack
 from .stats import CenteredStats, Scratch
 
 __all__ = ["RidgeSolution", "RangeSpectrum", "Spectrum", "range_spectrum", "spectrum", "solve_ridge", "ridge_alphas",
-           "ridge_coef", "refined_solve", "REFINE_TOL"]
+           "ridge_coef", "cholesky_solve_in_place", "refined_solve", "REFINE_TOL"]
 
 
 @dataclass(frozen=True)
@@ -367,6 +367,24 @@ def refined_solve(gram: np.ndarray, b: np.ndarray, alpha: float, spec: RangeSpec
 def ridge_coef(cs: CenteredStats, alpha: float, scratch: Scratch | None = None) -> np.ndarray:
     """Coefficients at one known alpha: one float64 Cholesky solve, no eigendecomposition."""
     return _exact_solve(cs.gram, cs.xty, alpha, scratch=scratch, name="factor-coef")
+
+
+def cholesky_solve_in_place(gram_lower: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray | None:
+    """``(G + alpha I)^-1 b`` by a float64 Cholesky factorisation of ``G``'s lower triangle, in place.
+
+    ``gram_lower`` is C-ordered and only its lower triangle is read (its transposed view is the same
+    triangle as Fortran's upper one); it is overwritten by the factor, so a Gram matrix needed
+    afterwards must not be passed. Returns ``None`` if ``G + alpha I`` is not positive definite at
+    working precision (the triangle is then spoiled: rebuild it and use :func:`ridge_coef`, which
+    also handles the indefinite and singular cases).
+    """
+    a = gram_lower
+    a.flat[::a.shape[0] + 1] += alpha
+    try:
+        c = scipy.linalg.cho_factor(a.T, lower=False, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    return scipy.linalg.cho_solve(c, b, check_finite=False)
 
 
 def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | None = None,

@@ -231,6 +231,21 @@ def test_rotation_by_the_reflectors_gives_the_tridiagonal_form(precision):
         np.testing.assert_array_equal(sp.rotate(b)[:, 1], sp.rotate(b[:, 1]))
 
 
+def test_in_place_cholesky_reads_only_the_lower_triangle():
+    """The leave-cells-out prior is factored in its own buffer from the lower triangle alone: equal to a dense
+    solve with NaN in the upper triangle, and ``None`` (no answer) for a matrix that is not positive definite."""
+    from snrmoe_dask.ridge import cholesky_solve_in_place
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(80, 30))
+    g, b = x.T @ x, rng.normal(size=30)
+    lower = np.tril(g) + np.triu(np.full(g.shape, np.nan), 1)
+    np.testing.assert_allclose(cholesky_solve_in_place(lower, b, 0.5), np.linalg.solve(g + 0.5 * np.eye(30), b),
+                               rtol=1e-12)
+    indefinite = np.tril(-g)
+    assert cholesky_solve_in_place(indefinite, b, 0.5) is None
+
+
 def test_solves_in_reused_buffers_equal_solves_in_fresh_arrays():
     """solve_expert builds Gram matrices, reductions and factors in the process's Scratch: experts solved one
     after another there (a joint expert and its twin at a shared alpha, then another cell) give exactly the
