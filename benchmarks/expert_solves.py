@@ -106,6 +106,8 @@ class KernelCounts:
         self._wrap(snrmoe_dask.experts, "spectrum", lambda a, k: lambda sp: (
             "sketch (low-rank cell)" if isinstance(sp, ridge.RangeSpectrum) else "reduction ?sytrd"))
         self._wrap(ridge, "_exact_solve", solve_kind)
+        # the leave-cells-out prior is factored in place (experts imports it by name)
+        self._wrap(snrmoe_dask.experts, "cholesky_solve_in_place", lambda a, k: "float64 solve (Cholesky)")
         self._wrap(ridge, "refined_solve", lambda a, k: lambda w: (
             "refinement, accepted" if w is not None else "refinement, refused (then Cholesky)"))
         return self
