@@ -306,9 +306,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         # the fold takes the chunk's feature rows even when no baseline needs them: then the chunk's
         # block is released as soon as it is folded (independent features tasks were scheduled late,
         # holding dozens of read blocks in memory)
-        audit_block = None
-        if audit is not None and (audit.group[lo:hi] >= 0).any():
-            audit_block = audit.block(lo, hi)
+        audit_block = audit.block(lo, hi) if audit is not None else None
         if ((cell[lo:hi] >= 0).any() or audit_block is not None) and i not in done[c]:
             accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_pieces,
                            feats[-1], checkpoint, c, routing, audit_block,

@@ -15,6 +15,7 @@ from snrmoe_dask.cli import main
 from snrmoe_dask.config import load_config
 from snrmoe_dask.leakage import (
     AuditAccumulator,
+    AuditPlan,
     AuditStats,
     audit_shifts,
     r2_from_stats,
@@ -90,7 +91,7 @@ def test_r2_from_statistics_equals_direct_r2():
     shifts = audit_shifts(flux, x, None, group, 3)
     acc = AuditAccumulator(shifts, flush_rows=64, precision="float64")
     feats = np.zeros((300, 40))
-    acc.add(flux, x, None, feats, group, np.column_stack([y, 2 * y, -y]), np.zeros((300, 5)))
+    acc.add(flux, x, None, feats, np.arange(300), group, np.column_stack([y, 2 * y, -y]), np.zeros((300, 5)))
     st = acc.finalize()
     w, b = rng.normal(size=p), 0.7
     sel = group == 2
@@ -98,6 +99,20 @@ def test_r2_from_statistics_equals_direct_r2():
         xe = x[sel].astype(np.float32).astype(np.float64)  # the representation is float32
         direct = r2_score(scale * y[sel], xe @ w + b)
         np.testing.assert_allclose(r2_from_stats(st.stats("full", target), [2], w, b), direct, rtol=1e-10)
+
+
+def test_a_block_carries_only_its_audit_rows():
+    """What a fold task receives (and the pass's graph carries) is the audit rows of its block alone."""
+    group = np.array([-1, 0, -1, 2, 1, -1, -1, -1])
+    targets = np.arange(24.0).reshape(8, 3)
+    labels = np.arange(40.0).reshape(8, 5)
+    plan = AuditPlan(group, targets, labels, 3, [0.0, 1.0], 8, 64, "float32")
+    rows, g, t, lab = plan.block(2, 6)
+    np.testing.assert_array_equal(rows, [1, 2])  # catalog rows 3 and 4
+    np.testing.assert_array_equal(g, [2, 1])
+    np.testing.assert_array_equal(t, targets[[3, 4]])
+    np.testing.assert_array_equal(lab, labels[[3, 4]])
+    assert plan.block(5, 8) is None
 
 
 def test_audit_statistics_of_two_chains_add_to_those_of_one(tmp_path):
@@ -114,7 +129,8 @@ def test_audit_statistics_of_two_chains_add_to_those_of_one(tmp_path):
         out = None
         for lo, hi in blocks:
             acc = AuditAccumulator(audit_shifts(flux[lo:hi], e[lo:hi], None, group[lo:hi], 2), 32, "float64")
-            acc.add(flux[lo:hi], e[lo:hi], None, feats[lo:hi], group[lo:hi], y[lo:hi], labels[lo:hi])
+            acc.add(flux[lo:hi], e[lo:hi], None, feats[lo:hi], np.arange(hi - lo), group[lo:hi], y[lo:hi],
+                    labels[lo:hi])
             st = acc.finalize()
             out = st if out is None else out.iadd(st)
         return out
