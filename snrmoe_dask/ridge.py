@@ -290,6 +290,20 @@ def spectrum(cs: CenteredStats, precision: str = "float64", scratch: Scratch | N
                     eigenvalues=None if lam is None else lam + shift, shift=shift)
 
 
+def _cholesky_lower(a: np.ndarray, alpha: float) -> tuple | None:
+    """Cholesky factor of ``G + alpha I`` from the lower triangle of C-ordered ``a`` (``G``), in place.
+
+    ``a``'s transposed view is Fortran-ordered with that triangle as its upper one, so LAPACK factors it
+    where it lies; the other triangle is not read. Returns :func:`scipy.linalg.cho_factor`'s pair, or
+    ``None`` if the matrix is not positive definite at working precision (``a`` is then spoiled).
+    """
+    a.flat[::a.shape[0] + 1] += alpha
+    try:
+        return scipy.linalg.cho_factor(a.T, lower=False, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+
+
 def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float, factors: dict | None = None,
                  scratch: Scratch | None = None, name: str = "factor") -> np.ndarray:
     """(G + alpha I)^-1 b in float64; least squares if G + alpha I is singular.
@@ -309,10 +323,8 @@ def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float, factors: dict | 
         np.copyto(a, gram)
         if factors is not None:
             factors.clear()  # their factors sat in this buffer
-    a.flat[::a.shape[0] + 1] += alpha
-    try:  # symmetric: the transposed view is the same matrix, Fortran-ordered, so LAPACK factors it in place
-        c = scipy.linalg.cho_factor(a.T, lower=True, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError:
+    c = _cholesky_lower(a, alpha)
+    if c is None:
         # not positive definite at working precision (a tiny alpha on float32-accumulated sums): the symmetric
         # indefinite factorisation (Bunch-Kaufman, as cheap as Cholesky) solves it exactly; least squares only
         # if it is singular (an SVD is 30x slower at P = 4096). Both refill the failed factor's buffer and
@@ -378,13 +390,8 @@ def cholesky_solve_in_place(gram_lower: np.ndarray, b: np.ndarray, alpha: float)
     working precision (the triangle is then spoiled: rebuild it and use :func:`ridge_coef`, which
     also handles the indefinite and singular cases).
     """
-    a = gram_lower
-    a.flat[::a.shape[0] + 1] += alpha
-    try:
-        c = scipy.linalg.cho_factor(a.T, lower=False, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError:
-        return None
-    return scipy.linalg.cho_solve(c, b, check_finite=False)
+    c = _cholesky_lower(gram_lower, alpha)
+    return None if c is None else scipy.linalg.cho_solve(c, b, check_finite=False)
 
 
 def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | None = None,
