@@ -47,7 +47,10 @@ _LI = [FEATURE_NAMES.index(name) for name in LINE_NAMES]
 def whiten(flux: np.ndarray, error: np.ndarray, good: np.ndarray) -> np.ndarray:
     """``flux / error`` on good pixels, 0 elsewhere (float32)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(good, np.asarray(flux, np.float32) / np.asarray(error, np.float32), np.float32(0.0))
+        w = np.asarray(flux, np.float32) / np.asarray(error, np.float32)
+    if not good.all():
+        w[~good] = 0.0
+    return w
 
 
 def conditional_terms(features: np.ndarray) -> np.ndarray:
@@ -160,15 +163,18 @@ class BaselineAccumulator:
         """Add the rows ``keep`` (the rows the experts train on) of one block."""
         if not keep.any():
             return
-        y = np.asarray(y, np.float64)[keep]
+        y = np.asarray(y, np.float64)
         if "whitened" in self.names:
-            w = whiten(flux[keep], error[keep], good[keep])
+            # the whole block is whitened and the accumulator gathers the kept rows into its buffer: no
+            # copies of the kept rows of flux, error and mask first
+            w = whiten(flux, error, good)
             if self.white is None:
-                self.white = CellAccumulator(1, w.mean(axis=0, dtype=np.float64), flush_rows=self.flush_rows,
+                self.white = CellAccumulator(1, w[keep].mean(axis=0, dtype=np.float64), flush_rows=self.flush_rows,
                                              precision=self.precision)
                 if self.scratch_of is not None:
                     self.white.share_scratch(self.scratch_of)
-            self.white.add(w, y, np.zeros(w.shape[0], np.int64))
+            self.white.add(w, y, np.where(keep, 0, -1))
+        y = y[keep]
         if self.cross is not None:
             xc = np.subtract(x_imputed[keep], self._shift, dtype=self._dtype)
             self.cross.add_rows(xc, conditional_terms(features[keep]), y)

@@ -107,9 +107,29 @@ def quality_features(error: np.ndarray, good: np.ndarray) -> np.ndarray:
 
 
 def snr_estimate(flux: np.ndarray, error: np.ndarray, good: np.ndarray) -> np.ndarray:
-    """Observed S/N: median over good pixels of flux / error, shape (n,)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = flux.astype(np.float64) / error
+    """Observed S/N: median over good pixels of flux / error, shape (n,), float64.
+
+    The ratios are divided in the precision of the inputs (float32 for a
+    catalog) and the median interpolates the two middle order statistics in
+    float64. Rounding each ratio keeps their order, so the result equals the
+    float64 median with its order statistics rounded to float32 (relative
+    difference at most 2**-24); a row whose float32 ratios overflow is
+    computed in float64.
+    """
+    dtype = np.result_type(flux.dtype, error.dtype, np.float32)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        ratio = np.divide(flux, error, dtype=dtype)
+    med = _median_of_good(ratio, good)
+    if dtype != np.float64:
+        redo = np.flatnonzero(~np.isfinite(med) & good.any(axis=1))
+        if redo.size:  # overflow in the working precision (hostile scales): those rows in float64
+            with np.errstate(invalid="ignore", divide="ignore"):
+                med[redo] = _median_of_good(flux[redo].astype(np.float64) / error[redo], good[redo])
+    return med
+
+
+def _median_of_good(ratio: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Per-row median of the good entries, float64 (NaN for a row without one)."""
     full = good.all(axis=1)
     if not full.all():
         (med,) = good_quantiles(ratio, good, (0.5,))
@@ -120,10 +140,10 @@ def snr_estimate(flux: np.ndarray, error: np.ndarray, good: np.ndarray) -> np.nd
     # rows without a bad pixel (the common case): one selection instead of a sort
     p = ratio.shape[1]
     half = p // 2
-    part = np.partition(ratio[full], half, axis=1)
-    upper = part[:, half]
+    part = np.partition(ratio if full.all() else ratio[full], half, axis=1)
+    upper = part[:, half].astype(np.float64)
     # the same arithmetic as the sorted path's interpolation (lo * 0.5 + hi * 0.5)
-    med[full] = upper if p % 2 else part[:, :half].max(axis=1) * 0.5 + upper * 0.5
+    med[full] = upper if p % 2 else part[:, :half].max(axis=1).astype(np.float64) * 0.5 + upper * 0.5
     return med
 
 

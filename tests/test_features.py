@@ -40,10 +40,21 @@ def test_quality_features_match_numpy_and_scipy(all_good):
         np.testing.assert_allclose(q[i], ref, rtol=1e-9, atol=1e-12, err_msg=f"row {i}")
 
 
+def _median_ref(flux, err, good, dtype):
+    """NumPy's median of the good pixels' flux / error, the ratios divided in ``dtype``."""
+    return np.array([np.median((flux[i, good[i]].astype(dtype) / err[i, good[i]].astype(dtype)).astype(np.float64))
+                     if good[i].any() else np.nan for i in range(flux.shape[0])])
+
+
 def test_snr_estimate_all_good_fast_path():
     flux, err, good = _data(5)
     good[:] = True
-    np.testing.assert_allclose(snr_estimate(flux, err, good), np.median(flux / err.astype(np.float64), axis=1))
+    s = snr_estimate(flux, err, good)
+    np.testing.assert_array_equal(s, _median_ref(flux, err, good, np.float32))
+    # float32 ratios keep their order: the float64 median to within the rounding of its order statistics
+    np.testing.assert_allclose(s, np.median(flux / err.astype(np.float64), axis=1), rtol=2.0**-24, atol=0)
+    np.testing.assert_array_equal(snr_estimate(flux.astype(np.float64), err.astype(np.float64), good),
+                                  np.median(flux / err.astype(np.float64), axis=1))
 
 
 @pytest.mark.parametrize("p", [300, 301])
@@ -52,9 +63,20 @@ def test_snr_estimate_mixes_selection_and_sort_paths_exactly(p):
     flux, err, good = _data(7, n=30, p=p)
     good[::2] = True  # every other row clean
     s = snr_estimate(flux, err, good)
-    ref = [np.median(flux[i, good[i]] / err[i, good[i]].astype(np.float64)) for i in range(flux.shape[0])]
-    np.testing.assert_array_equal(s[::2], np.asarray(ref)[::2])  # same two order statistics, same arithmetic
-    np.testing.assert_allclose(s, ref, rtol=1e-12)
+    np.testing.assert_array_equal(s, _median_ref(flux, err, good, np.float32))  # same order statistics, arithmetic
+    np.testing.assert_allclose(s, _median_ref(flux, err, good, np.float64), rtol=2.0**-24)
+
+
+def test_snr_estimate_of_ratios_beyond_float32():
+    """A row whose float32 ratios overflow is computed in float64, not returned as inf."""
+    flux, err, good = _data(8, n=6)
+    good[:] = True
+    flux[2] *= 1e30
+    err[2] = 1e-20
+    err[4, ::2] = 1e-40  # subnormal in float32: half the ratios overflow, the median with them
+    s = snr_estimate(flux, err, good)
+    assert np.isfinite(s).all()
+    np.testing.assert_allclose(s, _median_ref(flux, err, good, np.float64), rtol=2.0**-24)
 
 
 def test_snr_estimate_and_empty_rows():
