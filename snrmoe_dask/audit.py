@@ -31,6 +31,7 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, work_dir: str 
 
     from .cache import open_row_cache, plan_row_cache
     from .cluster import compute
+    from .foldinputs import FOLD_INPUTS
     from .reduce import one_pass
 
     plan = audit_plan(ds, cfg)
@@ -41,7 +42,8 @@ def audit_catalog(ds, cfg, *, client=None, progress: bool = True, work_dir: str 
         parts = plan_row_cache(ds, np.asarray(ds["frozen_test"].values, bool), root, starts,
                                {"purpose": "the audit's frozen-test rows"})
         graph = one_pass(ds, np.zeros(n), np.full(n, -1), n_cells=1, chains=1, precision=cfg.fit.precision,
-                         min_good_fraction=cfg.catalog.min_good_fraction, audit=plan, row_cache=parts)
+                         min_good_fraction=cfg.catalog.min_good_fraction, audit=plan, row_cache=parts,
+                         inputs_store=Path(tmp) / FOLD_INPUTS)
         sol_d = dask.delayed(audit_solutions)(graph.audit, plan.n_groups, cfg.fit)
         blocks, sol = compute(graph.features, sol_d, client=client, progress=progress,
                               label=f"audit pass ({plan.rows} train rows, {int(ds['frozen_test'].values.sum())} test)")

@@ -47,6 +47,7 @@ from .experts import (
     with_blas_threads,
 )
 from .features import FEATURE_NAMES, QUALITY_FEATURES
+from .foldinputs import FOLD_INPUTS
 from .leakage import audit_plan, audit_result, audit_solutions
 from .metrics import expert_predictions
 from .mixture import (
@@ -198,25 +199,30 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
     meta_stats = {"n_snr": n_snr, "n_phys": len(phys_names), "bin_edges": edges, "catalog": str(catalog)}
     checkpoint = _checkpoint(model_dir, cfg, catalog, ds, y, cell, n_cells, chains, baselines, resume, audit)
     features_resumed = len(checkpoint.features_done()) if checkpoint else 0
-    stats_d, feats_d, bstats_d, audit_d = one_pass(
-        ds, y, cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows, precision=cfg.fit.precision,
-        min_good_fraction=cfg.catalog.min_good_fraction, meta=meta_stats,
-        blas_pieces=cfg.fit.blas_pieces or fold_blas_pieces(threads, chains, _threads_per_worker(client)),
-        baselines=baselines,
-        checkpoint=checkpoint, read_ahead=cfg.fit.read_ahead, row_cache=row_cache, routing=routing, audit=audit)
-    if prior is not None:  # the statistics add: the prior's are loaded where they are summed, not in the client
-        stats_d = dask.delayed(prior.add_stats, pure=True)(stats_d, dask_key_name=f"add prior stats-{stats_d.key}")
-        if baselines:
-            bstats_d = dask.delayed(prior.add_baseline_stats, pure=True)(
-                bstats_d, dask_key_name=f"add prior baseline stats-{stats_d.key}")
-    blas = _threads_per_worker(client)
-    audit_sol_d = None
-    if audit is not None:
-        audit_sol_d = dask.delayed(with_blas_threads, pure=True)(blas, None, audit_solutions, audit_d, audit.n_groups,
-                                                                 cfg.fit, dask_key_name=f"solve audit-{stats_d.key}")
-    solved = solve_statistics(stats_d, bstats_d if baselines else None, expert_specs(snr_names, phys_names), cfg,
-                              model_dir, client, progress, extra={"features": feats_d, "audit": audit_sol_d},
-                              label=f"one pass ({chains} accumulator chain(s))")
+    try:  # the pass's fold inputs are a store in model_dir (written by one_pass), removed however it ends
+        stats_d, feats_d, bstats_d, audit_d = one_pass(
+            ds, y, cell, n_cells=n_cells, chains=chains, flush_rows=cfg.fit.flush_rows, precision=cfg.fit.precision,
+            min_good_fraction=cfg.catalog.min_good_fraction, meta=meta_stats,
+            blas_pieces=cfg.fit.blas_pieces or fold_blas_pieces(threads, chains, _threads_per_worker(client)),
+            baselines=baselines,
+            checkpoint=checkpoint, read_ahead=cfg.fit.read_ahead, row_cache=row_cache, routing=routing, audit=audit,
+            inputs_store=model_dir / FOLD_INPUTS)
+        if prior is not None:  # the statistics add: the prior's are loaded where they are summed, not in the client
+            stats_d = dask.delayed(prior.add_stats, pure=True)(stats_d, dask_key_name=f"add prior stats-{stats_d.key}")
+            if baselines:
+                bstats_d = dask.delayed(prior.add_baseline_stats, pure=True)(
+                    bstats_d, dask_key_name=f"add prior baseline stats-{stats_d.key}")
+        blas = _threads_per_worker(client)
+        audit_sol_d = None
+        if audit is not None:
+            audit_sol_d = dask.delayed(with_blas_threads, pure=True)(
+                blas, None, audit_solutions, audit_d, audit.n_groups, cfg.fit,
+                dask_key_name=f"solve audit-{stats_d.key}")
+        solved = solve_statistics(stats_d, bstats_d if baselines else None, expert_specs(snr_names, phys_names), cfg,
+                                  model_dir, client, progress, extra={"features": feats_d, "audit": audit_sol_d},
+                                  label=f"one pass ({chains} accumulator chain(s))")
+    finally:
+        shutil.rmtree(model_dir / FOLD_INPUTS, ignore_errors=True)  # a rerun writes it again
     timings = solved.timings
     feature_blocks, audit_sol = solved.extra["features"], solved.extra.get("audit")
     features = features_dataset(feature_blocks, ds, cfg.catalog.min_good_fraction)

@@ -28,6 +28,7 @@ of the same fold of the same block.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import dask
@@ -43,6 +44,7 @@ from .catalog import good_pixel_mask
 from .chain import ChainState
 from .checkpoint import Checkpoint
 from .features import FEATURE_NAMES, PIXEL_COUNTS, block_features
+from .foldinputs import fold_inputs
 from .leakage import AuditAccumulator, AuditPlan, AuditStats, audit_shifts
 from .pacing import PacedReads
 from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_bytes
@@ -118,11 +120,14 @@ def _init(shift, n_cells, flush_rows, precision, meta, baselines=(), checkpoint:
         AuditAccumulator(shift["audit"], *audit) if audit is not None else None)
 
 
-def _fold(state: ChainState, index: int, flux, error, mask, y, cell, min_good: int,
+def _fold(state: ChainState, index: int, flux, error, mask, inputs: tuple, min_good: int,
           blas_pieces: int, features=None, checkpoint: Checkpoint | None = None, chain: int = 0,
-          routing: SnrRouting | None = None, audit_block: tuple | None = None) -> ChainState:
+          routing: SnrRouting | None = None) -> ChainState:
+    """Fold one chunk into a chain; ``inputs`` = ``(y, cell, audit_block)`` of its rows
+    (:func:`~snrmoe_dask.foldinputs.fold_inputs`)."""
     if index in state.chunks_done:  # a retried task must not count a chunk twice
         return state
+    y, cell, audit_block = inputs
     if routing is not None:
         cell = routing.cells(cell, features)
     good = good_pixel_mask(flux, error, mask)
@@ -212,7 +217,7 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
              meta: dict | None = None, blas_pieces: int = 1, baselines: tuple[str, ...] = (),
              checkpoint: Checkpoint | None = None, read_ahead: int = 4,
              row_cache: list[tuple[CachePart, ...]] | None = None, routing: SnrRouting | None = None,
-             audit: AuditPlan | None = None) -> PassGraph:
+             audit: AuditPlan | None = None, inputs_store: str | Path | None = None) -> PassGraph:
     """Build the lazy one-pass graph.
 
     Parameters
@@ -252,6 +257,11 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         catalog without a true ``snr``): no features-first pass.
     audit : AuditPlan, optional
         Fold the audit's rows (:mod:`snrmoe_dask.audit`) in the same chains.
+    inputs_store : path, optional
+        Where to write the folds' per-row inputs (``y``, ``cell``, the audit's
+        rows; :mod:`snrmoe_dask.foldinputs`), a small zarr store that each fold
+        reads its rows from, so the graph does not grow with N. Without it
+        each chunk's rows are embedded in the graph.
 
     Returns
     -------
@@ -282,6 +292,8 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
     done = [set(st["chunks_done"]) if st else set() for st in states]
     feats_done = checkpoint.features_done() if checkpoint else set()
     audit_args = None if audit is None else (audit.flush_rows, audit.precision)
+    inputs = fold_inputs(y, cell, audit, starts, inputs_store, tok)
+    audit_rows = np.zeros(n, bool) if audit is None else audit.group >= 0
     init = dask.delayed(_init, pure=True)
     fold = dask.delayed(_fold, pure=True)
     feats = []
@@ -306,11 +318,9 @@ def one_pass(ds: xr.Dataset, y: np.ndarray, cell: np.ndarray, *, n_cells: int, c
         # the fold takes the chunk's feature rows even when no baseline needs them: then the chunk's
         # block is released as soon as it is folded (independent features tasks were scheduled late,
         # holding dozens of read blocks in memory)
-        audit_block = audit.block(lo, hi) if audit is not None else None
-        if ((cell[lo:hi] >= 0).any() or audit_block is not None) and i not in done[c]:
-            accs[c] = fold(accs[c], i, fb, eb, mb, y[lo:hi], cell[lo:hi], min_good, blas_pieces,
-                           feats[-1], checkpoint, c, routing, audit_block,
-                           dask_key_name=f"acc-fold-{tok}-{c}-{i}")
+        if ((cell[lo:hi] >= 0).any() or audit_rows[lo:hi].any()) and i not in done[c]:
+            accs[c] = fold(accs[c], i, fb, eb, mb, inputs[i], min_good, blas_pieces,
+                           feats[-1], checkpoint, c, routing, dask_key_name=f"acc-fold-{tok}-{c}-{i}")
             reads.folded(accs[c], i)
     # chains merge pairwise, a tree of log2(C) rounds: a task holds two chains' statistics, never all C
     parts = [dask.delayed(_finish, pure=True)(acc, dask_key_name=f"stats-finish-{tok}-{k}")
