@@ -60,7 +60,11 @@ def write_fold_inputs(path: str | Path, y: np.ndarray, cell: np.ndarray, audit: 
 def read_fold_inputs(path: str, lo: int, hi: int, a0: int, a1: int) -> tuple:
     """One chunk's ``(y, cell, audit_block)`` from the store: rows ``lo:hi``, the audit's rows ``a0:a1``
     (``audit_block`` as :meth:`~snrmoe_dask.leakage.AuditPlan.block` gives it, ``None`` when empty)."""
-    group = zarr.open_group(path, mode="r")
+    try:
+        group = zarr.open_group(path, mode="r")
+    except FileNotFoundError as exc:  # a worker on another filesystem than the client's model directory
+        raise FileNotFoundError(f"the pass's fold inputs {path} are not there on this worker: the model directory "
+                                "must be on a filesystem every worker sees, as the catalog") from exc
     rows = group["rows"][lo:hi]
     if rows.shape[0] != hi - lo:
         raise ValueError(f"{path}: rows {lo}:{hi} asked, the store holds {group['rows'].shape[0]}")

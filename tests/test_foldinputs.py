@@ -5,12 +5,13 @@ from __future__ import annotations
 import cloudpickle
 import dask
 import numpy as np
+import pytest
 from conftest import small_sim_config, train_cells, write_sim
 from dask.highlevelgraph import HighLevelGraph
 
 from snrmoe_dask.catalog import open_catalog
 from snrmoe_dask.config import Config
-from snrmoe_dask.foldinputs import fold_inputs
+from snrmoe_dask.foldinputs import fold_inputs, read_fold_inputs
 from snrmoe_dask.leakage import audit_plan
 from snrmoe_dask.reduce import one_pass
 
@@ -78,3 +79,8 @@ def test_the_pass_graph_does_not_grow_with_the_rows(tmp_path):
     assert embedded["l"] - embedded["s"] > grown
     # what grows with the store: only the first chunk's rows for the shifts (350 rows more)
     assert with_store["l"] - with_store["s"] < grown / 4
+
+
+def test_a_worker_without_the_store_says_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="filesystem every worker sees"):
+        read_fold_inputs(str(tmp_path / "elsewhere.zarr"), 0, 10, 0, 0)
