@@ -39,6 +39,7 @@ def _latest(prefix: str) -> str:
 
     def key(name: str) -> tuple[str, int, str]:
         date, _, commit = name[len(prefix) + 1:-len(".json")].partition("_")
+        commit = commit.split("-")[0]  # "abc1234-dirty": measured on that commit with uncommitted changes
         return date, max((i for h, i in age.items() if commit and h.startswith(commit)), default=-1), name
 
     return max((p.name for p in RESULTS.glob(f"{prefix}_20*.json") if "partial" not in p.name), key=key)

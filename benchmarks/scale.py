@@ -15,7 +15,8 @@ For each N: simulate (or reuse) an N x 4096 catalog, then in the same run
   ``dask_ml.linear_model.LinearRegression(penalty="l2")`` for the global
   model, each at our GCV alpha, scored on the same frozen test.
 
-Results go to ``benchmarks/results/scale_<N>.json``; a summary table prints.
+Results go to ``benchmarks/results/scale_<N>.json`` (and, once complete, to
+``scale_<N>_<date>_<commit>.json``); a summary table prints.
 
     python benchmarks/scale.py --n 100000 250000 --peer-max-n 100000
 """
@@ -28,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,10 +127,26 @@ def task_seconds(records: list[dict]) -> dict:
 
 
 def _save(res: dict, complete: bool) -> None:
-    """Write what is measured so far (a killed benchmark leaves its partial figures, marked incomplete)."""
+    """Write what is measured so far (a killed benchmark leaves its partial figures, marked incomplete); a
+    complete run is also written as ``scale_<N>_<date>_<commit>.json``, which nothing overwrites."""
     out = Path("benchmarks/results") / f"scale_{res['n']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**res, "complete": complete}, indent=2))
+    text = json.dumps({**res, "complete": complete}, indent=2)
+    out.write_text(text)
+    if complete:
+        out.with_name(f"scale_{res['n']}_{res['date']}_{_commit()}.json").write_text(text)
+
+
+def _commit() -> str:
+    """The measured commit's short hash (``-dirty`` when the tree has changes; ``unknown`` outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
 
 
 def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep: bool, admm_rows: int = 0,
