@@ -4,6 +4,7 @@ Graph plan (all lazy; nothing computes here)::
 
     read chunk i ──┬── features(i) [+ its cached rows]    (every row)
                    └── fold(acc[c], i)  for c = i mod C   (train rows, audit rows)
+    fold-inputs(i) ───┘  (y, cell and audit rows of chunk i, read from a small store: not in the graph)
     acc[c] chain:  init(shift) → fold → fold → ... → finalize
     stats = the C finalised accumulators merged pairwise (a tree, in place)
 
