@@ -1,6 +1,6 @@
 """The one pass over the cube: features for every row, statistics of train rows.
 
-Graph plan (all lazy; nothing computes here)::
+Graph plan (all lazy: nothing reads the cube here; with ``inputs_store`` the folds' small store is written)::
 
     read chunk i ──┬── features(i) [+ its cached rows]    (every row)
                    └── fold(acc[c], i)  for c = i mod C   (train rows, audit rows)
