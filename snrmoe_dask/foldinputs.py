@@ -41,8 +41,6 @@ def write_fold_inputs(path: str | Path, y: np.ndarray, cell: np.ndarray, audit: 
     holds ``y`` and ``cell``, ``audit`` (M, 2 + targets + labels) the audit's rows (catalog position, group,
     targets, labels), all float64 (the integers are exact in it)."""
     path = Path(path)
-    if cell.size and np.abs(cell).max() >= 2**53:
-        raise ValueError("cell indices must be below 2**53")
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)

@@ -123,8 +123,8 @@ class AuditPlan:
 
     def block(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """The audit rows of catalog rows ``lo:hi`` as :meth:`AuditAccumulator.add` takes them: their positions
-        in the block, groups, targets and labels (``None`` if there are none). Only these rows travel in the
-        pass's task graph (the audit uses about a tenth of the train rows at 1M)."""
+        in the block, groups, targets and labels (``None`` if there are none). A fit's folds read the same
+        from the fold inputs store (:mod:`snrmoe_dask.foldinputs`); this is the embedded form."""
         rows = np.flatnonzero(self.group[lo:hi] >= 0)
         if rows.size == 0:
             return None
