@@ -30,6 +30,7 @@ against each other in the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 
@@ -159,7 +160,8 @@ def posterior_moments(y: np.ndarray, theta0: np.ndarray, forward: Callable[[np.n
                       lo: np.ndarray, hi: np.ndarray, steps: np.ndarray, rng: np.random.Generator, *,
                       index: int = 0, n_samples: int = 768, prior_fraction: float = 0.2, scale: float = 1.5,
                       cell: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
-                      cell0: int | None = None, batch: int = 256, refine: int = 2, min_ess: float = 50.0) -> dict:
+                      cell0: int | None = None, batch: int = 256, refine: int = 2, min_ess: float = 50.0,
+                      jacobian_forward: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
     """Posterior mean and variance of ``theta[index]`` given one observed spectrum, by importance sampling.
 
     The prior is uniform on the box ``[lo, hi]``; the likelihood is the
@@ -196,6 +198,10 @@ def posterior_moments(y: np.ndarray, theta0: np.ndarray, forward: Callable[[np.n
         ``cell(theta, mu, sigma) -> (S,) int`` and the true cell: also report
         the posterior given that ``theta`` lies in cell ``cell0`` (the prior
         restricted to the cell).
+    jacobian_forward : callable, optional
+        The forward model for the Jacobian at ``theta0`` (default ``forward``):
+        a float64 one when ``forward`` is float32, since central differences
+        divide rounding errors by the step.
 
     Returns
     -------
@@ -205,7 +211,7 @@ def posterior_moments(y: np.ndarray, theta0: np.ndarray, forward: Callable[[np.n
     theta0 = np.asarray(theta0, np.float64)
     m_dim = theta0.size
     pts = np.concatenate([theta0 + np.diag(steps), theta0 - np.diag(steps), theta0[None, :]])
-    mu_pts, sig_pts = forward(pts)
+    mu_pts, sig_pts = (jacobian_forward or forward)(pts)
     jac = ((mu_pts[:m_dim] - mu_pts[m_dim:2 * m_dim]) / (2.0 * steps[:, None])).T  # (P, M)
     mu0, sig0 = mu_pts[-1], sig_pts[-1]
     wj = jac / sig0[:, None]
@@ -256,15 +262,20 @@ def _importance_round(y, forward, lo, hi, centre, chol, rng, n_samples, prior_fr
     loglik = np.full(n_samples, -np.inf)
     cells = np.full(n_samples, -1, np.int64)
     idx = np.flatnonzero(inside)
+    y_work = None
     for a in range(0, idx.size, batch):
         part = idx[a:a + batch]
         mu, sig = forward(theta[part])
         if cell is not None:
             cells[part] = cell(theta[part], mu, sig)
-        resid = y - mu  # one buffer for the whole residual; forward's own arrays are not written
+        if y_work is None:  # the observed flux in the forward model's precision
+            y_work = y.astype(mu.dtype)
+        resid = y_work - mu  # one buffer for the whole residual; forward's own arrays are not written
         resid /= sig
         np.square(resid, out=resid)
-        loglik[part] = -0.5 * np.sum(resid, axis=1) - np.sum(np.log(sig), axis=1)
+        # per-pixel terms in the forward model's precision, their sums over pixels in float64
+        loglik[part] = -0.5 * np.sum(resid, axis=1, dtype=np.float64) - np.sum(np.log(sig, out=resid), axis=1,
+                                                                                 dtype=np.float64)
     logw = np.where(inside, loglik - log_q, -np.inf)
     w = np.exp(logw - np.max(logw)) if np.isfinite(logw).any() else np.zeros(n_samples)
     return theta, w, cells
@@ -279,13 +290,15 @@ def _simulator_forward(model: ForwardModel) -> Callable[[np.ndarray], tuple[np.n
 
 def posterior_block(model: ForwardModel, simulate_config: dict, flux: np.ndarray, labels: np.ndarray,
                     cell0: np.ndarray, edges: dict, n_snr: int, *, n_samples: int, prior_fraction: float,
-                    scale: float, seed: int, first: int) -> np.ndarray:
+                    scale: float, seed: int, first: int, precision: str = "float64") -> np.ndarray:
     """:func:`posterior_moments` of logg for a block of simulated spectra (one dask task).
 
     ``labels`` is (n, 5) in :data:`PARAMS` order, ``cell0`` each row's true
     cell ``phys * n_snr + snr`` under ``edges`` (teff/mh edges of the model,
     S/N edges of the catalog config). Row ``i`` draws from the seed
     ``[seed, first + i]``, so the result does not depend on the blocking.
+    ``precision`` is the arithmetic of the importance samples' forward model
+    (the Jacobian that places the proposal is float64 either way).
 
     Returns
     -------
@@ -296,7 +309,8 @@ def posterior_block(model: ForwardModel, simulate_config: dict, flux: np.ndarray
 
     lo, hi = prior_box(simulate_config)
     steps = np.array([STEPS[k] for k in PARAMS])
-    forward = _simulator_forward(model)
+    exact = _simulator_forward(dataclasses.replace(model, precision="float64"))
+    forward = exact if precision == "float64" else _simulator_forward(dataclasses.replace(model, precision=precision))
 
     def cell(theta, mu, sigma):
         p = phys_bin(theta[:, 1], theta[:, 2], edges["teff_edges"], edges["mh_edges"]).astype(np.int64)
@@ -306,7 +320,8 @@ def posterior_block(model: ForwardModel, simulate_config: dict, flux: np.ndarray
     for i in range(flux.shape[0]):
         rng = np.random.default_rng(np.random.SeedSequence([seed, 11, first + i]))
         r = posterior_moments(flux[i], labels[i], forward, lo, hi, steps, rng, n_samples=n_samples,
-                              prior_fraction=prior_fraction, scale=scale, cell=cell, cell0=int(cell0[i]))
+                              prior_fraction=prior_fraction, scale=scale, cell=cell, cell0=int(cell0[i]),
+                              jacobian_forward=exact)
         out[i] = (r["var"], r["ess"], r["var_cell"], r["ess_cell"])
     return out
 
@@ -343,7 +358,8 @@ def bayes_ceiling_tasks(ds, rows: np.ndarray, flux: np.ndarray, cell0: np.ndarra
     for a, fl in zip(starts, blocks):
         out.append(task(model, sim, fl, labels[a:a + block], cell0[a:a + block], edges, n_snr,
                         n_samples=cfg.samples, prior_fraction=cfg.prior_fraction, scale=cfg.proposal_scale,
-                        seed=cfg.seed, first=int(rows[a]), dask_key_name=f"ceiling-posterior-{rows[a]}"))
+                        seed=cfg.seed, first=int(rows[a]), precision=cfg.forward_precision,
+                        dask_key_name=f"ceiling-posterior-{rows[a]}"))
     return out
 
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import write_raw
 from scipy.stats import truncnorm
 
+from snrmoe_dask.bins import median_snr_bin, phys_bin
 from snrmoe_dask.ceiling import (
     PARAMS,
     STEPS,
@@ -16,6 +17,7 @@ from snrmoe_dask.ceiling import (
     fd_jacobian,
     fisher_crlb,
     forward_jacobian,
+    posterior_block,
     posterior_moments,
 )
 from snrmoe_dask.cli import main
@@ -67,6 +69,41 @@ def test_analytic_logg_derivative_matches_finite_differences():
     scale = np.abs(analytic).max(axis=1, keepdims=True)
     np.testing.assert_allclose(jac[:, :, PARAMS.index("logg")] / scale, analytic / scale, atol=1e-5)
     assert sigma.shape == (6, 512) and STEPS["logg"] < 0.01
+
+
+def test_float32_forward_model_agrees_with_float64():
+    rng = np.random.default_rng(3)
+    labels = [rng.uniform(3500, 6500, 32), rng.uniform(0, 5, 32), rng.uniform(-2.5, 0.75, 32),
+              rng.uniform(-0.25, 0.5, 32), rng.uniform(20.5, 22.5, 32)]
+    f64, s64 = ForwardModel()(*labels)
+    f32, s32 = ForwardModel(precision="float32")(*labels)
+    assert f64.dtype == np.float64 and f32.dtype == np.float32 and s32.dtype == np.float32
+    np.testing.assert_allclose(f32, f64, rtol=3e-6)
+    np.testing.assert_allclose(s32, s64, rtol=1e-6)
+    with pytest.raises(ValueError, match="precision"):
+        ForwardModel(precision="float16")
+
+
+def test_ceiling_posteriors_in_float32_agree_with_float64():
+    """The same draws weighted by a float32 or a float64 likelihood: posterior variances within 2e-5."""
+    model = ForwardModel(Instrument(n_pixels=1024))
+    sim = {"logg_range": [0.0, 5.0], "teff_range": [3500.0, 6500.0], "mh_range": [-2.5, 0.75],
+           "alpha_m_range": [-0.25, 0.5], "mag_min": 20.5, "mag_max": 22.5}
+    rng = np.random.default_rng(4)
+    n = 6
+    labels = np.column_stack([rng.uniform(0.5, 4.5, n), rng.uniform(3700, 6300, n), rng.uniform(-2, 0.5, n),
+                              rng.uniform(-0.2, 0.4, n), rng.uniform(20.6, 22.4, n)])  # PARAMS order
+    mu, sigma = model(labels[:, 1], labels[:, 0], labels[:, 2], labels[:, 3], labels[:, 4])
+    flux = mu + sigma * rng.standard_normal(mu.shape)
+    edges = {"teff_edges": [4500.0, 5500.0], "mh_edges": [-1.0, 0.0], "snr_edges": [2.0, 4.0, 7.0]}
+    kw = dict(n_samples=256, prior_fraction=0.2, scale=1.5, seed=0, first=0)
+    cell0 = (phys_bin(labels[:, 1], labels[:, 2], edges["teff_edges"], edges["mh_edges"]).astype(np.int64) * 4
+             + median_snr_bin(mu / sigma, edges["snr_edges"]))
+    out = {p: posterior_block(model, sim, flux, labels, cell0, edges, 4, precision=p, **kw)
+           for p in ("float64", "float32")}
+    assert np.isfinite(out["float64"]).all()
+    np.testing.assert_allclose(out["float32"][:, [0, 2]], out["float64"][:, [0, 2]], rtol=2e-5)
+    np.testing.assert_allclose(out["float32"][:, [1, 3]], out["float64"][:, [1, 3]], rtol=1e-4)
 
 
 def _linear_case(rng, p=40, amp=(3.0, 1.0), s=1.0):
