@@ -49,9 +49,9 @@ from scipy.linalg.blas import dsyrk as _dsyrk
 from .blas import syrk_update
 from .zarrstore import consolidate
 
-__all__ = ["SufficientStats", "CellAccumulator", "CenteredStats", "Scratch", "process_scratch", "impute_bad_pixels",
-           "memory_bytes", "symmetrize_lower", "tri_size", "pack_lower", "unpack_lower", "unpack_symmetric",
-           "packed_quadratic"]
+__all__ = ["SufficientStats", "CellAccumulator", "FlushBuffers", "CenteredStats", "Scratch", "process_scratch",
+           "impute_bad_pixels", "memory_bytes", "symmetrize_lower", "tri_size", "pack_lower", "unpack_lower",
+           "unpack_symmetric", "packed_quadratic"]
 
 
 # ---------------------------------------------------------------- packed triangles
@@ -418,11 +418,12 @@ def impute_bad_pixels(flux: np.ndarray, good: np.ndarray, copy: bool = True) -> 
 def memory_bytes(n_cells: int, n_features: int, flush_rows: int, precision: str = "float32") -> int:
     """Resident bytes of one :class:`CellAccumulator` at its peak (see docs/design.md).
 
-    Packed float64 totals (K P(P+1)/2 8) + one working-precision scratch
-    matrix (P^2 w) + row buffers (K B P w).
+    Packed float64 totals (K P(P+1)/2 8) + the working-precision scratch
+    matrices a flush goes through (:class:`FlushBuffers`, two of P^2 w) + row
+    buffers (K B P w).
     """
     item = 4 if precision == "float32" else 8
-    return (n_cells * tri_size(n_features) * 8 + n_features * n_features * item
+    return (n_cells * tri_size(n_features) * 8 + FlushBuffers().depth * n_features * n_features * item
             + n_cells * flush_rows * n_features * item)
 
 
@@ -445,13 +446,86 @@ def symmetrize_lower(m: np.ndarray, tile: int = 64) -> np.ndarray:
     return m
 
 
+_PACKER_LOCK = threading.Lock()
+_PACKER: list = [None]
+
+
+def _packer():
+    """The process's one thread that adds flushed products into their float64 totals (FIFO)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _PACKER_LOCK:
+        if _PACKER[0] is None:
+            _PACKER[0] = ThreadPoolExecutor(1, thread_name_prefix="snrmoe-pack")
+        return _PACKER[0]
+
+
+class FlushBuffers:
+    """The ``P x P`` working-precision matrices the accumulators of one chain flush through.
+
+    A flush computes its ``syrk`` into one buffer; adding that buffer's triangle into the cell's packed
+    float64 total (:func:`pack_lower`, memory-bound: ~27 ms at P = 4096, a third of a 1,024-row update)
+    is handed to the process's pack thread, and the next flush computes into the other buffer meanwhile.
+    The pack thread takes the additions in order, one at a time, so every total receives the same sums
+    in the same order as a synchronous flush: the statistics are bit-identical. :meth:`settle` waits for
+    the pending additions; the accumulators call it before anyone reads their totals, and pickling
+    settles first and keeps no buffer.
+
+    Parameters
+    ----------
+    depth : int
+        Buffers in rotation; 1 adds synchronously (one buffer, no pack thread).
+    """
+
+    def __init__(self, depth: int = 2):
+        self.depth = max(1, int(depth))
+        self._arrays: list = [None] * self.depth
+        self._pending: list = [None] * self.depth
+        self._next = 0
+
+    def take(self, p: int, dtype) -> tuple[int, np.ndarray]:
+        """The next free buffer (``p x p``, Fortran-ordered, ``dtype``), after its previous addition is done."""
+        i = self._next
+        self._next = (i + 1) % self.depth
+        self._wait(i)
+        a = self._arrays[i]
+        if a is None or a.shape[0] != p or a.dtype != dtype:
+            a = self._arrays[i] = np.empty((p, p), dtype, order="F")
+        return i, a
+
+    def pack(self, i: int, out: np.ndarray) -> None:
+        """``out += lower triangle`` of buffer ``i`` (as a C-ordered matrix): on the pack thread if depth > 1."""
+        if self.depth == 1:
+            pack_lower(self._arrays[i].T, out=out)
+        else:
+            self._pending[i] = _packer().submit(pack_lower, self._arrays[i].T, out)
+
+    def _wait(self, i: int) -> None:
+        f, self._pending[i] = self._pending[i], None
+        if f is not None:
+            f.result()  # re-raises a failed addition
+
+    def settle(self) -> None:
+        """Wait until every handed-over addition is in its total."""
+        for i in range(self.depth):
+            self._wait(i)
+
+    def __getstate__(self) -> dict:
+        self.settle()
+        return {"depth": self.depth}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["depth"])
+
+
 class CellAccumulator:
     """Streaming per-cell accumulation with large, in-place BLAS calls.
 
     Rows are appended to per-cell buffers. A full buffer is multiplied out by
     one ``syrk`` (``C <- A^T A``) into the accumulator's single
     working-precision scratch matrix, whose triangle is then added into the
-    cell's packed float64 total. Float32 products therefore sum at most
+    cell's packed float64 total (on a second thread while the next flush
+    computes, :class:`FlushBuffers`). Float32 products therefore sum at most
     ``flush_rows`` rows before they reach float64. Buffers are allocated
     lazily, so untouched cells cost no resident memory.
 
@@ -481,13 +555,17 @@ class CellAccumulator:
         self._buf = np.empty((n_cells, self.flush_rows, p), self.dtype)
         self._ybuf = np.empty((n_cells, self.flush_rows), np.float64)
         self._fill = np.zeros(n_cells, np.int64)
-        self._scratch: list = [None]  # a box: accumulators of one chain may share it (share_scratch)
+        self._scratch = FlushBuffers()  # accumulators of one chain share them (share_scratch)
         self.rows_seen = 0
         self.blas_pieces = 1  # BLAS calls per update at once (blas.syrk_update); set by the fold
 
+    def __getstate__(self) -> dict:
+        self._scratch.settle()  # before the totals are copied: pickling (a dask spill) sees every flush added
+        return self.__dict__.copy()
+
     def share_scratch(self, other: CellAccumulator) -> CellAccumulator:
-        """Flush into ``other``'s scratch matrix (accumulators that flush one at a time, as those of one
-        chain do, need only one ``P x P`` scratch between them); returns self."""
+        """Flush through ``other``'s :class:`FlushBuffers` (accumulators that flush one at a time, as those
+        of one chain do, need only one set between them); returns self."""
         self._scratch = other._scratch
         return self
 
@@ -499,6 +577,7 @@ class CellAccumulator:
         """
         for k in range(self.stats.n_cells):
             self._flush(k)
+        self._scratch.settle()
         return self.stats
 
     @classmethod
@@ -551,14 +630,12 @@ class CellAccumulator:
         a = self._buf[k, :m]
         yk = self._ybuf[k, :m]
         s = self.stats
-        scratch = self._scratch[0]
-        if scratch is None or scratch.shape[0] != self._p or scratch.dtype != self.dtype:
-            scratch = self._scratch[0] = np.empty((self._p, self._p), self.dtype, order="F")
+        slot, scratch = self._scratch.take(self._p, self.dtype)
         # C <- a^T a on C's upper triangle; a.T is Fortran-ordered, so nothing is copied. C is Fortran-ordered,
         # so as a C-ordered array (C.T) the products sit in the *lower* triangle, the packed layout's.
         # releases the GIL: the worker's other tasks run meanwhile
         syrk_update(scratch, a, beta=0.0, pieces=self.blas_pieces)
-        pack_lower(scratch.T, out=s.xtx[k])
+        self._scratch.pack(slot, s.xtx[k])  # into the float64 total while the next flush computes
         # sum(x - c) and sum((x - c) y) in one GEMV in the working precision, added into float64
         w = np.empty((2, m), self.dtype)
         w[0] = 1.0
@@ -575,7 +652,7 @@ class CellAccumulator:
         """Flush everything and free the buffers; returns the statistics, or adds them to ``into``."""
         s = self.flush_all()
         self._buf = self._ybuf = None
-        self._scratch = [None]  # others sharing the old box keep it
+        self._scratch = FlushBuffers()  # others sharing the old buffers keep them
         if into is None:
             return s
         self.stats = None

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from snrmoe_dask.stats import (
     CellAccumulator,
+    FlushBuffers,
     SufficientStats,
     impute_bad_pixels,
     memory_bytes,
@@ -139,8 +140,9 @@ def test_impute_bad_pixels_uses_row_median():
 
 def test_memory_formula():
     packed = 36 * (4096 * 4097 // 2) * 8
-    assert memory_bytes(36, 4096, 1024) == packed + 4096**2 * 4 + 36 * 1024 * 4096 * 4
-    assert memory_bytes(36, 4096, 1024, "float64") == packed + 4096**2 * 8 + 36 * 1024 * 4096 * 8
+    # two scratch matrices: one computes a flush while the other's sum is added into its total
+    assert memory_bytes(36, 4096, 1024) == packed + 2 * 4096**2 * 4 + 36 * 1024 * 4096 * 4
+    assert memory_bytes(36, 4096, 1024, "float64") == packed + 2 * 4096**2 * 8 + 36 * 1024 * 4096 * 8
     with pytest.raises(ValueError, match="precision"):
         CellAccumulator(1, np.zeros(2), precision="float16")
 
@@ -264,3 +266,56 @@ def test_statistics_written_by_version_2_full_matrices_load_packed(tmp_path):
         tmp_path / "v2.zarr", zarr_format=3, consolidated=False)
     back = SufficientStats.from_zarr(tmp_path / "v2.zarr")
     np.testing.assert_array_equal(back.xtx, s.xtx)
+
+
+def _accumulate(x, y, cell, depth, precision="float32", flush_rows=7):
+    """Two accumulators sharing one FlushBuffers of ``depth`` (as a chain's do), fed block by block."""
+    shift = x[:50].mean(0).astype(np.float64)
+    a = CellAccumulator(5, shift, flush_rows=flush_rows, precision=precision)
+    b = CellAccumulator(1, shift, flush_rows=flush_rows, precision=precision)
+    a._scratch = FlushBuffers(depth)
+    b.share_scratch(a)
+    for lo in range(0, x.shape[0], 333):
+        a.add(x[lo:lo + 333], y[lo:lo + 333], cell[lo:lo + 333])
+        b.add(x[lo:lo + 333], y[lo:lo + 333], np.where(cell[lo:lo + 333] >= 0, 0, -1))
+    return a, b
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_flushes_added_on_the_pack_thread_equal_synchronous_flushes_bit_for_bit(precision):
+    x, y, cell = _data(3)
+    sync = [acc.finalize() for acc in _accumulate(x, y, cell, 1, precision)]
+    piped = [acc.finalize() for acc in _accumulate(x, y, cell, 2, precision)]
+    for s, t in zip(sync, piped):
+        for name in ("n", "sx", "sy", "syy", "xtx", "xty"):
+            np.testing.assert_array_equal(getattr(t, name), getattr(s, name), err_msg=name)
+    # and both are the plain NumPy sums (the 1-cell accumulator holds every train row)
+    n, sx, sy, syy, xtx, xty = _direct(x, y, np.where(cell >= 0, 0, -1), 0, x[:50].mean(0).astype(np.float64))
+    np.testing.assert_allclose(unpack_symmetric(piped[1].xtx[0]), xtx, rtol=1e-5 if precision == "float32" else 1e-12,
+                               atol=1e-2 if precision == "float32" else 1e-8)
+
+
+def test_pickling_an_accumulator_waits_for_its_pending_additions():
+    import pickle
+    import time
+
+    from snrmoe_dask.stats import _packer
+
+    x, y, cell = _data(4)
+    a, _ = _accumulate(x, y, cell, 2)
+    a.flush_all()
+    _packer().submit(time.sleep, 0.5)  # the pack thread is busy: the next additions wait in its queue
+    a.add(x[:40], y[:40], np.zeros(40, np.int64))  # 40 rows of cell 0: 5 flushes of 7 rows, their additions queued
+    copy = pickle.loads(pickle.dumps(a))  # a dask spill or transfer of a chain mid-pass
+    np.testing.assert_array_equal(copy.flush_all().xtx, a.flush_all().xtx)
+    assert copy.stats.n[0] == a.stats.n[0]
+
+
+def test_a_failed_addition_on_the_pack_thread_is_raised_where_the_totals_are_read():
+    buffers = FlushBuffers(2)
+    i, m = buffers.take(4, np.float32)
+    m[:] = 1.0
+    buffers.pack(i, np.zeros(3))  # a total of the wrong size
+    with pytest.raises(ValueError):
+        buffers.settle()
+    buffers.settle()  # reported once; the buffers stay usable
