@@ -254,7 +254,7 @@ class ForwardModel:
     precision : {"float64", "float32"}
         Arithmetic of the (n, P) arrays. The simulator uses float64; the Bayes
         ceiling may evaluate its ~1,500 proposals per spectrum in float32
-        (twice the SIMD width for ``expm1`` and ``sqrt``; flux to ~1e-7 relative).
+        (twice the SIMD width for ``expm1`` and ``sqrt``; flux to ~1e-6 relative).
         The per-spectrum line strengths are computed in float64 either way.
     """
 

@@ -446,30 +446,17 @@ def symmetrize_lower(m: np.ndarray, tile: int = 64) -> np.ndarray:
     return m
 
 
-_PACKER_LOCK = threading.Lock()
-_PACKER: list = [None]
-
-
-def _packer():
-    """The process's one thread that adds flushed products into their float64 totals (FIFO)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with _PACKER_LOCK:
-        if _PACKER[0] is None:
-            _PACKER[0] = ThreadPoolExecutor(1, thread_name_prefix="snrmoe-pack")
-        return _PACKER[0]
-
-
 class FlushBuffers:
     """The ``P x P`` working-precision matrices the accumulators of one chain flush through.
 
     A flush computes its ``syrk`` into one buffer; adding that buffer's triangle into the cell's packed
     float64 total (:func:`pack_lower`, memory-bound: ~27 ms at P = 4096, a third of a 1,024-row update)
-    is handed to the process's pack thread, and the next flush computes into the other buffer meanwhile.
+    is handed to the chain's pack thread, and the next flush computes into the other buffer meanwhile.
     The pack thread takes the additions in order, one at a time, so every total receives the same sums
-    in the same order as a synchronous flush: the statistics are bit-identical. :meth:`settle` waits for
-    the pending additions; the accumulators call it before anyone reads their totals, and pickling
-    settles first and keeps no buffer.
+    in the same order as a synchronous flush: the statistics are bit-identical. One thread per set of
+    buffers (per chain), so chains on a many-core worker do not queue behind each other's additions; it
+    ends when the buffers are dropped. :meth:`settle` waits for the pending additions; the accumulators
+    call it before anyone reads their totals, and pickling settles first and keeps no buffer.
 
     Parameters
     ----------
@@ -482,6 +469,7 @@ class FlushBuffers:
         self._arrays: list = [None] * self.depth
         self._pending: list = [None] * self.depth
         self._next = 0
+        self._thread = None  # a one-thread executor, started by the first hand-over
 
     def take(self, p: int, dtype) -> tuple[int, np.ndarray]:
         """The next free buffer (``p x p``, Fortran-ordered, ``dtype``), after its previous addition is done."""
@@ -498,7 +486,11 @@ class FlushBuffers:
         if self.depth == 1:
             pack_lower(self._arrays[i].T, out=out)
         else:
-            self._pending[i] = _packer().submit(pack_lower, self._arrays[i].T, out)
+            if self._thread is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="snrmoe-pack")
+            self._pending[i] = self._thread.submit(pack_lower, self._arrays[i].T, out)
 
     def _wait(self, i: int) -> None:
         f, self._pending[i] = self._pending[i], None
@@ -522,8 +514,8 @@ class CellAccumulator:
     """Streaming per-cell accumulation with large, in-place BLAS calls.
 
     Rows are appended to per-cell buffers. A full buffer is multiplied out by
-    one ``syrk`` (``C <- A^T A``) into the accumulator's single
-    working-precision scratch matrix, whose triangle is then added into the
+    one ``syrk`` (``C <- A^T A``) into one of the chain's two
+    working-precision scratch matrices, whose triangle is then added into the
     cell's packed float64 total (on a second thread while the next flush
     computes, :class:`FlushBuffers`). Float32 products therefore sum at most
     ``flush_rows`` rows before they reach float64. Buffers are allocated

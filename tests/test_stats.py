@@ -297,15 +297,15 @@ def test_flushes_added_on_the_pack_thread_equal_synchronous_flushes_bit_for_bit(
 
 def test_pickling_an_accumulator_waits_for_its_pending_additions():
     import pickle
-    import time
-
-    from snrmoe_dask.stats import _packer
+    import threading
 
     x, y, cell = _data(4)
     a, _ = _accumulate(x, y, cell, 2)
     a.flush_all()
-    _packer().submit(time.sleep, 0.5)  # the pack thread is busy: the next additions wait in its queue
-    a.add(x[:40], y[:40], np.zeros(40, np.int64))  # 40 rows of cell 0: 5 flushes of 7 rows, their additions queued
+    gate = threading.Event()
+    threading.Timer(0.5, gate.set).start()
+    a._scratch._thread.submit(gate.wait)  # the pack thread is held: the next two additions wait in its queue
+    a.add(x[:14], y[:14], np.zeros(14, np.int64))  # two flushes of 7 rows of cell 0, one per buffer: no wait here
     copy = pickle.loads(pickle.dumps(a))  # a dask spill or transfer of a chain mid-pass
     np.testing.assert_array_equal(copy.flush_all().xtx, a.flush_all().xtx)
     assert copy.stats.n[0] == a.stats.n[0]
