@@ -138,12 +138,14 @@ def _save(res: dict, complete: bool) -> None:
 
 
 def _commit() -> str:
-    """The measured commit's short hash (``-dirty`` when the tree has changes; ``unknown`` outside git)."""
+    """The measured commit's short hash (``-dirty`` when the tree has changes outside ``benchmarks/results``,
+    which this run writes itself before it is complete; ``unknown`` outside git)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], capture_output=True, text=True,
+                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")

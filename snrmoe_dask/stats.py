@@ -423,7 +423,7 @@ def memory_bytes(n_cells: int, n_features: int, flush_rows: int, precision: str 
     buffers (K B P w).
     """
     item = 4 if precision == "float32" else 8
-    return (n_cells * tri_size(n_features) * 8 + FlushBuffers().depth * n_features * n_features * item
+    return (n_cells * tri_size(n_features) * 8 + FLUSH_DEPTH * n_features * n_features * item
             + n_cells * flush_rows * n_features * item)
 
 
@@ -446,6 +446,10 @@ def symmetrize_lower(m: np.ndarray, tile: int = 64) -> np.ndarray:
     return m
 
 
+#: scratch matrices a chain's flushes rotate through (:class:`FlushBuffers`): one computes while the other is added
+FLUSH_DEPTH = 2
+
+
 class FlushBuffers:
     """The ``P x P`` working-precision matrices the accumulators of one chain flush through.
 
@@ -464,7 +468,7 @@ class FlushBuffers:
         Buffers in rotation; 1 adds synchronously (one buffer, no pack thread).
     """
 
-    def __init__(self, depth: int = 2):
+    def __init__(self, depth: int = FLUSH_DEPTH):
         self.depth = max(1, int(depth))
         self._arrays: list = [None] * self.depth
         self._pending: list = [None] * self.depth
