@@ -47,6 +47,7 @@ from threadpoolctl import threadpool_limits
 
 import snrmoe_dask.experts
 import snrmoe_dask.ridge
+import snrmoe_dask.twostage
 from snrmoe_dask.config import FitConfig
 from snrmoe_dask.experts import expert_specs, fit_experts
 from snrmoe_dask.ridge import ridge_alphas, solve_ridge, spectrum
@@ -158,16 +159,23 @@ def main() -> None:
     out: dict = {"experts": len(specs), "cells": stats.n_cells, "pixels": stats.n_features, "cores": cores,
                  "precision": args.precision, "train_rows": float(stats.n.sum())}
 
-    def solve_all(scheduler: str, blas: int) -> float:
+    def solve_all(at_once: int, two_stage: bool) -> float:
+        """Every expert, ``at_once`` solves at a time on ``cores // at_once`` BLAS threads each."""
+        blas = max(1, cores // at_once)
         lazy = fit_experts(stats, specs, fit.alphas_relative, fit.min_cell_rows, fit.max_df_fraction, args.precision,
-                           blas_threads=blas, one_at_a_time=scheduler == "sync")
-        t0 = time.perf_counter()
-        with threadpool_limits(blas), dask.config.set(scheduler=scheduler, num_workers=cores):
-            dask.compute(lazy)
-        return time.perf_counter() - t0
+                           blas_threads=blas, at_once=at_once)
+        saved = snrmoe_dask.twostage.AVAILABLE
+        snrmoe_dask.twostage.AVAILABLE = saved and two_stage  # spectrum() reads it at each call
+        try:
+            t0 = time.perf_counter()
+            with threadpool_limits(blas), dask.config.set(scheduler="threads", num_workers=at_once):
+                dask.compute(lazy)
+            return time.perf_counter() - t0
+        finally:
+            snrmoe_dask.twostage.AVAILABLE = saved
 
     with KernelCounts() as counts:
-        out["serial_s"] = solve_all("sync", cores)
+        out["serial_s"] = solve_all(1, False)
     out["kernels_in_serial"] = {k: {"calls": n, "seconds": round(sec, 2)} for k, (n, sec) in counts.calls.items()}
     kern = kernel_seconds(stats.n_features, args.precision, cores)
     out.update({f"kernel_{k}": v for k, v in kern.items()})
@@ -182,7 +190,10 @@ def main() -> None:
     full_chol = len(specs) + sum(1 for s in specs if s.shrink)
     out["full_rank_floor_s"] = full_red * kern["reduction_s"] + full_chol * kern["cholesky_s"]
     out["full_rank_counts"] = {"reductions": full_red, "choleskys": full_chol}
-    out["threads_s"] = solve_all("threads", 1)
+    out["threads_s"] = solve_all(cores, False)
+    if snrmoe_dask.twostage.AVAILABLE:
+        out["two_stage_serial_s"] = solve_all(1, True)
+        out["two_stage_threads_s"] = solve_all(cores, True)
     big = [s for s in specs if not s.shrink and float(stats.n[list(s.cells)].sum()) >= fit.min_cell_rows]
     sample = big[:: max(1, len(big) // args.peer_sample)][: args.peer_sample]
     same, t_tri, t_eigh = [], 0.0, 0.0

@@ -61,10 +61,9 @@ def _trim_heap() -> int:
     import ctypes
     import ctypes.util
 
-    from .stats import process_scratch
+    from .stats import clear_process_scratch
 
-    with process_scratch() as scratch:  # the solve buffers are only reused within a stage
-        scratch.clear()
+    clear_process_scratch()  # the solve buffers are only reused within a stage
     try:
         return int(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):  # not glibc: nothing to trim

@@ -135,8 +135,8 @@ def _solve_cells(stats, spec, twin, parent, parent_cells, relative_alphas, max_d
 
 
 def with_blas_threads(blas_threads: int | None, _after, fn, *args):
-    """``fn(*args)`` with ``blas_threads`` BLAS threads (a task); ``_after`` only orders the tasks, so solves
-    chained this way run one at a time with every core of the worker in the BLAS."""
+    """``fn(*args)`` with ``blas_threads`` BLAS threads (a task); ``_after`` only orders the tasks (a task or a
+    list of them): solves chained this way run one after another."""
     if blas_threads is None:
         return fn(*args)
     with threadpool_limits(limits=blas_threads, user_api="blas"):
@@ -145,33 +145,38 @@ def with_blas_threads(blas_threads: int | None, _after, fn, *args):
 
 def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[float], min_rows: int,
                 max_df_fraction: float = 1.0, search_precision: str = "float32", *,
-                blas_threads: int | None = None, one_at_a_time: bool = False, after=None) -> dict:
+                blas_threads: int | None = None, at_once: int | None = None, after=None) -> dict:
     """Lazy fits: ``{name: Delayed[dict]}``; each depends on ``stats`` and its parent.
 
     A hierarchical expert is fitted in the same task as the joint expert of
-    its cell (one tridiagonal reduction for both). With ``one_at_a_time``
-    each task also waits for the previous one, so a worker runs one solve at
-    a time with ``blas_threads`` BLAS threads: on 2 cores that is 1.3x faster
-    than two concurrent single-threaded solves (``benchmarks/expert_solves.py``).
-    ``after`` (a delayed task) is what the first solve waits for, with ``one_at_a_time``.
+    its cell (one reduction for both). With ``at_once = k`` the tasks form
+    ``k`` chains (task ``i`` also waits for task ``i - k``), so a worker runs
+    at most ``k`` solves at a time, each with ``blas_threads`` BLAS threads
+    and its own buffers (:func:`~snrmoe_dask.stats.process_scratch`). On 2
+    cores two single-threaded solves at once beat one solve on two BLAS
+    threads: the two-stage reduction's second stage runs on one core, and a
+    two-thread BLAS call stalls whenever another process takes a core
+    (``benchmarks/expert_solves.py``). ``after`` (a delayed task) is what the
+    first ``k`` solves wait for.
     """
     solve = dask.delayed(with_blas_threads, pure=True)
     tok = tokenize(getattr(stats, "key", None), list(relative_alphas), min_rows, max_df_fraction, search_precision,
-                   blas_threads, one_at_a_time)
+                   blas_threads, at_once)
     twins = {(s.cells, s.parent): s for s in specs if s.shrink}
     by_name = {s.name: s for s in specs}
     out: dict = {}
-    previous = after
+    tasks: list = []
     for spec in specs:
         if spec.shrink:
             continue  # fitted with its joint twin
         parent = out.get(spec.parent) if spec.parent else None
         twin = twins.get((spec.cells, spec.parent)) if spec.family == "oracle_joint" else None
         parent_cells = by_name[spec.parent].cells if (twin is not None and spec.parent) else None
-        task = solve(blas_threads, previous if one_at_a_time else None, solve_expert, stats, spec,
+        previous = None if not at_once else (tasks[-at_once] if len(tasks) >= at_once else after)
+        task = solve(blas_threads, previous, solve_expert, stats, spec,
                      list(relative_alphas), min_rows, parent, max_df_fraction, twin, search_precision, parent_cells,
                      dask_key_name=f"solve expert {spec.name}-{tok}")
-        previous = task
+        tasks.append(task)
         if twin is None:
             out[spec.name] = task
         else:

@@ -280,16 +280,18 @@ def solve_statistics(stats_d, bstats_d, specs: list[ExpertSpec], cfg: Config, mo
     are computed in the same call, so the solves start the moment the pass ends."""
     extra = {k: v for k, v in (extra or {}).items() if v is not None}
     baselines = tuple(cfg.fit.baselines) if bstats_d is not None else ()
-    # one solve at a time with all the worker's cores in the BLAS (the statistics live on one worker). The
-    # audit's and the baselines' solves join the queue; the audit's go first, so its Gram matrices (10 packed
-    # triangles, 0.67 GB at P = 4096) are released before the experts' solves add their buffers
+    # the statistics live on one worker: its threads run the solves, ``at_once`` at a time, each with its share of
+    # the BLAS threads. The audit's solves go first (alone, with every thread), so its Gram matrices (10 packed
+    # triangles, 0.67 GB at P = 4096) are released before the experts' solves add their buffers; the baselines
+    # come after every expert
     blas = _threads_per_worker(client)
+    at_once = min(cfg.fit.solves_at_once or blas, blas)
     serial = dask.delayed(with_blas_threads, pure=True)
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
-                         cfg.fit.alpha_search_precision, blas_threads=blas, one_at_a_time=True,
+                         cfg.fit.alpha_search_precision, blas_threads=max(1, blas // at_once), at_once=at_once,
                          after=extra.get("audit"))
     pca_d = dask.delayed(pca_from_stats)(stats_d, cfg.gates.n_pca) if cfg.gates.n_pca else dask.delayed(None)
-    last = list(fits_d.values())[-1]
+    last = list(fits_d.values())
     base_d = dask.delayed(None)
     if baselines:
         base_d = last = serial(blas, last, _fit_and_save_baselines, stats_d, bstats_d, cfg.fit.alphas_relative,

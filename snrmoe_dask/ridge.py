@@ -12,11 +12,16 @@ is the trace of the hat matrix of the design ``[1, X]``. Without it an
 expert with fewer rows than pixels sees ``n - df -> 1`` as ``alpha -> 0``
 and GCV rewards interpolation.
 
-The whole grid is scored from one Householder tridiagonalisation
-``G = Q T Q^T`` (LAPACK ``?sytrd``, :func:`spectrum`): ``T`` has the
-eigenvalues of ``G`` (``?sterf``, O(P^2)), and with ``q = Q^T b`` every
-``b.w = q.(T + aI)^-1 q`` and ``|w| = |(T + aI)^-1 q|`` is a tridiagonal
-solve, O(P) per alpha (an expert whose rows span at most a quarter of the
+The whole grid is scored from one orthogonal reduction ``G = Q B Q^T``
+(:func:`spectrum`), ``B`` banded: with ``q = Q^T b`` every
+``b.w = q.(B + aI)^-1 q`` and ``|w| = |(B + aI)^-1 q|`` is a band solve, and
+the degrees of freedom come from a tridiagonal ``T`` with the eigenvalues of
+``G``. LAPACK's two-stage reduction (:mod:`snrmoe_dask.twostage`) gives ``B``
+of half-bandwidth 32 from its first stage (BLAS 3) and ``T`` from its second;
+two of them run at once on one thread each without the memory contention of
+two one-stage ``?sytrd`` (then ``B = T``), which is used where the two-stage
+routines are missing. A band solve costs
+O(P kd^2) per alpha, a tridiagonal one O(P) (an expert whose rows span at most a quarter of the
 pixels is scored from the eigenpairs of its range instead, :func:`range_spectrum`,
 cheaper still). No eigenvectors are formed: the reduction is the
 O(P^3) step, about half the cost of an eigendecomposition with vectors, and
@@ -24,12 +29,13 @@ alpha is chosen with no further pass over the data. The reduction used to
 *score* the grid may be float32 (``ssytrd`` is ~2x faster than ``dsytrd``
 here, and ranking a half-decade grid is robust to float32 error; a test
 checks the choice against a float64 eigendecomposition); the chosen alpha is
-then *solved* exactly in float64, so the coefficients are the float64 Ridge
-solution: by Cholesky, or, for a low-rank cell, by iterative refinement in
-float64 with the eigenpairs of its range as the approximate inverse
-(:func:`refined_solve`: two steps, about 50 ms, reach a normwise backward
-error below ``REFINE_TOL``, where a Cholesky factorisation at P = 4096 costs
-0.28 s; the refinement hands over to Cholesky when it does not converge).
+then *solved* in float64 to the backward error of a float64 Cholesky
+solve: by iterative refinement with the scoring reduction (or, for a
+low-rank cell, the eigenpairs of its range) as the approximate inverse
+(:func:`refined_solve`: two to three steps, 0.13-0.18 s at P = 4096, reach a
+normwise backward error of about 1e-16, below ``REFINE_TOL``, where a
+Cholesky factorisation costs 0.3-0.5 s), handing over to Cholesky when it
+does not converge.
 Shrinking toward a prior ``w0`` (``min ||yc - Xc w||^2 + a ||w - w0||^2``)
 is the same problem for ``u = w - w0`` with ``b' = b - G w0`` and
 ``yy' = yy - 2 w0.b + w0.G w0``.
@@ -40,22 +46,23 @@ The intercept is ``ybar - xbar . w`` and is never penalised, as in
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import scipy.linalg
 import scipy.linalg.lapack
 
+from . import twostage
 from .stats import CenteredStats, Scratch
 
 __all__ = ["RidgeSolution", "RangeSpectrum", "Spectrum", "range_spectrum", "spectrum", "solve_ridge", "ridge_alphas",
            "ridge_coef", "cholesky_solve_in_place", "refined_solve", "REFINE_TOL"]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RidgeSolution:
     """One fitted expert.
 
@@ -100,15 +107,23 @@ def ridge_alphas(cs: CenteredStats, relative: Sequence[float]) -> np.ndarray:
     return np.asarray(relative, dtype=np.float64) * max(scale, np.finfo(float).tiny)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Spectrum:
-    """``G = Q T Q^T``: the Householder tridiagonal form of a centred Gram matrix (:func:`spectrum`).
+    """``G = Q B Q^T`` with ``B`` banded, and ``T`` tridiagonal with ``B``'s eigenvalues (:func:`spectrum`).
+
+    From the one-stage reduction ``?sytrd`` (``kd = 1``), ``B = T``. From the
+    two-stage one (:mod:`snrmoe_dask.twostage`), ``B`` is the band of width
+    ``kd`` left by the first stage, ``Q`` that stage's reflectors, and ``T``
+    the second stage's tridiagonal form of ``B`` (its reflectors are not kept):
+    the degrees of freedom come from ``T``, the residuals from solves with
+    ``B + aI`` on ``Q^T b``.
 
     Attributes
     ----------
     reflectors : ndarray of shape (P, P)
-        ``?sytrd``'s output (lower): the Householder vectors below the subdiagonal.
-    tau : ndarray of shape (P - 1,)
+        The reduction's output: the Householder vectors of ``Q`` below the
+        ``kd``-th subdiagonal (a QR factorisation of ``reflectors[kd:, :P - kd]``).
+    tau : ndarray of shape (P - kd,)
     diag, offdiag : ndarray of shape (P,), (P - 1,)
         ``T``, float64.
     eigenvalues : ndarray of shape (P,) or None
@@ -118,7 +133,11 @@ class Spectrum:
     shift : float
         ``max(0, -lambda_min(T))``: rounding can leave ``T`` slightly
         indefinite; the shift makes it positive semi-definite, and the same
-        shifted ``T`` gives both the degrees of freedom and the residuals.
+        shifted matrix gives both the degrees of freedom and the residuals.
+    kd : int
+        Half-bandwidth of ``B`` (1: ``B`` is ``T``).
+    band : ndarray of shape (kd + 1, P) or None
+        ``B`` in LAPACK's lower band storage, float64 (``None`` when ``kd = 1``).
     """
 
     reflectors: np.ndarray
@@ -127,6 +146,8 @@ class Spectrum:
     offdiag: np.ndarray
     eigenvalues: np.ndarray | None
     shift: float
+    kd: int = 1
+    band: np.ndarray | None = None
 
     def dof(self, alphas: np.ndarray) -> np.ndarray:
         """``sum d / (d + a) = P - a tr((T + shift I + a I)^-1)`` for each ``a > 0``, O(P) per alpha.
@@ -167,10 +188,10 @@ class Spectrum:
 
     @cached_property
     def _householder(self) -> np.ndarray:
-        """The reflectors as ``?ormqr`` takes them (``Q`` acts on rows 1..P-1 as the ``Q`` of a QR
-        factorisation whose vectors sit below the diagonal of ``reflectors[1:, :-1]``), float64 and
+        """The reflectors as ``?ormqr`` takes them (``Q`` acts on rows kd..P-1 as the ``Q`` of a QR
+        factorisation whose vectors sit below the diagonal of ``reflectors[kd:, :P - kd]``), float64 and
         Fortran-ordered: cast once per reduction, shared by every :meth:`rotate`."""
-        return np.asfortranarray(self.reflectors[1:, :-1], dtype=np.float64)
+        return np.asfortranarray(self.reflectors[self.kd:, :self.reflectors.shape[0] - self.kd], dtype=np.float64)
 
     def rotate(self, b: np.ndarray) -> np.ndarray:
         """``Q^T b`` for b of shape (P,) or (P, k), in float64.
@@ -178,28 +199,64 @@ class Spectrum:
         One blocked ``dormqr`` on the float64 reflectors (23 ms per column at P = 4096 here, against
         75 ms for applying the P - 1 reflectors one by one in NumPy, to 3e-15).
         """
+        return self._apply_q(b, "T")
+
+    def unrotate(self, q: np.ndarray) -> np.ndarray:
+        """``Q q`` (the inverse of :meth:`rotate`), in float64."""
+        return self._apply_q(q, "N")
+
+    def _apply_q(self, b: np.ndarray, trans: str) -> np.ndarray:
         out = np.array(b, dtype=np.float64, copy=True)
         vec = out.ndim == 1
         out = out[:, None] if vec else out
-        if out.shape[0] > 1:  # Q = H(1) ... H(P-1) acts on rows 1..P-1
+        kd = self.kd
+        if out.shape[0] > kd:  # Q = H(1) ... H(P-kd) acts on rows kd..P-1
             a, dormqr = self._householder, scipy.linalg.lapack.dormqr
-            rest = np.asfortranarray(out[1:])
-            lwork = max(1, int(dormqr("L", "T", a, self.tau, rest, -1)[1][0]))
-            cq, _, info = dormqr("L", "T", a, self.tau, rest, lwork, overwrite_c=1)
+            rest = np.asfortranarray(out[kd:])
+            lwork = max(1, int(dormqr("L", trans, a, self.tau, rest, -1)[1][0]))
+            cq, _, info = dormqr("L", trans, a, self.tau, rest, lwork, overwrite_c=1)
             if info != 0:  # pragma: no cover - LAPACK reports an illegal argument only
                 raise np.linalg.LinAlgError(f"dormqr failed (info={info})")
-            out[1:] = cq
+            out[kd:] = cq
         return out[:, 0] if vec else out
 
+    @cached_property
+    def largest(self) -> float:
+        """The largest eigenvalue of ``T + shift I`` (bisection, no full spectrum)."""
+        if self.eigenvalues is not None:
+            return float(self.eigenvalues[-1])
+        if self.diag.size < 2:
+            return float(self.diag[0] + self.shift)
+        n = self.diag.size
+        return float(scipy.linalg.eigvalsh_tridiagonal(self.diag, self.offdiag, select="i", select_range=(n - 1, n - 1),
+                                                       check_finite=False)[0]) + self.shift
+
+    def approx_inverse(self, r: np.ndarray, alpha: float) -> np.ndarray:
+        """``(G + alpha I)^-1 r`` with ``G`` taken as the reduction ``Q B Q^T`` (exact up to the reduction's
+        rounding: float32 reflectors and band leave ~1e-7 relative error, which :func:`refined_solve` removes)."""
+        return self.unrotate(self.solve(self.rotate(r), alpha))
+
     def solve(self, q: np.ndarray, alpha: float) -> np.ndarray:
-        """``(T + (shift + alpha) I)^-1 q`` (tridiagonal, O(P))."""
+        """``(B + (shift + alpha) I)^-1 q``: O(P) for a tridiagonal ``B``, O(P kd^2) for a band."""
+        if self.band is not None:
+            ab = self.band.copy()
+            ab[0] += self.shift + alpha
+            try:  # positive definite for any alpha > 0 once shifted: band Cholesky
+                return scipy.linalg.solveh_banded(ab, q, lower=True, overwrite_ab=True, check_finite=False)
+            except np.linalg.LinAlgError:  # rounding at a tiny alpha: the band LU, as the tridiagonal path
+                full = np.zeros((2 * self.kd + 1, ab.shape[1]))
+                full[self.kd:] = self.band
+                full[self.kd] += self.shift + alpha
+                for i in range(1, self.kd + 1):  # the upper band mirrors the lower one
+                    full[self.kd - i, i:] = self.band[i, :-i]
+                return scipy.linalg.solve_banded((self.kd, self.kd), full, q, check_finite=False)
         d = self.diag + self.shift + alpha
         band = np.zeros((3, d.size))
         band[0, 1:], band[1], band[2, :-1] = self.offdiag, d, self.offdiag
         return scipy.linalg.solve_banded((1, 1), band, q, check_finite=False)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RangeSpectrum:
     """``G = V diag(d) V^T`` on the range of a Gram matrix of low rank (fewer rows than pixels).
 
@@ -213,6 +270,11 @@ class RangeSpectrum:
     def rotate(self, b: np.ndarray) -> np.ndarray:
         """``V^T b``."""
         return self.vectors.T @ b
+
+    @property
+    def largest(self) -> float:
+        """The largest eigenvalue (0 for an empty range)."""
+        return float(self.eigenvalues[-1]) if self.eigenvalues.size else 0.0
 
     def solve(self, q: np.ndarray, alpha: float) -> np.ndarray:
         """``(diag(d) + alpha I)^-1 q``."""
@@ -257,27 +319,46 @@ def range_spectrum(cs: CenteredStats, seed: int = 0, precision: str = "float64",
     return RangeSpectrum(eigenvalues=np.clip(d.astype(np.float64), 0.0, None), vectors=(q @ u).astype(np.float64))
 
 
-def spectrum(cs: CenteredStats, precision: str = "float64", scratch: Scratch | None = None) -> Spectrum | RangeSpectrum:
+#: half-bandwidth of the two-stage reduction's band: its two stages cost 1.1 + 0.4 s at P = 4096 here, with 16 or
+#: 64 the sum is the same or worse (the first stage slows with a narrow band, the second with a wide one)
+BAND_WIDTH = 32
+
+
+def spectrum(cs: CenteredStats, precision: str = "float64", scratch: Scratch | None = None,
+             two_stage: bool | None = None) -> Spectrum | RangeSpectrum:
     """What scores the alpha grid, in ``precision``: :func:`range_spectrum` when the rows span at most a
-    quarter of the pixels, else the tridiagonal form (``?sytrd``, blocked; in ``scratch``'s buffer
-    ``"reduce"`` if given, so the returned reflectors live there)."""
+    quarter of the pixels, else a reduction (in ``scratch``'s buffer ``"reduce"`` if given, so the returned
+    reflectors live there): LAPACK's two-stage one (:mod:`snrmoe_dask.twostage`) when it is available and
+    ``P > 4 kd``, else ``?sytrd``. ``two_stage`` forces one or the other (``True`` fails if the
+    two-stage routines were not found)."""
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
     p = cs.gram.shape[0]
     if 4 * (max(int(cs.n) - 1, 1) + _RANGE_OVERSAMPLE) <= p:
         return range_spectrum(cs, precision=precision, scratch=scratch)
-    lapack = scipy.linalg.lapack
-    sytrd, lwork = (lapack.ssytrd, lapack.ssytrd_lwork) if precision == "float32" else (lapack.dsytrd,
-                                                                                         lapack.dsytrd_lwork)
+    if two_stage and not twostage.AVAILABLE:
+        raise RuntimeError("the two-stage reduction (?sytrd_sy2sb, ?sytrd_sb2st) was not found in SciPy's LAPACK")
+    if two_stage is None:
+        two_stage = twostage.AVAILABLE and p > 4 * BAND_WIDTH
+    kd = min(BAND_WIDTH, p - 1) if two_stage else 1
     # symmetric: the transposed view of the copy is the same matrix in Fortran order (reduced in place)
     if scratch is None:
         work = cs.gram.astype(precision).T
     else:
         work = scratch.take("reduce", (p, p), precision, order="F")
         np.copyto(work.T, cs.gram, casting="same_kind")
-    c, d, e, tau, info = sytrd(work, lower=1, overwrite_a=1, lwork=max(1, int(lwork(p)[0])))
-    if info != 0:  # pragma: no cover - LAPACK reports an illegal argument only
-        raise np.linalg.LinAlgError(f"?sytrd failed (info={info})")
+    band = None
+    if two_stage and kd >= 1:
+        b, tau = twostage.band_reduce(work, kd)
+        d, e = twostage.band_to_tridiagonal(b, kd)
+        band = b.astype(np.float64)
+    else:
+        lapack = scipy.linalg.lapack
+        sytrd, lwork = (lapack.ssytrd, lapack.ssytrd_lwork) if precision == "float32" else (lapack.dsytrd,
+                                                                                             lapack.dsytrd_lwork)
+        work, d, e, tau, info = sytrd(work, lower=1, overwrite_a=1, lwork=max(1, int(lwork(p)[0])))
+        if info != 0:  # pragma: no cover - LAPACK reports an illegal argument only
+            raise np.linalg.LinAlgError(f"?sytrd failed (info={info})")
     d, e = d.astype(np.float64), e.astype(np.float64)
     if p > 1 and int(cs.n) - 1 >= p:  # full rank: only the smallest eigenvalue (bisection), for the shift
         lam, lam_min = None, float(scipy.linalg.eigvalsh_tridiagonal(d, e, select="i", select_range=(0, 0),
@@ -286,8 +367,9 @@ def spectrum(cs: CenteredStats, precision: str = "float64", scratch: Scratch | N
         lam = scipy.linalg.eigvalsh_tridiagonal(d, e, check_finite=False) if p > 1 else d.copy()
         lam_min = float(lam[0])
     shift = max(0.0, -lam_min)
-    return Spectrum(reflectors=c, tau=tau.astype(np.float64), diag=d, offdiag=e,
-                    eigenvalues=None if lam is None else lam + shift, shift=shift)
+    return Spectrum(reflectors=work, tau=tau.astype(np.float64), diag=d, offdiag=e,
+                    eigenvalues=None if lam is None else lam + shift, shift=shift, kd=kd if band is not None else 1,
+                    band=band)
 
 
 def _cholesky_lower(a: np.ndarray, alpha: float) -> tuple | None:
@@ -348,24 +430,28 @@ def _exact_solve(gram: np.ndarray, b: np.ndarray, alpha: float, factors: dict | 
 #: normwise backward error ``|b - (G + aI) w| / ((|G| + a) |w| + |b|)`` at which a refined solution is accepted: a
 #: float64 Cholesky solve reaches a few 1e-16 to 1e-15 at P = 4096
 REFINE_TOL = 1e-14
-_REFINE_STEPS = 4
+_REFINE_STEPS = 6
 
 
-def refined_solve(gram: np.ndarray, b: np.ndarray, alpha: float, spec: RangeSpectrum,
+def refined_solve(gram: np.ndarray, b: np.ndarray, alpha: float, spec: Spectrum | RangeSpectrum,
                   tol: float = REFINE_TOL, max_steps: int = _REFINE_STEPS) -> np.ndarray | None:
     """``(G + alpha I)^-1 b`` in float64 by iterative refinement, or ``None`` if it does not converge.
 
-    ``spec`` (a low-rank cell's range eigenpairs, float32 sketch or float64)
-    gives an approximate inverse ``M``; each step computes the residual
-    ``r = b - (G + alpha I) w`` in float64 from the full Gram matrix and adds
-    ``M r``. ``M`` contracts the error by about ``|G| eps_32 / alpha`` per step
-    (the sketch's rounding, and the rounding-level eigenvalues off the range),
-    so at the penalties GCV picks for such cells two steps reach ``tol``; at a
-    tiny alpha it does not, and the caller factors ``G + alpha I`` instead.
+    ``spec`` (the float32 or float64 reduction that scored the grid, or a
+    low-rank cell's range eigenpairs) gives an approximate inverse ``M``; each
+    step computes the residual ``r = b - (G + alpha I) w`` in float64 from the
+    full Gram matrix and adds ``M r``. ``M`` contracts the error by about
+    ``|G| eps_32 / alpha`` per step (the float32 reduction's rounding; for a
+    range, also the rounding-level eigenvalues off it): at the 1M study's
+    statistics and the penalties GCV picks, two to three steps reach a
+    backward error of 1e-16 (a float64 Cholesky solve: 2e-17 to 6e-17) in
+    0.13-0.18 s, where the Cholesky factorisation costs 0.3 s on two threads
+    and 0.5 s on one. At a tiny alpha it does not converge in ``max_steps``,
+    and the caller factors ``G + alpha I`` instead.
     """
     if alpha <= 0:
         return None
-    scale = float(spec.eigenvalues[-1]) + alpha if spec.eigenvalues.size else alpha
+    scale = spec.largest + alpha
     b_norm = float(np.linalg.norm(b))
     w = spec.approx_inverse(b, alpha)
     for _ in range(max_steps):
@@ -420,8 +506,8 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
     spec : Spectrum or RangeSpectrum, optional
         A precomputed :func:`spectrum` of ``cs`` (experts sharing a Gram
         matrix share the O(P^3) step); it may be a float32 reduction. The
-        coefficients are always the float64 solution (Cholesky, or
-        :func:`refined_solve` from a range spectrum).
+        coefficients are always the float64 solution (:func:`refined_solve` with ``spec``, or Cholesky
+        where that does not converge).
     factors : dict, optional
         Cholesky factors of ``G + alpha I`` by alpha, shared by solves of the
         same Gram matrix (filled as they are computed).
@@ -443,7 +529,7 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
         raise ValueError(f"alphas must be a non-empty list of non-negative values, got {grid}")
     if sp.eigenvalues is None and np.any(grid == 0):  # df at alpha = 0 counts eigenvalues: compute them
         lam = scipy.linalg.eigvalsh_tridiagonal(sp.diag, sp.offdiag, check_finite=False) + sp.shift
-        sp = Spectrum(sp.reflectors, sp.tau, sp.diag, sp.offdiag, lam, sp.shift)
+        sp = dataclasses.replace(sp, eigenvalues=lam)
     d, q = sp.eigenvalues, sp.rotate(b)
     rss, df = np.empty(grid.shape), np.empty(grid.shape)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -470,7 +556,7 @@ def solve_ridge(cs: CenteredStats, alphas: Sequence[float], prior: np.ndarray | 
     else:
         best = int(np.argmax(grid))
     a = grid[best]
-    w = refined_solve(cs.gram, b, a, sp) if isinstance(sp, RangeSpectrum) else None
+    w = refined_solve(cs.gram, b, a, sp)
     if w is None:
         w = _exact_solve(cs.gram, b, a, factors, scratch)
     if prior is not None:

@@ -50,8 +50,8 @@ from .blas import syrk_update
 from .zarrstore import consolidate
 
 __all__ = ["SufficientStats", "CellAccumulator", "FlushBuffers", "CenteredStats", "Scratch", "process_scratch",
-           "impute_bad_pixels", "memory_bytes", "symmetrize_lower", "tri_size", "pack_lower", "unpack_lower",
-           "unpack_symmetric", "packed_quadratic"]
+           "clear_process_scratch", "impute_bad_pixels", "memory_bytes", "symmetrize_lower", "tri_size", "pack_lower",
+           "unpack_lower", "unpack_symmetric", "packed_quadratic"]
 
 
 # ---------------------------------------------------------------- packed triangles
@@ -62,8 +62,8 @@ class Scratch:
     as much as its Cholesky factorisation; an expert's solve used to allocate
     six of them. Buffers are kept by name, shape and dtype; whatever a solve
     builds in them (a Gram matrix, a factor) is valid until the next call
-    that takes the same buffer. :func:`process_scratch` lends the
-    process's one.
+    that takes the same buffer. :func:`process_scratch` lends one of the
+    process's sets.
     """
 
     def __init__(self):
@@ -84,15 +84,30 @@ class Scratch:
         return len(self._bufs)
 
 
-_SCRATCH, _SCRATCH_LOCK = Scratch(), threading.Lock()
+_FREE_SCRATCH: list[Scratch] = []  # the process's sets not lent at the moment
+_SCRATCH_LOCK = threading.Lock()
 
 
 @contextmanager
 def process_scratch():
-    """The process's one :class:`Scratch`, held for a whole solve: solves that use it run one after another,
-    so a worker keeps one set of buffers however many of its threads solve."""
+    """Lend one of the process's :class:`Scratch` sets for a whole solve: a free one, or a new one if every
+    set is lent. Solves that run one after another reuse one set; solves that run at once (one per thread)
+    each hold their own, so a worker keeps as many sets as it ever ran solves at once."""
     with _SCRATCH_LOCK:
-        yield _SCRATCH
+        scratch = _FREE_SCRATCH.pop() if _FREE_SCRATCH else Scratch()
+    try:
+        yield scratch
+    finally:
+        with _SCRATCH_LOCK:
+            _FREE_SCRATCH.append(scratch)
+
+
+def clear_process_scratch() -> int:
+    """Drop the buffers of every set not lent at the moment (a stage is over); returns how many were dropped."""
+    with _SCRATCH_LOCK:
+        dropped = sum(len(s) for s in _FREE_SCRATCH)
+        _FREE_SCRATCH.clear()
+    return dropped
 
 
 def tri_size(p: int) -> int:

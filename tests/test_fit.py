@@ -255,3 +255,41 @@ def test_auto_checkpoint_cadence_never_writes_more_than_it_saves_reading():
     assert auto_checkpoint_every(_layout(1_000_000, 2048, 4096), 2, 47, 0.0) == -(-245 // 4)
     # a narrow cube with one cell: the ratio bound is a single chunk
     assert auto_checkpoint_every(_layout(100_000, 1000, 64), 1, 1, 2.0) == 25
+
+
+def test_solves_at_once_in_chains_equal_solves_one_after_another():
+    """``fit_experts(at_once=2)``: every solve waits for the one two places before it (a worker runs two at a
+    time) and the fits equal the one-at-a-time fits (the same alpha, coefficients to rounding), on cells with
+    more and with fewer rows than pixels (reductions and sketches; two-stage where LAPACK has it)."""
+    from dask.core import get_dependencies
+
+    from snrmoe_dask.experts import expert_specs, fit_experts
+    from snrmoe_dask.stats import CellAccumulator
+
+    rng = np.random.default_rng(8)
+    p, snr_names, phys_names = 160, ["L", "H"], ["T0_M0", "T0_M1"]
+    rows = np.array([400, 60, 300, 250])  # per cell: a full-rank reduction, a sketch, two reductions
+    cells = np.repeat(np.arange(4), rows)
+    x = rng.normal(size=(cells.size, p)) @ rng.normal(size=(p, p)) * 0.1 + rng.normal(size=p)
+    y = x[:, :8].sum(1) + rng.normal(size=cells.size)
+    acc = CellAccumulator(4, x.mean(0), precision="float64")
+    acc.add(x, y, cells)
+    stats = acc.finalize()
+    specs = expert_specs(snr_names, phys_names)
+    alphas = np.logspace(-3, 3, 13).tolist()
+    one = fit_experts(stats, specs, alphas, 10, 0.5, "float64", blas_threads=1, at_once=1)
+    two = fit_experts(stats, specs, alphas, 10, 0.5, "float64", blas_threads=1, at_once=2)
+    graph: dict = {}
+    for d in two.values():
+        graph.update(dict(d.__dask_graph__()))
+    solves = [k for k in graph if str(k).startswith("solve expert")]
+    order = {k: i for i, k in enumerate(sorted(solves, key=lambda k: [s.name for s in specs].index(
+        str(k).split(" ", 2)[2].rsplit("-", 1)[0])))}
+    for k, i in order.items():
+        waits = {d for d in get_dependencies(graph, k) if d in order}
+        assert {d for d, j in order.items() if j == i - 2} <= waits, (k, waits)
+    (a,), (b,) = dask.compute(one, scheduler="sync"), dask.compute(two, scheduler="threads", num_workers=2)
+    for name in a:
+        assert a[name]["alpha"] == b[name]["alpha"], name
+        scale = np.abs(a[name]["coef"]).max()
+        np.testing.assert_allclose(b[name]["coef"], a[name]["coef"], rtol=1e-9, atol=1e-12 * scale)

@@ -147,12 +147,17 @@ def _eigh_gcv(cs, alphas, prior=None):
     return np.array(out)
 
 
+_REDUCTIONS = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not __import__("snrmoe_dask.twostage").twostage.AVAILABLE, reason="no two-stage reduction in this LAPACK"))]
+
+
 @pytest.mark.parametrize("n_rows", [100, 300, 1500])  # rows spanning < P/4 (range), < P and > P pixels
 @pytest.mark.parametrize("precision", ["float32", "float64"])
-def test_tridiagonal_grid_scores_choose_the_exact_gcv_alpha_on_simulated_spectra(n_rows, precision):
-    """Scoring from ``?sytrd`` (no eigenvectors), or from the range of a low-rank Gram matrix, equals a float64
-    eigendecomposition's GCV and its choice, on spectra of the simulator (correlated pixels, a wide spectrum),
-    with and without a shrinkage prior."""
+@pytest.mark.parametrize("two_stage", _REDUCTIONS)
+def test_tridiagonal_grid_scores_choose_the_exact_gcv_alpha_on_simulated_spectra(n_rows, precision, two_stage):
+    """Scoring from a reduction (``?sytrd``, or the two-stage one: no eigenvectors either way), or from the
+    range of a low-rank Gram matrix, equals a float64 eigendecomposition's GCV and its choice, on spectra of the
+    simulator (correlated pixels, a wide spectrum), with and without a shrinkage prior."""
     from snrmoe_dask.config import FitConfig, SimulateConfig
     from snrmoe_dask.ridge import spectrum
     from snrmoe_dask.simulate import simulate_block
@@ -164,8 +169,10 @@ def test_tridiagonal_grid_scores_choose_the_exact_gcv_alpha_on_simulated_spectra
     acc.add(x, y, np.zeros(n_rows, np.int64))
     cs = acc.finalize().cells([0])
     grid = ridge_alphas(cs, FitConfig().alphas_relative)
-    sp = spectrum(cs, precision)
+    sp = spectrum(cs, precision, two_stage=two_stage)
     assert type(sp).__name__ == ("RangeSpectrum" if n_rows == 100 else "Spectrum")
+    if n_rows > 100:
+        assert (sp.kd > 1) == two_stage and (sp.band is not None) == two_stage
     top = min(n_rows - 1, x.shape[1])  # the eigenvalues the rows span (the rest are zero)
     tol = 1e-11 if precision == "float64" else 1e-5
     full_rank = n_rows - 1 >= x.shape[1]  # then the degrees of freedom come from a tridiagonal trace
@@ -216,27 +223,47 @@ def test_an_indefinite_system_is_solved_exactly_not_by_least_squares():
     np.testing.assert_allclose(_exact_solve(singular, b, 0.0, scratch=scratch), np.zeros(40), atol=1e-12)
 
 
+def _dense_band(band: np.ndarray) -> np.ndarray:
+    """The symmetric matrix of a lower band storage ``band[i - j, j]``."""
+    kd, p = band.shape[0] - 1, band.shape[1]
+    out = np.zeros((p, p))
+    for i in range(kd + 1):
+        out += np.diag(band[i, :p - i], -i) + (np.diag(band[i, :p - i], i) if i else 0)
+    return out
+
+
 @pytest.mark.parametrize("precision", ["float32", "float64"])
-def test_rotation_by_the_reflectors_gives_the_tridiagonal_form(precision):
-    """``Spectrum.rotate`` applies ``Q^T``: ``Q^T G Q`` is the reduction's tridiagonal ``T``, ``Q`` is orthogonal
-    (norms kept, to the precision its float32 reflectors hold it), and a block of columns rotates as its
-    columns one by one."""
+@pytest.mark.parametrize("two_stage", _REDUCTIONS)
+def test_rotation_by_the_reflectors_gives_the_reduced_form(precision, two_stage):
+    """``Spectrum.rotate`` applies ``Q^T``: ``Q^T G Q`` is the reduction's band ``B`` (``T`` itself for
+    ``?sytrd``; the first stage's band for the two-stage reduction, whose tridiagonal ``T`` has ``G``'s
+    eigenvalues), ``Q`` is orthogonal (norms kept, to the precision its float32 reflectors hold it), a block of
+    columns rotates as its columns one by one, and a solve with the shifted band is NumPy's dense solve."""
     from snrmoe_dask.ridge import Spectrum, spectrum
     from snrmoe_dask.stats import CenteredStats
 
     rng = np.random.default_rng(3)
-    for p in (2, 3, 60):
+    for p in (2, 3, 60, 200):
         x = rng.normal(size=(4 * p + 40, p)) @ rng.normal(size=(p, p))
         g = x.T @ x
-        sp = spectrum(CenteredStats(float(x.shape[0]), np.zeros(p), 0.0, g, np.zeros(p), 1.0), precision)
-        assert isinstance(sp, Spectrum)
+        sp = spectrum(CenteredStats(float(x.shape[0]), np.zeros(p), 0.0, g, np.zeros(p), 1.0), precision,
+                      two_stage=two_stage)
+        assert isinstance(sp, Spectrum) and (sp.band is not None) == two_stage
         t = np.diag(sp.diag) + np.diag(sp.offdiag, 1) + np.diag(sp.offdiag, -1)
         qtgq = sp.rotate(sp.rotate(g).T)  # (Q^T G Q)^T = Q^T G Q
         tol = 1e-13 if precision == "float64" else 2e-6
-        np.testing.assert_allclose(qtgq, t, rtol=0, atol=tol * np.abs(g).max())
+        b_dense = _dense_band(sp.band) if two_stage else t
+        np.testing.assert_allclose(qtgq, b_dense, rtol=0, atol=tol * np.abs(g).max())
+        np.testing.assert_allclose(np.linalg.eigvalsh(t), np.linalg.eigvalsh(g), rtol=0,
+                                   atol=10 * tol * np.abs(g).max())
+        q = rng.normal(size=p)
+        a = 1e-3 * np.abs(g).max()
+        np.testing.assert_allclose(sp.solve(q, a), np.linalg.solve(b_dense + (sp.shift + a) * np.eye(p), q),
+                                   rtol=1e-9)
         b = rng.normal(size=(p, 3))
         np.testing.assert_allclose(np.linalg.norm(sp.rotate(b), axis=0), np.linalg.norm(b, axis=0), rtol=tol)
-        np.testing.assert_array_equal(sp.rotate(b)[:, 1], sp.rotate(b[:, 1]))
+        np.testing.assert_allclose(sp.rotate(b)[:, 1], sp.rotate(b[:, 1]), rtol=0, atol=1e-13 * np.abs(b).max())
+        np.testing.assert_allclose(sp.unrotate(sp.rotate(b)), b, rtol=0, atol=tol * np.abs(b).max())
 
 
 def test_in_place_cholesky_reads_only_the_lower_triangle():
@@ -326,3 +353,46 @@ def test_a_low_rank_cell_is_solved_by_refinement_to_the_float64_solution():
     assert refined_solve(cs.gram, cs.xty, tiny, sp) is None  # no contraction: not accepted
     sol = solve_ridge(cs, [], fixed_alpha=tiny, spec=sp)
     np.testing.assert_array_equal(sol.coef, _exact_solve(cs.gram, cs.xty, tiny))  # the factorisation's answer
+
+
+@pytest.mark.skipif(not __import__("snrmoe_dask.twostage").twostage.AVAILABLE, reason="no two-stage LAPACK")
+def test_an_indefinite_band_is_solved_by_the_band_lu():
+    """Rounding can leave the shifted band indefinite at a tiny alpha: its Cholesky then fails and the band LU
+    solves it, equal to NumPy's dense solve (as the tridiagonal path always did)."""
+    from snrmoe_dask.ridge import Spectrum
+
+    rng = np.random.default_rng(5)
+    p, kd = 40, 3
+    band = rng.normal(size=(kd + 1, p))
+    band[0] = rng.uniform(-1.0, 1.0, p)  # an indefinite symmetric band
+    band[1:, -kd:] = 0.0
+    for i in range(1, kd + 1):
+        band[i, p - i:] = 0.0  # storage past the last row is unused
+    dense = _dense_band(band)
+    assert np.linalg.eigvalsh(dense)[0] < 0
+    sp = Spectrum(reflectors=np.zeros((p, p)), tau=np.zeros(p - kd), diag=np.zeros(p), offdiag=np.zeros(p - 1),
+                  eigenvalues=None, shift=0.0, kd=kd, band=band)
+    q = rng.normal(size=p)
+    np.testing.assert_allclose(sp.solve(q, 1e-6), np.linalg.solve(dense + 1e-6 * np.eye(p), q), rtol=1e-8)
+
+
+def test_the_two_stage_routines_are_found_where_scipy_links_lapack():
+    """The wheels' OpenBLAS exports them (a SciPy built on a LAPACK older than 3.7 would not: ?sytrd then)."""
+    from snrmoe_dask import twostage
+
+    if not twostage.AVAILABLE:
+        pytest.skip("no two-stage reduction in this LAPACK: the one-stage path is tested instead")
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(300, 150))
+    g = x.T @ x
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-6)):
+        work = np.asfortranarray(g.astype(dtype))
+        band, tau = twostage.band_reduce(work, 16)
+        assert band.shape == (17, 150) and tau.shape == (134,)
+        kept = band.copy()
+        d, e = twostage.band_to_tridiagonal(band, 16)
+        np.testing.assert_array_equal(band, kept)  # not modified
+        t = np.diag(d.astype(float)) + np.diag(e.astype(float), 1) + np.diag(e.astype(float), -1)
+        np.testing.assert_allclose(np.linalg.eigvalsh(t), np.linalg.eigvalsh(g), rtol=0, atol=tol * np.abs(g).max())
+    with pytest.raises(ValueError, match="kd"):
+        twostage.band_reduce(np.asfortranarray(g), 150)

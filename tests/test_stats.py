@@ -319,3 +319,35 @@ def test_a_failed_addition_on_the_pack_thread_is_raised_where_the_totals_are_rea
     with pytest.raises(ValueError):
         buffers.settle()
     buffers.settle()  # reported once; the buffers stay usable
+
+
+def test_solves_at_once_borrow_their_own_scratch_and_solves_in_turn_reuse_one():
+    """``process_scratch`` lends a set per concurrent solve (two threads never write one buffer) and the same
+    set to solves that follow each other; ``clear_process_scratch`` drops the sets not lent."""
+    import threading
+
+    from snrmoe_dask.stats import clear_process_scratch, process_scratch
+
+    clear_process_scratch()
+    with process_scratch() as first:
+        pass
+    with process_scratch() as again:
+        assert again is first
+    both_in = threading.Barrier(2)
+    seen: list = []
+
+    def solve():
+        with process_scratch() as s:
+            s.take("gram", (8, 8), np.float64)
+            seen.append(s)
+            both_in.wait(timeout=10)  # the other thread holds its set now too
+
+    threads = [threading.Thread(target=solve) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 2 and seen[0] is not seen[1]
+    assert clear_process_scratch() == 2  # one buffer in each of the two sets
+    with process_scratch() as fresh:
+        assert len(fresh) == 0
