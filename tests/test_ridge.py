@@ -396,3 +396,38 @@ def test_the_two_stage_routines_are_found_where_scipy_links_lapack():
         np.testing.assert_allclose(np.linalg.eigvalsh(t), np.linalg.eigvalsh(g), rtol=0, atol=tol * np.abs(g).max())
     with pytest.raises(ValueError, match="kd"):
         twostage.band_reduce(np.asfortranarray(g), 150)
+
+
+@pytest.mark.parametrize("two_stage", _REDUCTIONS)
+def test_a_full_rank_cell_is_solved_by_refinement_with_its_float32_reduction(two_stage):
+    """A cell of more rows than pixels (float32-accumulated): the float32 reduction that scored the grid is the
+    approximate inverse of a float64 refinement, whose solution has a backward error under ``REFINE_TOL`` and
+    equals the direct float64 solution; where it cannot converge in its steps (the steps cut to one here) the
+    Cholesky path answers instead."""
+    from snrmoe_dask.config import SimulateConfig
+    from snrmoe_dask.ridge import REFINE_TOL, Spectrum, _exact_solve, refined_solve, spectrum
+    from snrmoe_dask.simulate import simulate_block
+
+    n_rows, p = 900, 256
+    blk = simulate_block(SimulateConfig(n=n_rows, n_pixels=p, seed=6), 0, n_rows)
+    x, y = blk["flux"].astype(np.float64), blk["logg"]
+    acc = CellAccumulator(1, x[:32].mean(0), precision="float32", flush_rows=64)
+    acc.add(x, y, np.zeros(n_rows, np.int64))
+    cs = acc.finalize().cells([0])
+    sp = spectrum(cs, "float32", two_stage=two_stage)
+    assert isinstance(sp, Spectrum) and sp.eigenvalues is None  # full rank
+    np.testing.assert_allclose(sp.largest, np.linalg.eigvalsh(cs.gram)[-1], rtol=1e-5)
+    mean_eig = np.trace(cs.gram) / p
+    for rel in (1e-3, 1e-1, 10.0):
+        a = rel * mean_eig
+        direct = np.linalg.solve(cs.gram + a * np.eye(p), cs.xty)
+        w = refined_solve(cs.gram, cs.xty, a, sp)
+        assert w is not None, rel
+        r = cs.xty - cs.gram @ w - a * w
+        assert np.linalg.norm(r) <= REFINE_TOL * ((sp.largest + a) * np.linalg.norm(w) + np.linalg.norm(cs.xty))
+        np.testing.assert_allclose(w, direct, rtol=1e-9, atol=1e-12 * np.abs(direct).max())
+        np.testing.assert_array_equal(solve_ridge(cs, [], fixed_alpha=a, spec=sp).coef, w)
+    a = 1e-3 * mean_eig
+    assert refined_solve(cs.gram, cs.xty, a, sp, max_steps=1) is None  # one float32-accurate step: not accepted
+    np.testing.assert_allclose(_exact_solve(cs.gram, cs.xty, a), np.linalg.solve(cs.gram + a * np.eye(p), cs.xty),
+                               rtol=1e-9)
