@@ -89,6 +89,11 @@ def _threads_per_worker(client) -> int:
     return max(1, min(client.nthreads().values()))
 
 
+def _solves_at_once(cfg: Config, threads: int) -> int:
+    """Solves a worker of ``threads`` threads runs at a time (``fit.solves_at_once``, default one per thread)."""
+    return max(1, min(cfg.fit.solves_at_once or threads, threads))
+
+
 def _clock(_stats) -> float:
     return time.time()
 
@@ -216,7 +221,7 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
         audit_sol_d = None
         if audit is not None:
             audit_sol_d = dask.delayed(with_blas_threads, pure=True)(
-                blas, None, audit_solutions, audit_d, audit.n_groups, cfg.fit,
+                blas, None, audit_solutions, audit_d, audit.n_groups, cfg.fit, _solves_at_once(cfg, blas),
                 dask_key_name=f"solve audit-{stats_d.key}")
         solved = solve_statistics(stats_d, bstats_d if baselines else None, expert_specs(snr_names, phys_names), cfg,
                                   model_dir, client, progress, extra={"features": feats_d, "audit": audit_sol_d},
@@ -285,7 +290,7 @@ def solve_statistics(stats_d, bstats_d, specs: list[ExpertSpec], cfg: Config, mo
     # triangles, 0.67 GB at P = 4096) are released before the experts' solves add their buffers; the baselines
     # come after every expert
     blas = _threads_per_worker(client)
-    at_once = min(cfg.fit.solves_at_once or blas, blas)
+    at_once = _solves_at_once(cfg, blas)
     serial = dask.delayed(with_blas_threads, pure=True)
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
                          cfg.fit.alpha_search_precision, blas_threads=max(1, blas // at_once), at_once=at_once,

@@ -373,50 +373,60 @@ def importance_by_region(importance: np.ndarray, wavelength: np.ndarray, sky: np
 
 
 # ------------------------------------------------------------ solving and scoring
-def audit_solutions(st: AuditStats, n_groups: int, fit_cfg) -> dict:
+def audit_solutions(st: AuditStats, n_groups: int, fit_cfg, at_once: int = 1) -> dict:
     """Every Ridge of the big representations, solved where the statistics live (small arrays come back).
 
     Alpha by the fit's rule (``fit.alphas_relative``, ``fit.max_df_fraction``); every target of a
     representation shares one spectrum of its Gram matrix. Also: the group CV by magnitude (scored from
     each left-out group's statistics), the pixel importance of ``full`` for logg, and the rows of the small
-    representations.
+    representations. With ``at_once > 1`` that many Gram matrices are solved at a time, each on one BLAS
+    thread and in its own buffers (as the experts' solves).
     """
-    from .stats import process_scratch
+    from concurrent.futures import ThreadPoolExecutor
 
-    with process_scratch() as scratch:  # one Gram matrix per representation and row set, its targets share it
-        return _audit_solutions(st, n_groups, fit_cfg, scratch)
+    from threadpoolctl import threadpool_limits
 
-
-def _audit_solutions(st: AuditStats, n_groups: int, fit_cfg, scratch) -> dict:
     from .ridge import ridge_alphas, solve_ridge, spectrum
+    from .stats import process_scratch
 
     rel, cap, precision = fit_cfg.alphas_relative, fit_cfg.max_df_fraction, fit_cfg.alpha_search_precision
 
-    def solve_targets(rep: str, targets, cells) -> dict:
+    def solve_targets(job) -> dict:
         """Every target on one union of groups: one Gram matrix, one reduction, factors shared by alpha."""
-        first = st.stats(rep, targets[0]).cells(cells, scratch)
-        sp, factors, sols = spectrum(first, precision, scratch), {}, {}
-        for target in targets:
-            cs = first if target == targets[0] else st.stats(rep, target).cells(cells, same_gram=first)
-            sols[target] = (cs, solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=cap, spec=sp,
-                                            factors=factors, scratch=scratch))
-        return sols
+        rep, targets, cells = job
+        with process_scratch() as scratch:  # one Gram matrix per representation and row set, its targets share it
+            first = st.stats(rep, targets[0]).cells(cells, scratch)
+            sp, factors, sols = spectrum(first, precision, scratch), {}, {}
+            for target in targets:
+                cs = first if target == targets[0] else st.stats(rep, target).cells(cells, same_gram=first)
+                sol = solve_ridge(cs, ridge_alphas(cs, rel), max_df_fraction=cap, spec=sp, factors=factors,
+                                  scratch=scratch)
+                sols[target] = (sol, pixel_importance(sol.coef, np.diag(cs.gram), cs.n)
+                                if (rep, target) == ("full", "logg") else None)
+            return sols
 
     groups = [g for g in range(n_groups) if st.big["full"].n[g] > 0]
+    cv = [g for g in groups if len(groups) > 1]
+    jobs = [(r, TARGETS, groups) for r in _BIG] + [("full", ("logg", "snr"), [k for k in groups if k != g])
+                                                   for g in cv]
+    if at_once > 1 and len(jobs) > 1:
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(at_once) as pool:
+            solved = list(pool.map(solve_targets, jobs))
+    else:
+        solved = [solve_targets(job) for job in jobs]
     out: dict = {"solutions": {}, "n_per_group": st.big["full"].n.tolist(), "rows": st.rows,
                  "template": st.template, "group_cv": []}
-    for r in _BIG:
-        for target, (cs, sol) in solve_targets(r, TARGETS, groups).items():
+    for r, sols in zip(_BIG, solved):
+        for target, (sol, importance) in sols.items():
             out["solutions"][f"{r}/{target}"] = {"coef": sol.coef, "intercept": float(sol.intercept),
                                                  "alpha": float(sol.alpha)}
-            if (r, target) == ("full", "logg"):
-                out["importance"] = pixel_importance(sol.coef, np.diag(cs.gram), cs.n)
+            if importance is not None:
+                out["importance"] = importance
+    by_group = dict(zip(cv, solved[len(_BIG):]))
     for g in groups:
         row = {"group": g, "n": int(st.big["full"].n[g]), "logg_r2": None, "snr_r2": None}
-        others = [k for k in groups if k != g]
-        if others:
-            for target, (_, sol) in solve_targets("full", ("logg", "snr"), others).items():
-                row[f"{target}_r2"] = r2_from_stats(st.stats("full", target), [g], sol.coef, sol.intercept)
+        for target, (sol, _) in by_group.get(g, {}).items():
+            row[f"{target}_r2"] = r2_from_stats(st.stats("full", target), [g], sol.coef, sol.intercept)
         out["group_cv"].append(row)
     return out
 

@@ -199,3 +199,30 @@ def test_the_audit_riding_three_chains_equals_one_chain(tmp_path, cfg):
             np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-9, atol=1e-6)
     order = np.lexsort(one.rows.T[::-1])
     np.testing.assert_allclose(three.rows[np.lexsort(three.rows.T[::-1])], one.rows[order])
+
+
+def test_the_audits_solves_two_at_a_time_equal_its_solves_in_turn(tmp_path, cfg):
+    """``audit_solutions(at_once=2)`` solves the representations' and the group CV's Gram matrices on two
+    threads, each in its own buffers: the same alphas, coefficients, importance and group CV as in turn."""
+    import dask
+
+    from snrmoe_dask.leakage import audit_plan, audit_solutions
+    from snrmoe_dask.reduce import one_pass
+
+    ds = open_catalog(_catalog(tmp_path / "c.zarr", True, n=1500), config=cfg.catalog)
+    n = ds.sizes["spectrum"]
+    plan = audit_plan(ds, cfg)
+    g = one_pass(ds, np.zeros(n), np.full(n, -1), n_cells=1, chains=1, precision="float64", audit=plan)
+    with dask.config.set(scheduler="threads"):
+        (st,) = dask.compute(g.audit)
+    one, two = audit_solutions(st, plan.n_groups, cfg.fit), audit_solutions(st, plan.n_groups, cfg.fit, at_once=2)
+    assert one["solutions"].keys() == two["solutions"].keys() and len(one["solutions"]) == 6
+    for key, a in one["solutions"].items():
+        b = two["solutions"][key]
+        assert a["alpha"] == b["alpha"], key
+        np.testing.assert_allclose(b["coef"], a["coef"], rtol=1e-9, atol=1e-12 * np.abs(a["coef"]).max())
+    np.testing.assert_allclose(two["importance"], one["importance"], rtol=1e-9)
+    assert len(one["group_cv"]) == len(two["group_cv"]) > 1
+    for a, b in zip(one["group_cv"], two["group_cv"]):
+        assert a["group"] == b["group"] and a["n"] == b["n"]
+        np.testing.assert_allclose([b["logg_r2"], b["snr_r2"]], [a["logg_r2"], a["snr_r2"]], rtol=1e-9)
