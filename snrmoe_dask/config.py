@@ -158,6 +158,7 @@ class FitConfig(_Strict):
     max_df_fraction: float = Field(0.5, gt=0.0, le=1.0)
     alpha_search_precision: Literal["float32", "float64"] = "float32"
     # expert solves a worker runs at once, each on threads_per_worker // this BLAS threads; null = one per thread
+    # (one at a time where SciPy's LAPACK lacks the two-stage reduction)
     solves_at_once: int | None = Field(None, ge=1)
     precision: Literal["float32", "float64"] = "float32"
     flush_rows: int = Field(1024, ge=1)

@@ -154,10 +154,11 @@ def fit_experts(stats, specs: Sequence[ExpertSpec], relative_alphas: Sequence[fl
     at most ``k`` solves at a time, each with ``blas_threads`` BLAS threads
     and its own buffers (:func:`~snrmoe_dask.stats.process_scratch`). On 2
     cores two single-threaded solves at once beat one solve on two BLAS
-    threads: the two-stage reduction's second stage runs on one core, and a
-    two-thread BLAS call stalls whenever another process takes a core
-    (``benchmarks/expert_solves.py``). ``after`` (a delayed task) is what the
-    first ``k`` solves wait for.
+    threads when the reductions are two-stage (median 1.33 s against 2.98 s
+    per reduction at P = 4096 here; the second stage runs on one core anyway),
+    not with ``?sytrd``, whose memory-bound half makes two at once slower
+    (``benchmarks/expert_solves.py`` times every layout). ``after`` (a delayed
+    task) is what the first ``k`` solves wait for.
     """
     solve = dask.delayed(with_blas_threads, pure=True)
     tok = tokenize(getattr(stats, "key", None), list(relative_alphas), min_rows, max_df_fraction, search_precision,

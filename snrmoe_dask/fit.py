@@ -26,6 +26,7 @@ import numpy as np
 import xarray as xr
 from dask.utils import parse_bytes
 
+from . import twostage
 from .audit import write_audit
 from .baselines import (
     BASELINES,
@@ -90,8 +91,10 @@ def _threads_per_worker(client) -> int:
 
 
 def _solves_at_once(cfg: Config, threads: int) -> int:
-    """Solves a worker of ``threads`` threads runs at a time (``fit.solves_at_once``, default one per thread)."""
-    return max(1, min(cfg.fit.solves_at_once or threads, threads))
+    """Solves a worker of ``threads`` threads runs at a time: ``fit.solves_at_once``, by default one per thread
+    where the two-stage reduction is available, else one (two ``?sytrd`` at once contend for memory)."""
+    default = threads if twostage.AVAILABLE else 1
+    return max(1, min(cfg.fit.solves_at_once or default, threads))
 
 
 def _clock(_stats) -> float:
@@ -286,9 +289,9 @@ def solve_statistics(stats_d, bstats_d, specs: list[ExpertSpec], cfg: Config, mo
     extra = {k: v for k, v in (extra or {}).items() if v is not None}
     baselines = tuple(cfg.fit.baselines) if bstats_d is not None else ()
     # the statistics live on one worker: its threads run the solves, ``at_once`` at a time, each with its share of
-    # the BLAS threads. The audit's solves go first (alone, with every thread), so its Gram matrices (10 packed
-    # triangles, 0.67 GB at P = 4096) are released before the experts' solves add their buffers; the baselines
-    # come after every expert
+    # the BLAS threads. The audit's solves go first (its Gram matrices ``at_once`` at a time too), so its statistics
+    # (10 packed triangles, 0.67 GB at P = 4096) are released before the experts' solves add their buffers; the
+    # baselines come after every expert
     blas = _threads_per_worker(client)
     at_once = _solves_at_once(cfg, blas)
     serial = dask.delayed(with_blas_threads, pure=True)

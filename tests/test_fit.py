@@ -293,3 +293,19 @@ def test_solves_at_once_in_chains_equal_solves_one_after_another():
         assert a[name]["alpha"] == b[name]["alpha"], name
         scale = np.abs(a[name]["coef"]).max()
         np.testing.assert_allclose(b[name]["coef"], a[name]["coef"], rtol=1e-9, atol=1e-12 * scale)
+
+
+def test_solves_at_once_defaults_to_one_per_thread_only_with_the_two_stage_reduction(monkeypatch):
+    """Two ``?sytrd`` at once are slower than one at a time (memory-bound): without the two-stage routines the
+    default is one solve at a time; a configured value is kept, up to the worker's threads."""
+    from snrmoe_dask import twostage
+    from snrmoe_dask.config import load_config
+    from snrmoe_dask.fit import _solves_at_once
+
+    cfg = load_config()
+    monkeypatch.setattr(twostage, "AVAILABLE", True)
+    assert _solves_at_once(cfg, 4) == 4 and _solves_at_once(cfg, 1) == 1
+    monkeypatch.setattr(twostage, "AVAILABLE", False)
+    assert _solves_at_once(cfg, 4) == 1
+    cfg = load_config(overrides={"fit": {"solves_at_once": 3}})
+    assert _solves_at_once(cfg, 4) == 3 and _solves_at_once(cfg, 2) == 2
