@@ -340,6 +340,7 @@ def spectrum(cs: CenteredStats, precision: str = "float64", scratch: Scratch | N
         raise RuntimeError("the two-stage reduction (?sytrd_sy2sb, ?sytrd_sb2st) was not found in SciPy's LAPACK")
     if two_stage is None:
         two_stage = twostage.AVAILABLE and p > 4 * BAND_WIDTH
+    two_stage = two_stage and p > 1  # a 1 x 1 matrix is its own tridiagonal form
     kd = min(BAND_WIDTH, p - 1) if two_stage else 1
     # symmetric: the transposed view of the copy is the same matrix in Fortran order (reduced in place)
     if scratch is None:
@@ -348,7 +349,7 @@ def spectrum(cs: CenteredStats, precision: str = "float64", scratch: Scratch | N
         work = scratch.take("reduce", (p, p), precision, order="F")
         np.copyto(work.T, cs.gram, casting="same_kind")
     band = None
-    if two_stage and kd >= 1:
+    if two_stage:
         b, tau = twostage.band_reduce(work, kd)
         d, e = twostage.band_to_tridiagonal(b, kd)
         band = b.astype(np.float64)
@@ -368,8 +369,7 @@ def spectrum(cs: CenteredStats, precision: str = "float64", scratch: Scratch | N
         lam_min = float(lam[0])
     shift = max(0.0, -lam_min)
     return Spectrum(reflectors=work, tau=tau.astype(np.float64), diag=d, offdiag=e,
-                    eigenvalues=None if lam is None else lam + shift, shift=shift, kd=kd if band is not None else 1,
-                    band=band)
+                    eigenvalues=None if lam is None else lam + shift, shift=shift, kd=kd, band=band)
 
 
 def _cholesky_lower(a: np.ndarray, alpha: float) -> tuple | None:

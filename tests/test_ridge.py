@@ -321,21 +321,27 @@ def _exact(gram, b, alpha):
     return np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), b)
 
 
+def _float32_cell(n_rows: int, p: int, seed: int, flush_rows: int):
+    """One cell of simulated spectra, accumulated with float32 products as the pass does: its centred statistics."""
+    from snrmoe_dask.config import SimulateConfig
+    from snrmoe_dask.simulate import simulate_block
+
+    blk = simulate_block(SimulateConfig(n=n_rows, n_pixels=p, seed=seed), 0, n_rows)
+    x, y = blk["flux"].astype(np.float64), blk["logg"]
+    acc = CellAccumulator(1, x[:32].mean(0), precision="float32", flush_rows=flush_rows)
+    acc.add(x, y, np.zeros(n_rows, np.int64))
+    return acc.finalize().cells([0])
+
+
 def test_a_low_rank_cell_is_solved_by_refinement_to_the_float64_solution():
     """A cell of fewer rows than a quarter of the pixels (float32-accumulated, as the pass does): its float64
     coefficients come from iterative refinement with the range's eigenpairs, and equal the direct float64
     solution; at a penalty too small for the refinement to converge the Cholesky path takes over, with the
     same answer."""
-    from snrmoe_dask.config import SimulateConfig
     from snrmoe_dask.ridge import REFINE_TOL, RangeSpectrum, _exact_solve, refined_solve, spectrum
-    from snrmoe_dask.simulate import simulate_block
 
-    n_rows, p = 90, 512
-    blk = simulate_block(SimulateConfig(n=n_rows, n_pixels=p, seed=5), 0, n_rows)
-    x, y = blk["flux"].astype(np.float64), blk["logg"]
-    acc = CellAccumulator(1, x[:32].mean(0), precision="float32", flush_rows=32)
-    acc.add(x, y, np.zeros(n_rows, np.int64))
-    cs = acc.finalize().cells([0])
+    p = 512
+    cs = _float32_cell(90, p, seed=5, flush_rows=32)
     sp = spectrum(cs, "float32")
     assert isinstance(sp, RangeSpectrum)
     mean_eig = np.trace(cs.gram) / p
@@ -404,16 +410,10 @@ def test_a_full_rank_cell_is_solved_by_refinement_with_its_float32_reduction(two
     approximate inverse of a float64 refinement, whose solution has a backward error under ``REFINE_TOL`` and
     equals the direct float64 solution; where it cannot converge in its steps (the steps cut to one here) the
     Cholesky path answers instead."""
-    from snrmoe_dask.config import SimulateConfig
     from snrmoe_dask.ridge import REFINE_TOL, Spectrum, _exact_solve, refined_solve, spectrum
-    from snrmoe_dask.simulate import simulate_block
 
-    n_rows, p = 900, 256
-    blk = simulate_block(SimulateConfig(n=n_rows, n_pixels=p, seed=6), 0, n_rows)
-    x, y = blk["flux"].astype(np.float64), blk["logg"]
-    acc = CellAccumulator(1, x[:32].mean(0), precision="float32", flush_rows=64)
-    acc.add(x, y, np.zeros(n_rows, np.int64))
-    cs = acc.finalize().cells([0])
+    p = 256
+    cs = _float32_cell(900, p, seed=6, flush_rows=64)
     sp = spectrum(cs, "float32", two_stage=two_stage)
     assert isinstance(sp, Spectrum) and sp.eigenvalues is None  # full rank
     np.testing.assert_allclose(sp.largest, np.linalg.eigvalsh(cs.gram)[-1], rtol=1e-5)
