@@ -44,11 +44,11 @@ _SNR = FEATURE_NAMES.index("snr_est")
 _LI = [FEATURE_NAMES.index(name) for name in LINE_NAMES]
 
 
-def whiten(flux: np.ndarray, error: np.ndarray, good: np.ndarray) -> np.ndarray:
-    """``flux / error`` on good pixels, 0 elsewhere (float32)."""
+def whiten(flux: np.ndarray, error: np.ndarray, good: np.ndarray | None) -> np.ndarray:
+    """``flux / error`` on good pixels, 0 elsewhere (float32); ``good=None``: every pixel is good."""
     with np.errstate(divide="ignore", invalid="ignore"):
         w = np.asarray(flux, np.float32) / np.asarray(error, np.float32)
-    if not good.all():
+    if good is not None and not good.all():
         w[~good] = 0.0
     return w
 
@@ -158,9 +158,9 @@ class BaselineAccumulator:
         self.cross = cross
         self._shift = np.asarray(cross.shift, self._dtype)
 
-    def add(self, x_imputed: np.ndarray, flux: np.ndarray, error: np.ndarray, good: np.ndarray,
+    def add(self, x_imputed: np.ndarray, flux: np.ndarray, error: np.ndarray, good: np.ndarray | None,
             features: np.ndarray, y: np.ndarray, keep: np.ndarray) -> None:
-        """Add the rows ``keep`` (the rows the experts train on) of one block."""
+        """Add the rows ``keep`` (the rows the experts train on) of one block (``good=None``: no bad pixel)."""
         if not keep.any():
             return
         y = np.asarray(y, np.float64)

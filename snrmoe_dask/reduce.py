@@ -53,6 +53,7 @@ from .stats import CellAccumulator, SufficientStats, impute_bad_pixels, memory_b
 __all__ = ["PassGraph", "SnrRouting", "auto_chains", "fold_blas_pieces", "one_pass", "shift_from_block"]
 
 _SNR_EST = FEATURE_NAMES.index("snr_est")
+_N_GOOD = FEATURE_NAMES.index("n_good")
 
 
 class SnrRouting(NamedTuple):
@@ -131,8 +132,8 @@ def _fold(state: ChainState, index: int, flux, error, mask, inputs: tuple, min_g
     y, cell, audit_block = inputs
     if routing is not None:
         cell = routing.cells(cell, features)
-    good = good_pixel_mask(flux, error, mask)
-    usable = good.sum(axis=1) >= min_good
+    good, n_good = _good_pixels(flux, error, mask, features)
+    usable = n_good >= min_good
     state.excluded_unusable += int(((cell >= 0) & ~usable).sum())
     keep = np.where(usable, cell, -1)
     # each Gram update runs as ``blas_pieces`` single-threaded BLAS calls at once (the chain's share of the
@@ -150,6 +151,18 @@ def _fold(state: ChainState, index: int, flux, error, mask, inputs: tuple, min_g
     if checkpoint is not None and state.folds % checkpoint.every == 0:
         checkpoint.save_chain(chain, state)
     return state
+
+
+def _good_pixels(flux, error, mask, features) -> tuple[np.ndarray | None, np.ndarray]:
+    """The block's good-pixel mask and good pixels per row. The mask is ``None`` when the block's feature rows
+    count every pixel good (the common case): the fold then makes no block-sized mask, and neither
+    imputation nor whitening looks for bad pixels."""
+    if features is not None:
+        n_good = features[:, _N_GOOD]
+        if (n_good == flux.shape[1]).all():
+            return None, n_good
+    good = good_pixel_mask(flux, error, mask)
+    return good, good.sum(axis=1)
 
 
 def _finish(state: ChainState) -> tuple:

@@ -405,16 +405,17 @@ class SufficientStats:
         return cls(**arrs, meta=json.loads(ds.attrs.get("meta", "{}")))
 
 
-def impute_bad_pixels(flux: np.ndarray, good: np.ndarray, copy: bool = True) -> np.ndarray:
+def impute_bad_pixels(flux: np.ndarray, good: np.ndarray | None, copy: bool = True) -> np.ndarray:
     """Replace bad pixels by the spectrum's median good flux (float32 copy).
 
     A linear model needs a value at every pixel; the row median is the local
     continuum level, so an imputed pixel adds no line signal. Rows with no good
     pixel become all zeros (they are excluded from training upstream). With
     ``copy=False`` a float32 ``flux`` without bad pixels is returned as is, so
-    the caller must not write to the result.
+    the caller must not write to the result. ``good=None`` says that every
+    pixel is good (a block whose pixel counts are known).
     """
-    bad_rows = np.flatnonzero(~good.all(axis=1))
+    bad_rows = np.zeros(0, np.int64) if good is None else np.flatnonzero(~good.all(axis=1))
     if bad_rows.size == 0 and not copy:
         return np.asarray(flux, dtype=np.float32)  # nothing to impute: may be ``flux`` itself (read only!)
     out = np.array(flux, dtype=np.float32, copy=True)

@@ -351,3 +351,44 @@ def test_solves_at_once_borrow_their_own_scratch_and_solves_in_turn_reuse_one():
     assert clear_process_scratch() == 2  # one buffer in each of the two sets
     with process_scratch() as fresh:
         assert len(fresh) == 0
+
+
+def test_a_fold_takes_its_good_pixels_from_the_feature_rows_and_sums_the_same():
+    """A block whose feature rows count every pixel good is folded without a mask, a block with bad pixels with
+    the recomputed one; either way the cells and the baselines equal the fold that builds the mask itself."""
+    from snrmoe_dask.baselines import BaselineAccumulator
+    from snrmoe_dask.catalog import good_pixel_mask
+    from snrmoe_dask.chain import ChainState
+    from snrmoe_dask.features import FEATURE_NAMES, block_features
+    from snrmoe_dask.reduce import _fold, _good_pixels
+
+    rng = np.random.default_rng(3)
+    n, p = 300, 40
+    flux = rng.normal(100.0, 10.0, (n, p)).astype(np.float32)
+    error = rng.uniform(1.0, 3.0, (n, p)).astype(np.float32)
+    y, cell = rng.normal(2.5, 1.0, n), rng.integers(-1, 3, n)
+    cell[9] = 0
+    dirty = flux.copy()
+    dirty[5, 7], dirty[9, :30] = np.nan, np.inf  # one bad pixel; one train row left unusable
+    for block, clean in ((flux, True), (dirty, False)):
+        feats = block_features(block, error)
+        good, n_good = _good_pixels(block, error, None, feats)
+        assert (good is None) == clean
+        np.testing.assert_array_equal(n_good, good_pixel_mask(block, error).sum(axis=1))
+        # the reference fold is told one pixel fewer is good, so it builds the mask from the block itself
+        told = feats.copy()
+        told[0, FEATURE_NAMES.index("n_good")] -= 1
+        assert _good_pixels(block, error, None, told)[0] is not None
+        states = []
+        for rows in (feats, told):
+            state = ChainState(CellAccumulator(3, np.full(p, 100.0), flush_rows=64, precision="float64"),
+                               BaselineAccumulator(("whitened", "conditional"), np.full(p, 100.0), 64, "float64"))
+            states.append(_fold(state, 0, block, error, None, (y, cell, None), p // 2, 1, rows))
+        a, b = (s.cells.finalize() for s in states)
+        wa, wb = (s.baselines.finalize() for s in states)
+        for name in ("n", "sx", "xtx", "xty"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+            np.testing.assert_array_equal(getattr(wa.whitened, name), getattr(wb.whitened, name))
+        np.testing.assert_array_equal(wa.cross.sxz, wb.cross.sxz)
+        assert states[0].excluded_unusable == states[1].excluded_unusable == (0 if clean else 1)
+        assert a.n.sum() == (cell >= 0).sum() - (0 if clean else 1)
