@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
+import threadpoolctl
 from scipy.linalg import blas as _f2py_blas
+from threadpoolctl import threadpool_limits
 
-__all__ = ["GIL_FREE", "panel_bounds", "syrk_update"]
+__all__ = ["GIL_FREE", "blas_threads", "panel_bounds", "syrk_update"]
 
 _C_TYPES = {"s": ctypes.c_float, "d": ctypes.c_double}
 
@@ -192,3 +196,76 @@ def _panel(c: np.ndarray, a: np.ndarray, beta: float, lo: int, hi: int) -> None:
     # a.T is the Fortran-ordered (p, m) matrix A: C <- 1 * A A^T + beta * C, i.e. trans = "N", k = m, lda = p
     _SYRK[c.dtype](b"U", b"N", ctypes.byref(width), ctypes.byref(k_), ctypes.byref(one), a.ctypes.data + lo * item,
                    ctypes.byref(ld), ctypes.byref(b_), c.ctypes.data + (lo * p + lo) * item, ctypes.byref(ld))
+
+
+def _take_control() -> None:
+    """Let this Python thread change OpenBLAS's thread count.
+
+    threadpoolctl 3.8 hands OpenBLAS (pthreads) to the first Python thread that sets a limit and ignores,
+    silently, the settings of every other thread: a solve on the other thread of a worker then ran on two
+    BLAS threads where it asked for one, and its last bits depended on which thread ran it (measured:
+    two runs of one fit differed in 6 of 29 hierarchical priors). :func:`blas_threads` orders the changes
+    itself (under its lock), so the thread making one takes control first.
+    """
+    controller = getattr(threadpoolctl, "OpenBLASController", None)
+    clear = getattr(controller, "clear_controlling_thread", None)  # threadpoolctl >= 3.8
+    if clear is not None:
+        clear(force=True)
+
+
+class _Level:
+    """One setting of the process's BLAS thread count, shared by every task inside it."""
+
+    def __init__(self, threads: int, holders: int):
+        self.threads, self.holders = threads, holders
+        _take_control()
+        self.control = threadpool_limits(limits=threads, user_api="blas")
+
+    def restore(self) -> None:
+        _take_control()  # the last task out may run on another thread than the first one in
+        self.control.restore_original_limits()
+
+
+_LIMIT = threading.Condition()
+_LEVELS: list[_Level] = []  # the innermost setting last
+_DEPTH = threading.local()  # how many times this thread is inside blas_threads
+
+
+@contextmanager
+def blas_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with ``threads`` BLAS threads in this process, beside other tasks that do the same.
+
+    threadpoolctl sets the thread count for the whole process and restores it on exit. Two tasks of one worker
+    that each set and restore it (two solves at once) undo each other's setting in the middle of a call, and a
+    Cholesky factor computed on one or on two BLAS threads differs in its last bits (measured), so results
+    depended on timing. Here the first task in sets the count and the last one out restores it; tasks asking for
+    the same count share the setting, a task asking for another waits until the others are out. A thread that is
+    already inside may change the count for a nested block only while no other thread is inside (waiting there
+    could wait for itself: that is an error, not a hang). ``None`` leaves the count as it is.
+    """
+    if threads is None:
+        yield
+        return
+    depth = getattr(_DEPTH, "n", 0)
+    with _LIMIT:
+        while _LEVELS and _LEVELS[-1].threads != threads and sum(lv.holders for lv in _LEVELS) > depth:
+            if depth:
+                raise RuntimeError(f"a block asks for {threads} BLAS thread(s) inside one that shares "
+                                   f"{_LEVELS[-1].threads} with other tasks")
+            _LIMIT.wait()
+        if _LEVELS and _LEVELS[-1].threads == threads:
+            level = _LEVELS[-1]
+            level.holders += 1
+        else:
+            level = _Level(threads, 1)
+            _LEVELS.append(level)
+        _DEPTH.n = depth + 1
+    try:
+        yield
+    finally:
+        with _LIMIT:
+            _DEPTH.n = depth
+            level.holders -= 1
+            while _LEVELS and _LEVELS[-1].holders == 0:
+                _LEVELS.pop().restore()
+            _LIMIT.notify_all()

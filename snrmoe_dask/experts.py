@@ -28,8 +28,8 @@ import dask
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
-from threadpoolctl import threadpool_limits
 
+from .blas import blas_threads as blas_threads_in_process
 from .ridge import cholesky_solve_in_place, ridge_alphas, ridge_coef, solve_ridge, spectrum
 from .stats import Scratch, SufficientStats, process_scratch
 
@@ -137,9 +137,7 @@ def _solve_cells(stats, spec, twin, parent, parent_cells, relative_alphas, max_d
 def with_blas_threads(blas_threads: int | None, _after, fn, *args):
     """``fn(*args)`` with ``blas_threads`` BLAS threads (a task); ``_after`` only orders the tasks (a task or a
     list of them): solves chained this way run one after another."""
-    if blas_threads is None:
-        return fn(*args)
-    with threadpool_limits(limits=blas_threads, user_api="blas"):
+    with blas_threads_in_process(blas_threads):  # shared with the solves running beside it (no undoing each other)
         return fn(*args)
 
 

@@ -223,8 +223,8 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
         blas = _threads_per_worker(client)
         audit_sol_d = None
         if audit is not None:
-            audit_sol_d = dask.delayed(with_blas_threads, pure=True)(
-                blas, None, audit_solutions, audit_d, audit.n_groups, cfg.fit, _solves_at_once(cfg, blas),
+            audit_sol_d = dask.delayed(audit_solutions, pure=True)(
+                audit_d, audit.n_groups, cfg.fit, _solves_at_once(cfg, blas), blas,
                 dask_key_name=f"solve audit-{stats_d.key}")
         solved = solve_statistics(stats_d, bstats_d if baselines else None, expert_specs(snr_names, phys_names), cfg,
                                   model_dir, client, progress, extra={"features": feats_d, "audit": audit_sol_d},
@@ -298,7 +298,9 @@ def solve_statistics(stats_d, bstats_d, specs: list[ExpertSpec], cfg: Config, mo
     fits_d = fit_experts(stats_d, specs, cfg.fit.alphas_relative, cfg.fit.min_cell_rows, cfg.fit.max_df_fraction,
                          cfg.fit.alpha_search_precision, blas_threads=max(1, blas // at_once), at_once=at_once,
                          after=extra.get("audit"))
-    pca_d = dask.delayed(pca_from_stats)(stats_d, cfg.gates.n_pca) if cfg.gates.n_pca else dask.delayed(None)
+    # PCA's eigendecomposition on the solves' BLAS threads: it runs beside them, and its last bits depend on the count
+    pca_d = (serial(max(1, blas // at_once), None, pca_from_stats, stats_d, cfg.gates.n_pca,
+                    dask_key_name=f"pca_from_stats-{stats_d.key}") if cfg.gates.n_pca else dask.delayed(None))
     last = list(fits_d.values())
     base_d = dask.delayed(None)
     if baselines:

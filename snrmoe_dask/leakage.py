@@ -373,19 +373,18 @@ def importance_by_region(importance: np.ndarray, wavelength: np.ndarray, sky: np
 
 
 # ------------------------------------------------------------ solving and scoring
-def audit_solutions(st: AuditStats, n_groups: int, fit_cfg, at_once: int = 1) -> dict:
+def audit_solutions(st: AuditStats, n_groups: int, fit_cfg, at_once: int = 1, blas: int | None = None) -> dict:
     """Every Ridge of the big representations, solved where the statistics live (small arrays come back).
 
     Alpha by the fit's rule (``fit.alphas_relative``, ``fit.max_df_fraction``); every target of a
     representation shares one spectrum of its Gram matrix. Also: the group CV by magnitude (scored from
     each left-out group's statistics), the pixel importance of ``full`` for logg, and the rows of the small
     representations. With ``at_once > 1`` that many Gram matrices are solved at a time, each on one BLAS
-    thread and in its own buffers (as the experts' solves).
+    thread and in its own buffers (as the experts' solves); else one at a time on ``blas`` BLAS threads.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import threadpool_limits
-
+    from .blas import blas_threads
     from .ridge import ridge_alphas, solve_ridge, spectrum
     from .stats import process_scratch
 
@@ -410,10 +409,11 @@ def audit_solutions(st: AuditStats, n_groups: int, fit_cfg, at_once: int = 1) ->
     jobs = [(r, TARGETS, groups) for r in _BIG] + [("full", ("logg", "snr"), [k for k in groups if k != g])
                                                    for g in cv]
     if at_once > 1 and len(jobs) > 1:
-        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(at_once) as pool:
+        with blas_threads(1), ThreadPoolExecutor(at_once) as pool:
             solved = list(pool.map(solve_targets, jobs))
     else:
-        solved = [solve_targets(job) for job in jobs]
+        with blas_threads(blas):
+            solved = [solve_targets(job) for job in jobs]
     out: dict = {"solutions": {}, "n_per_group": st.big["full"].n.tolist(), "rows": st.rows,
                  "template": st.template, "group_cv": []}
     for r, sols in zip(_BIG, solved):

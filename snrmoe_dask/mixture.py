@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import dask.array as da
 import numpy as np
 import xarray as xr
-from threadpoolctl import threadpool_limits
 
+from .blas import blas_threads
 from .features import FEATURE_NAMES, LINE_NAMES, QUALITY_FEATURES, block_features
 from .gates import GATE_SPECS, Gate, fit_gate, mixture, mixture_sigma
 from .metrics import predict_block as project_block
@@ -263,7 +263,7 @@ def fit_gates(model: Model, table: Mapping[str, np.ndarray], pred: np.ndarray, y
     # the fits do not depend on n_jobs
     n_jobs = max(1, min(cfg.n_jobs or os.cpu_count() or 1, len(GATE_SPECS)))
     # filters set once around the pool: warnings.catch_warnings is not thread-safe
-    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
+    with warnings.catch_warnings(), blas_threads(1):
         warnings.filterwarnings("ignore", message=".*lbfgs failed to converge.*")
         # the MLP gate is the longest fit (18 s of the 1M study's 25 s of fits, one thread): it starts first,
         # so the others fill the other threads meanwhile instead of leaving it to run alone at the end

@@ -36,10 +36,10 @@ import dask
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
-from threadpoolctl import threadpool_limits
 
 from .baselines import BaselineAccumulator, BaselineStats
 from .bins import snr_bin
+from .blas import blas_threads
 from .cache import CachePart, write_part
 from .catalog import good_pixel_mask
 from .chain import ChainState
@@ -139,7 +139,7 @@ def _fold(state: ChainState, index: int, flux, error, mask, inputs: tuple, min_g
     # each Gram update runs as ``blas_pieces`` single-threaded BLAS calls at once (the chain's share of the
     # worker's cores): none of them waits for a BLAS thread that a chunk read has pushed off its core
     state.use_blas_pieces(blas_pieces)
-    with threadpool_limits(limits=1, user_api="blas"):
+    with blas_threads(1):
         x = impute_bad_pixels(flux, good, copy=False)  # the block is shared with the features task
         state.cells.add(x, y, keep)
         if state.baselines is not None:

@@ -166,3 +166,77 @@ def test_split_update_is_deterministic():
             outs.append(syrk_update(c, a, beta=0.0, pieces=2).copy())
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def _blas_counts() -> set[int]:
+    from threadpoolctl import threadpool_info
+
+    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+
+def test_blas_threads_holds_on_every_thread_of_a_pool():
+    """Tasks of a worker run on several long-lived threads: each one's setting must hold, not only the first's
+    (threadpoolctl 3.8 ignores, silently, limits set from any thread but the first that set one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from snrmoe_dask.blas import blas_threads
+
+    with threadpool_limits(limits=2, user_api="blas"):  # a count to come back to, whatever the machine has
+        outside = _blas_counts()
+
+        def inside(_):
+            with blas_threads(1):
+                return _blas_counts()
+
+        with ThreadPoolExecutor(2) as pool:
+            seen = [pool.submit(inside, i).result() for i in range(8)]  # one at a time, on both threads
+        assert seen == [{1}] * 8
+        assert _blas_counts() == outside  # the last one out restored it
+
+
+def test_blas_threads_is_shared_and_restored_by_the_last_one_out():
+    from snrmoe_dask.blas import blas_threads
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        entered, release, counts = threading.Barrier(2), threading.Event(), {}
+
+        def hold(name, wait):
+            with blas_threads(1):
+                entered.wait(timeout=30)
+                if wait:
+                    release.wait(timeout=30)
+                counts[name] = _blas_counts()  # the first one out must not restore it under the other
+
+        first = threading.Thread(target=hold, args=("first", False))
+        second = threading.Thread(target=hold, args=("second", True))
+        first.start(), second.start()
+        first.join(timeout=30)
+        still = _blas_counts()
+        release.set()
+        second.join(timeout=30)
+        assert counts == {"first": {1}, "second": {1}}
+        assert still == {1}
+        assert _blas_counts() == {2}
+
+
+def test_blas_threads_refuses_a_nested_count_while_others_share_the_outer_one():
+    from snrmoe_dask.blas import blas_threads
+
+    entered, done = threading.Event(), threading.Event()
+
+    def other():
+        with blas_threads(1):
+            entered.set()
+            done.wait(timeout=30)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        assert entered.wait(timeout=30)
+        with blas_threads(1):
+            with pytest.raises(RuntimeError, match="BLAS thread"):
+                with blas_threads(2):
+                    pass
+    finally:
+        done.set()
+        t.join(timeout=30)
