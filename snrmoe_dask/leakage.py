@@ -44,7 +44,7 @@ is summed over sky-line pixels and stellar line windows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +134,10 @@ class AuditPlan:
     @property
     def rows(self) -> int:
         return int((self.group >= 0).sum())
+
+    def without_rows(self) -> AuditPlan:
+        """The plan without its per-row columns (what scoring needs: bins and counts), small enough to ship."""
+        return replace(self, group=self.group[:0], targets=self.targets[:0], labels=self.labels[:0])
 
 
 def audit_plan(ds, cfg) -> AuditPlan:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
 import dask
 import numpy as np
 import pytest
+import xarray as xr
 from conftest import fit_cfg
 from zarr.storage import LocalStore
 
@@ -263,3 +265,36 @@ def test_the_cache_keeps_test_and_val_rows_apart_and_opens_each_role_or_the_unio
     for role, rows in (("test", test), ("val", val), (None, keep)):
         cache = open_row_cache(old, ds, role=role)
         np.testing.assert_array_equal(cache["flux"].values, ds["flux"].values[rows], err_msg=f"v2 {role}")
+
+
+def test_the_audit_scored_on_a_cluster_beside_the_gates_equals_the_audit_scored_in_process(fit_catalog, tmp_path):
+    """With a client the audit's scoring is a task that overlaps the gate stage: same audit, same model."""
+    from snrmoe_dask.cluster import dask_session
+    from snrmoe_dask.config import ClusterConfig
+
+    cfg = fit_cfg()
+    with dask.config.set(scheduler="threads"):
+        fit_model(fit_catalog, tmp_path / "here", cfg, progress=False, audit_out=tmp_path / "audit-here")
+    with dask_session(ClusterConfig(processes=False, dashboard_address="127.0.0.1:0", threads_per_worker=2),
+                      quiet=True) as client:
+        fit_model(fit_catalog, tmp_path / "there", cfg, client=client, progress=False,
+                  audit_out=tmp_path / "audit-there")
+        left = None
+        for _ in range(100):  # releasing is a message to the scheduler: let it arrive
+            left = list(client.who_has())
+            if not left:
+                break
+            time.sleep(0.1)
+        assert not left  # nothing stays on the cluster: the audit's scoring, its inputs (test rows) included
+    here = json.loads((tmp_path / "audit-here" / "audit.json").read_text())
+    there = json.loads((tmp_path / "audit-there" / "audit.json").read_text())
+    assert here["rows"] == there["rows"] and here["rows"]["test"] > 0
+    assert here["representations"] == there["representations"]
+    assert here["checks"] == there["checks"]
+    a = json.loads((tmp_path / "here" / "model.json").read_text())
+    b = json.loads((tmp_path / "there" / "model.json").read_text())
+    assert "audit_s" in b["timings"] and b["timings"]["audit_s"] > 0
+    xa = xr.open_zarr(tmp_path / "here" / "experts.zarr", consolidated=False).load()
+    xb = xr.open_zarr(tmp_path / "there" / "experts.zarr", consolidated=False).load()
+    np.testing.assert_array_equal(xa["coef"].values, xb["coef"].values)
+    assert a["gates"]["default"] == b["gates"]["default"] and a["gates"]["fitted"] == b["gates"]["fitted"]
