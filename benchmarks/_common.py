@@ -189,3 +189,38 @@ class CatalogReads:
 def store_bytes(root: Path) -> int:
     """Size of a store on disk (every file)."""
     return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
+
+
+def machine_probe(p: int = 4096, rows: int = 2048, repeats: int = 3, seed: int = 0) -> dict:
+    """How fast this shared machine is right now, on the study's two kernels, one BLAS thread each.
+
+    ``syrk_s``: a float32 ``rows x p`` Gram update (the pass's kernel); ``sytrd_s``: a float32 tridiagonal
+    reduction of a ``p x p`` matrix (the expert solves' kernel); ``pack_s``: adding a float32 triangle into
+    a packed float64 total (memory-bound). Medians of ``repeats``. The machine's speed moves by 2-3 x
+    between hours, so a run's timings are only comparable with another run's next to their probes.
+    """
+    import scipy.linalg.lapack
+
+    from snrmoe_dask.blas import blas_threads, syrk_update
+    from snrmoe_dask.stats import pack_lower, tri_size
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((rows, p)).astype(np.float32)
+    gram = np.empty((p, p), np.float32, order="F")
+    total = np.zeros(tri_size(p))
+    lwork = max(1, int(scipy.linalg.lapack.ssytrd_lwork(p)[0]))  # blocked, as the solves call it
+    times: dict[str, list[float]] = {"syrk_s": [], "sytrd_s": [], "pack_s": []}
+    with blas_threads(1):
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            syrk_update(gram, a, beta=0.0)
+            times["syrk_s"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            pack_lower(gram.T, total)
+            times["pack_s"].append(time.perf_counter() - t0)
+            work = gram.copy(order="F")  # its upper triangle holds a^T a: reduce that triangle
+            t0 = time.perf_counter()
+            scipy.linalg.lapack.ssytrd(work, lower=0, overwrite_a=1, lwork=lwork)
+            times["sytrd_s"].append(time.perf_counter() - t0)
+    return {k: round(float(np.median(v)), 4) for k, v in times.items()} | {"p": p, "rows": rows,
+                                                                          "repeats": repeats}

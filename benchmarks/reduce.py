@@ -25,7 +25,7 @@ from pathlib import Path
 import dask
 import dask.array as da
 import numpy as np
-from _common import PeakRSS, ensure_catalog
+from _common import PeakRSS, ensure_catalog, machine_probe
 from dask.utils import parse_bytes
 from threadpoolctl import threadpool_limits
 
@@ -110,7 +110,7 @@ def main() -> None:
     data.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cores": os.cpu_count(), "memory_gb": round(__import__("psutil").virtual_memory().total
                                                                            / 1e9, 1)},
-               "date": time.strftime("%Y-%m-%d"), "runs": []}
+               "date": time.strftime("%Y-%m-%d"), "runs": [], "probe": {"start": machine_probe()}}
     sizes = [s for s in (args.n_small, args.n) if s]
     with dask_session(ClusterConfig(memory_limit="20GB")) as client:
         for n in sizes:
@@ -118,6 +118,7 @@ def main() -> None:
             r = measure(path, client, fit, args.blas_pieces)
             results["runs"].append(r)
             print(json.dumps(r, indent=2), flush=True)
+    results["probe"]["end"] = machine_probe()
     if len(results["runs"]) == 2:
         a, b = results["runs"]
         results["peak_rss_ratio_large_vs_small"] = b["peak_rss_gb"] / a["peak_rss_gb"]

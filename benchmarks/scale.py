@@ -40,7 +40,7 @@ from distributed import get_task_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CatalogReads, PeakRSS, daskml_ridge, ensure_catalog, load_rows, r2, store_bytes  # noqa: E402
+from _common import CatalogReads, PeakRSS, daskml_ridge, ensure_catalog, load_rows, machine_probe, r2, store_bytes  # noqa: E402
 from reduce import measure  # noqa: E402
 
 from snrmoe_dask.bins import snr_bin  # noqa: E402
@@ -159,6 +159,7 @@ def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep:
     res = {"n": n, "date": datetime.date.today().isoformat(), "machine": {
         "cpus": os.cpu_count(), "platform": platform.platform(),
         "memory_gb": round(__import__("psutil").virtual_memory().total / 1e9, 1)}}
+    res["probe"] = {"start": machine_probe()}  # the machine's speed before and after: runs compare next to it
     saved = Path("benchmarks/results") / f"scale_{n}.json"
     earlier = json.loads(saved.read_text()) if resume and saved.exists() else {}
     with dask_session(cfg.cluster) as client:
@@ -178,6 +179,7 @@ def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep:
             record = run_study(cfg, Path(cfg.run.out), client=client, resume=resume, overwrite=not resume)
             res["study_s"] = time.perf_counter() - t0
         res["task_seconds"] = task_seconds(stream.data)
+        res["probe"]["after_study"] = machine_probe()
         res["catalog_bytes"] = store_bytes(catalog)
         res["resumed_stages"] = [k for k, v in record["stages"].items() if v.get("skipped")]
         res["peak_rss_gb"] = peak.peak / 1e9
@@ -278,6 +280,9 @@ def main() -> None:
         print(f"  reduce {res['reduce']['ours_s']:.1f} s vs floor {res['reduce']['floor_s']:.1f} s = "
               f"{res['reduce']['ratio_vs_floor']:.2f} x; peak RSS {res['peak_rss_gb']:.2f} GB "
               f"(by stage: {json.dumps({k: round(v, 1) for k, v in res['peak_rss_gb_by_stage'].items()})})")
+        print(f"  machine probe (one thread; start / after the study): syrk "
+              f"{res['probe']['start']['syrk_s']:.3f} / {res['probe']['after_study']['syrk_s']:.3f} s, sytrd "
+              f"{res['probe']['start']['sytrd_s']:.2f} / {res['probe']['after_study']['sytrd_s']:.2f} s")
         print(f"  ours: global R2 {res['ours']['global']['r2']:.3f}, fit {res['ours']['fit_s']:.0f} s for "
               f"{res['ours']['experts']} experts = {res['ours']['seconds_per_expert']:.1f} s/expert")
         print(f"  sklearn Ridge ({p['train_rows']} rows in memory): global {p['sklearn_global']['seconds']:.1f} s "
