@@ -127,17 +127,36 @@ def _side(packed_len: int) -> int:
     return p
 
 
+_PACK_BAND = 64  # rows of a narrower-dtype triangle staged at once (64 x 4096 float32: 1 MB, cache-resident)
+
+
 def pack_lower(m: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``out += lower triangle of m``, row by row (``out`` float64, new zeros if None).
+    """``out += lower triangle of m`` (``out`` float64, new zeros if None).
 
     ``m`` is a C-ordered square matrix whose lower triangle holds the data
-    (the upper one is not read), of any float dtype.
+    (the upper one is not read), of any float dtype. A float64 ``m`` is added
+    row by row. A narrower one (a flush's float32 products) is staged
+    :data:`_PACK_BAND` rows at a time in its own dtype (plain copies into a
+    small buffer), then added to the band's contiguous stretch of ``out`` in
+    one widening ``np.add``: the same float64 sums as row by row, with one
+    mixed-dtype loop per band instead of per row (measured at P = 4096:
+    -15 to -30 %, on a memory-bound step).
     """
     p = m.shape[0]
     off = _offsets(p)
     out = np.zeros(tri_size(p)) if out is None else out
-    for i in range(p):
-        out[off[i]:off[i + 1]] += m[i, :i + 1]
+    if m.dtype == out.dtype:
+        for i in range(p):
+            out[off[i]:off[i + 1]] += m[i, :i + 1]
+        return out
+    stage = np.empty(_PACK_BAND * p, m.dtype)
+    for lo in range(0, p, _PACK_BAND):
+        hi = min(p, lo + _PACK_BAND)
+        base = off[lo]
+        for i in range(lo, hi):
+            stage[off[i] - base:off[i + 1] - base] = m[i, :i + 1]
+        seg = out[base:off[hi]]
+        np.add(seg, stage[:off[hi] - base], out=seg)
     return out
 
 
