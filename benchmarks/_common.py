@@ -62,6 +62,19 @@ class PeakRSS:
         self.peak = max(self.peak, self.current())
 
 
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (the dask workers) so far."""
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def ensure_catalog(path: Path, n: int, client, seed: int = 0, chunk_size: int = 2048) -> Path:
     """Simulate ``n`` spectra to ``path`` unless a catalog of that size and seed is there."""
     cfg = SimulateConfig(n=n, seed=seed, chunk_size=chunk_size)

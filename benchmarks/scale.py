@@ -40,7 +40,17 @@ from distributed import get_task_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CatalogReads, PeakRSS, daskml_ridge, ensure_catalog, load_rows, machine_probe, r2, store_bytes  # noqa: E402
+from _common import (  # noqa: E402
+    CatalogReads,
+    PeakRSS,
+    daskml_ridge,
+    ensure_catalog,
+    load_rows,
+    machine_probe,
+    r2,
+    store_bytes,
+    tree_cpu_seconds,
+)
 from reduce import measure  # noqa: E402
 
 from snrmoe_dask.bins import snr_bin  # noqa: E402
@@ -175,9 +185,12 @@ def one_size(n: int, data: Path, runs: Path, peer_max: int, cfg_path: str, keep:
             _save(res, False)
         reads = CatalogReads(catalog, client)  # every get from the catalog store, in the client and the workers
         with PeakRSS() as peak, get_task_stream(client) as stream:
-            t0, t0_unix = time.perf_counter(), time.time()
+            t0, t0_unix, cpu0 = time.perf_counter(), time.time(), tree_cpu_seconds()
             record = run_study(cfg, Path(cfg.run.out), client=client, resume=resume, overwrite=not resume)
             res["study_s"] = time.perf_counter() - t0
+            # CPU seconds of the client and the workers: the study is CPU-bound when this is near cores x wall
+            res["study_cpu_s"] = tree_cpu_seconds() - cpu0
+            res["study_cpu_utilisation"] = res["study_cpu_s"] / ((os.cpu_count() or 1) * res["study_s"])
         res["task_seconds"] = task_seconds(stream.data)
         res["probe"]["after_study"] = machine_probe()
         res["catalog_bytes"] = store_bytes(catalog)
@@ -280,6 +293,8 @@ def main() -> None:
         print(f"  reduce {res['reduce']['ours_s']:.1f} s vs floor {res['reduce']['floor_s']:.1f} s = "
               f"{res['reduce']['ratio_vs_floor']:.2f} x; peak RSS {res['peak_rss_gb']:.2f} GB "
               f"(by stage: {json.dumps({k: round(v, 1) for k, v in res['peak_rss_gb_by_stage'].items()})})")
+        print(f"  CPU: {res['study_cpu_s']:.0f} core-s of the process tree in the study's {res['study_s']:.0f} s "
+              f"= {res['study_cpu_utilisation']:.0%} of {os.cpu_count()} cores")
         print(f"  machine probe (one thread; start / after the study): syrk "
               f"{res['probe']['start']['syrk_s']:.3f} / {res['probe']['after_study']['syrk_s']:.3f} s, sytrd "
               f"{res['probe']['start']['sytrd_s']:.2f} / {res['probe']['after_study']['sytrd_s']:.2f} s")
