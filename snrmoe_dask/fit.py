@@ -240,8 +240,8 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
         frozen = np.flatnonzero(ds["frozen_test"].values)
         test_src, test_rows, _ = rows_source(model_dir, ds, frozen)
         test_features = np.concatenate(feature_blocks)[frozen]  # the pass's feature rows: not computed again
-        finish_audit = _start_audit_scoring(client, audit_sol, test_src.isel(spectrum=test_rows).load(), audit, cfg,
-                                            test_features, audit_out, ds)
+        finish_audit = _audit_scoring(client, audit_sol, test_src.isel(spectrum=test_rows).load(), audit, cfg,
+                                      test_features, audit_out, ds)
     features["split"] = ds["split"]
     this = {"path": str(Path(catalog).absolute()), "rows": int(n), "fingerprint": catalog_fingerprint(ds),
             "train_rows": int((cell >= 0).sum()), "snr_routing_source": snr_source}
@@ -269,37 +269,57 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
     return model
 
 
-def _start_audit_scoring(client, audit_sol: dict, test: xr.Dataset, plan, cfg: Config, test_features: np.ndarray,
-                         audit_out, ds: xr.Dataset):
-    """Start scoring the audit on the frozen-test rows where it overlaps the gate stage, and return the call that
-    finishes it (writes the audit, returns its timing).
+@dataclass
+class Alongside:
+    """Work run beside the gate stage: :meth:`start` once the gate table is computed (the table's cluster tasks
+    are on the stage's critical path, this work is not), :meth:`finish` after the gates are fitted."""
+
+    begin: Callable[[], Callable[[], dict]]  # starts the work; returns the call that waits for it and reports
+    _finish: Callable[[], dict] | None = None
+
+    def start(self) -> None:
+        if self._finish is None:
+            self._finish = self.begin()
+
+    def finish(self) -> dict:
+        self.start()  # a gate stage that ended before its table (too few val rows) did not start it
+        return self._finish()
+
+
+def _audit_scoring(client, audit_sol: dict, test: xr.Dataset, plan, cfg: Config, test_features: np.ndarray,
+                   audit_out, ds: xr.Dataset) -> Alongside:
+    """Score the audit on the frozen-test rows beside the gate stage, and write it when finished.
 
     With a client the scoring is a task on the cluster: the client fits the gates meanwhile, whose MLP fit
     leaves a core idle for most of the stage, and no thread of the client shares its warning filters with the
-    scoring's. Without one it runs here at once.
+    scoring's. Without one it runs in the client when started.
     """
-    t0 = time.perf_counter()
     plan = plan.without_rows()  # the scoring needs the plan's bins and counts, not a column per catalog row
-    if client is None:
-        scores = audit_result(audit_sol, test, plan, cfg, test_features)
-        done = lambda: scores  # noqa: E731
-    else:
-        inputs = client.scatter([audit_sol, test, test_features])  # not embedded in the task
-        future = client.submit(audit_result, inputs[0], inputs[1], plan, cfg, inputs[2], pure=False,
-                               key=f"audit scoring-{tokenize(audit_out, t0)}")
 
-        def done() -> dict:
-            try:
-                return future.result()
-            finally:  # the test rows and the result leave the cluster now, not when this closure is collected
-                for f in (future, *inputs):
-                    f.release()
+    def begin() -> Callable[[], dict]:
+        t0 = time.perf_counter()
+        if client is None:
+            scores = audit_result(audit_sol, test, plan, cfg, test_features)
+            done = lambda: scores  # noqa: E731
+        else:
+            inputs = client.scatter([audit_sol, test, test_features])  # not embedded in the task
+            future = client.submit(audit_result, inputs[0], inputs[1], plan, cfg, inputs[2], pure=False,
+                                   key=f"audit scoring-{tokenize(audit_out, t0)}")
 
-    def finish() -> dict:
-        write_audit(done(), audit_out, ds, cfg)
-        return {"audit_s": time.perf_counter() - t0}
+            def done() -> dict:
+                try:
+                    return future.result()
+                finally:  # the test rows and the result leave the cluster now, not when this closure is collected
+                    for f in (future, *inputs):
+                        f.release()
 
-    return finish
+        def finish() -> dict:
+            write_audit(done(), audit_out, ds, cfg)
+            return {"audit_s": time.perf_counter() - t0}
+
+        return finish
+
+    return Alongside(begin)
 
 
 @dataclass
@@ -360,11 +380,11 @@ def solve_statistics(stats_d, bstats_d, specs: list[ExpertSpec], cfg: Config, mo
 def finish_model(solved: Solved, features: xr.Dataset, provenance: Provenance, *, wavelength: np.ndarray, edges: dict,
             cfg: Config, model_dir: Path, client, progress: bool, snr_source: str, t_start: float,
             accumulation: dict, train_rows_excluded_unusable: int, catalog_ds: xr.Dataset | None = None,
-            alongside: Callable[[], dict] | None = None) -> Model:
+            alongside: Alongside | None = None) -> Model:
     """Write the feature table, assemble the experts, fit the gates on the cached val rows of every catalog the
     statistics came from (or ``catalog_ds``'s own, when its row cache is not complete), and save the model
-    (``model.json`` last). ``alongside`` finishes work started before the gate stage (the audit's scoring) and
-    returns its timings; it is called once the gates are fitted, before the model is saved."""
+    (``model.json`` last). ``alongside`` (the audit's scoring) starts once the gate table is computed and is
+    finished, its timings kept, once the gates are fitted, before the model is saved."""
     features.to_zarr(model_dir / "features.zarr", mode="w", zarr_format=3, consolidated=False)
     consolidate(model_dir / "features.zarr")
     fits, base_fits = solved.fits, solved.base_fits
@@ -403,12 +423,13 @@ def finish_model(solved: Solved, features: xr.Dataset, provenance: Provenance, *
     if src is None:
         raise ModelError(f"{model_dir}: the row cache of a catalog is missing or damaged; the gates cannot be "
                          "fitted without its val rows")
-    gates, meta["gates"] = _fit_gate_stage(model, src, features, edges, cfg, model_dir, client, progress)
+    gates, meta["gates"] = _fit_gate_stage(model, src, features, edges, cfg, model_dir, client, progress,
+                                           after_table=alongside.start if alongside is not None else None)
     meta["gates"]["val_rows_source"] = meta_source
     timings = dict(solved.timings)
     timings["gates_s"] = time.perf_counter() - t0
     if alongside is not None:
-        timings.update(alongside())  # overlapped the gate stage: its seconds are part of gates_s's wall time
+        timings.update(alongside.finish())  # overlapped the gate fits: its seconds are part of gates_s's wall time
     meta["timings"] = {**timings, "total_s": time.perf_counter() - t_start}
     save_model(model_dir, experts, meta, gates, baselines_ds)
     model = Model(experts, meta, gates, baselines_ds)
@@ -485,9 +506,11 @@ def _checkpoint(model_dir: Path, cfg: Config, catalog, ds: xr.Dataset, y: np.nda
 
 
 def _fit_gate_stage(model: Model, src: xr.Dataset, features: xr.Dataset, edges: dict, cfg: Config,
-                    model_dir: Path, client, progress: bool) -> tuple[dict, dict]:
+                    model_dir: Path, client, progress: bool,
+                    after_table: Callable[[], None] | None = None) -> tuple[dict, dict]:
     """Project the usable val rows of ``src`` (the row caches, or a catalog) on every expert (+ PCA), write the
-    gate table, fit the gates. ``features`` is the feature table of every row, by position (``src['position']``)."""
+    gate table, fit the gates. ``features`` is the feature table of every row, by position (``src['position']``).
+    ``after_table`` is called once the projections are computed."""
     n_pca = cfg.gates.n_pca
     meta: dict[str, Any] = {"fallback_tau": cfg.gates.fallback_tau, "snr_cliff": cfg.gates.snr_cliff,
                             "inputs": {"quality": list(QUALITY_FEATURES), "physical": physical_names(n_pca)},
@@ -507,6 +530,8 @@ def _fit_gate_stage(model: Model, src: xr.Dataset, features: xr.Dataset, edges: 
     coef, icpt = model.projection()
     (proj,) = compute(expert_predictions(src, coef, icpt, val_local), client=client,
                       label=f"gate table: {val.size} val rows x {coef.shape[0]} projections", progress=progress)
+    if after_table is not None:
+        after_table()
     n_exp = len(model.specs)
     pred, pca = proj[:, :n_exp], proj[:, n_exp:]
     feats = np.column_stack([features[c].values[val] for c in FEATURE_NAMES])

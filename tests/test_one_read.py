@@ -268,7 +268,10 @@ def test_the_cache_keeps_test_and_val_rows_apart_and_opens_each_role_or_the_unio
 
 
 def test_the_audit_scored_on_a_cluster_beside_the_gates_equals_the_audit_scored_in_process(fit_catalog, tmp_path):
-    """With a client the audit's scoring is a task that overlaps the gate stage: same audit, same model."""
+    """With a client the audit's scoring is a task that overlaps the gate fits: same audit, same model."""
+    from dask.utils import key_split
+    from distributed import get_task_stream
+
     from snrmoe_dask.cluster import dask_session
     from snrmoe_dask.config import ClusterConfig
 
@@ -277,8 +280,16 @@ def test_the_audit_scored_on_a_cluster_beside_the_gates_equals_the_audit_scored_
         fit_model(fit_catalog, tmp_path / "here", cfg, progress=False, audit_out=tmp_path / "audit-here")
     with dask_session(ClusterConfig(processes=False, dashboard_address="127.0.0.1:0", threads_per_worker=2),
                       quiet=True) as client:
-        fit_model(fit_catalog, tmp_path / "there", cfg, client=client, progress=False,
-                  audit_out=tmp_path / "audit-there")
+        with get_task_stream(client) as stream:
+            fit_model(fit_catalog, tmp_path / "there", cfg, client=client, progress=False,
+                      audit_out=tmp_path / "audit-there")
+        # the gate table's projections are on the gate stage's critical path: the scoring starts after them
+        starts = {}
+        for rec in stream.data:
+            name = key_split(rec["key"])
+            start = min(s["start"] for s in rec["startstops"] if s["action"] == "compute")
+            starts.setdefault(name, []).append(start)
+        assert min(starts["audit scoring"]) > max(starts["experts-predict"])
         left = None
         for _ in range(100):  # releasing is a message to the scheduler: let it arrive
             left = list(client.who_has())
