@@ -240,8 +240,8 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
         frozen = np.flatnonzero(ds["frozen_test"].values)
         test_src, test_rows, _ = rows_source(model_dir, ds, frozen)
         test_features = np.concatenate(feature_blocks)[frozen]  # the pass's feature rows: not computed again
-        finish_audit = _audit_scoring(client, audit_sol, test_src.isel(spectrum=test_rows).load(), audit, cfg,
-                                      test_features, audit_out, ds)
+        finish_audit = AuditScoring(client, audit_sol, test_src.isel(spectrum=test_rows).load(), audit, cfg,
+                                    test_features, audit_out, ds)
     features["split"] = ds["split"]
     this = {"path": str(Path(catalog).absolute()), "rows": int(n), "fingerprint": catalog_fingerprint(ds),
             "train_rows": int((cell >= 0).sum()), "snr_routing_source": snr_source}
@@ -269,57 +269,48 @@ def _fit_model(catalog, model_dir: Path, cfg: Config, *, client, progress: bool,
     return model
 
 
-@dataclass
-class Alongside:
-    """Work run beside the gate stage: :meth:`start` once the gate table is computed (the table's cluster tasks
-    are on the stage's critical path, this work is not), :meth:`finish` after the gates are fitted."""
+class AuditScoring:
+    """The audit's scoring of the frozen-test rows, run beside the gate fits.
 
-    begin: Callable[[], Callable[[], dict]]  # starts the work; returns the call that waits for it and reports
-    _finish: Callable[[], dict] | None = None
+    :meth:`start` once the gate table is computed (the table's cluster tasks are on the gate stage's critical
+    path, the scoring is not); :meth:`finish` after the gates are fitted: it waits, writes the audit and returns
+    its timing. With a client the scoring is a task on the cluster: the client fits the gates meanwhile, whose
+    MLP fit leaves a core idle for most of the stage, and no thread of the client shares its warning filters
+    with the scoring's. Without one it runs in the client when started.
+    """
+
+    def __init__(self, client, audit_sol: dict, test: xr.Dataset, plan, cfg: Config, test_features: np.ndarray,
+                 audit_out, ds: xr.Dataset):
+        self.client, self.audit_sol, self.test, self.test_features = client, audit_sol, test, test_features
+        self.plan = plan.without_rows()  # the scoring needs the plan's bins and counts, not a column per row
+        self.cfg, self.audit_out, self.ds = cfg, audit_out, ds
+        self._t0: float | None = None
+        self._scores: dict | None = None
+        self._future, self._inputs = None, ()
 
     def start(self) -> None:
-        if self._finish is None:
-            self._finish = self.begin()
+        if self._t0 is not None:
+            return
+        self._t0 = time.perf_counter()
+        if self.client is None:
+            self._scores = audit_result(self.audit_sol, self.test, self.plan, self.cfg, self.test_features)
+            return
+        self._inputs = self.client.scatter([self.audit_sol, self.test, self.test_features])  # not in the task
+        self._future = self.client.submit(audit_result, self._inputs[0], self._inputs[1], self.plan, self.cfg,
+                                          self._inputs[2], pure=False,
+                                          key=f"audit scoring-{tokenize(self.audit_out, self._t0)}")
 
     def finish(self) -> dict:
         self.start()  # a gate stage that ended before its table (too few val rows) did not start it
-        return self._finish()
-
-
-def _audit_scoring(client, audit_sol: dict, test: xr.Dataset, plan, cfg: Config, test_features: np.ndarray,
-                   audit_out, ds: xr.Dataset) -> Alongside:
-    """Score the audit on the frozen-test rows beside the gate stage, and write it when finished.
-
-    With a client the scoring is a task on the cluster: the client fits the gates meanwhile, whose MLP fit
-    leaves a core idle for most of the stage, and no thread of the client shares its warning filters with the
-    scoring's. Without one it runs in the client when started.
-    """
-    plan = plan.without_rows()  # the scoring needs the plan's bins and counts, not a column per catalog row
-
-    def begin() -> Callable[[], dict]:
-        t0 = time.perf_counter()
-        if client is None:
-            scores = audit_result(audit_sol, test, plan, cfg, test_features)
-            done = lambda: scores  # noqa: E731
-        else:
-            inputs = client.scatter([audit_sol, test, test_features])  # not embedded in the task
-            future = client.submit(audit_result, inputs[0], inputs[1], plan, cfg, inputs[2], pure=False,
-                                   key=f"audit scoring-{tokenize(audit_out, t0)}")
-
-            def done() -> dict:
-                try:
-                    return future.result()
-                finally:  # the test rows and the result leave the cluster now, not when this closure is collected
-                    for f in (future, *inputs):
-                        f.release()
-
-        def finish() -> dict:
-            write_audit(done(), audit_out, ds, cfg)
-            return {"audit_s": time.perf_counter() - t0}
-
-        return finish
-
-    return Alongside(begin)
+        if self._future is not None:
+            try:
+                self._scores = self._future.result()
+            finally:  # the test rows and the result leave the cluster now, not when this object is collected
+                for f in (self._future, *self._inputs):
+                    f.release()
+                self._future, self._inputs = None, ()
+        write_audit(self._scores, self.audit_out, self.ds, self.cfg)
+        return {"audit_s": time.perf_counter() - self._t0}
 
 
 @dataclass
@@ -380,7 +371,7 @@ def solve_statistics(stats_d, bstats_d, specs: list[ExpertSpec], cfg: Config, mo
 def finish_model(solved: Solved, features: xr.Dataset, provenance: Provenance, *, wavelength: np.ndarray, edges: dict,
             cfg: Config, model_dir: Path, client, progress: bool, snr_source: str, t_start: float,
             accumulation: dict, train_rows_excluded_unusable: int, catalog_ds: xr.Dataset | None = None,
-            alongside: Alongside | None = None) -> Model:
+            alongside: AuditScoring | None = None) -> Model:
     """Write the feature table, assemble the experts, fit the gates on the cached val rows of every catalog the
     statistics came from (or ``catalog_ds``'s own, when its row cache is not complete), and save the model
     (``model.json`` last). ``alongside`` (the audit's scoring) starts once the gate table is computed and is
