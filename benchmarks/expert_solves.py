@@ -53,6 +53,7 @@ from threadpoolctl import threadpool_limits
 import snrmoe_dask.experts
 import snrmoe_dask.ridge
 import snrmoe_dask.twostage
+from snrmoe_dask.blas import cholesky_upper
 from snrmoe_dask.config import FitConfig
 from snrmoe_dask.experts import expert_specs, fit_experts
 from snrmoe_dask.ridge import ridge_alphas, solve_ridge, spectrum
@@ -143,10 +144,33 @@ def kernel_seconds(p: int, precision: str, cores: int) -> dict:
     with threadpool_limits(cores):
         t_red = _best_of(lambda: sytrd(np.asfortranarray(g.astype(precision)), lower=1, overwrite_a=1, lwork=lw))
         t_copy = _best_of(lambda: np.asfortranarray(g.astype(precision)))
-        t_chol = _best_of(lambda: scipy.linalg.cho_factor(np.asfortranarray(g), lower=True, overwrite_a=True,
-                                                          check_finite=False))
+        t_chol = _best_of(lambda: cholesky_upper(np.asfortranarray(g)))
         t_gcopy = _best_of(lambda: np.asfortranarray(g))
-    return {"reduction_s": t_red - t_copy, "cholesky_s": t_chol - t_gcopy}
+    return {"reduction_s": t_red - t_copy, "cholesky_s": t_chol - t_gcopy, **cholesky_pairs(g)}
+
+
+def cholesky_pairs(g: np.ndarray) -> dict:
+    """The float64 Cholesky the solves use (:func:`snrmoe_dask.blas.cholesky_upper`) against the BLAS library's own
+    ``dpotrf`` (:func:`scipy.linalg.cho_factor`): one alone on one BLAS thread, and two at once on two Python
+    threads of one BLAS thread each (as ``fit`` runs two solves at once)."""
+    import threading
+
+    kernels = {"lapack": lambda: scipy.linalg.cho_factor(np.asfortranarray(g), overwrite_a=True, check_finite=False),
+               "blocked": lambda: cholesky_upper(np.asfortranarray(g))}
+    out = {}
+    with threadpool_limits(1):
+        copy = _best_of(lambda: np.asfortranarray(g))
+        for name, fn in kernels.items():
+            out[f"cholesky_{name}_one_thread_s"] = _best_of(fn) - copy
+
+            def pair(fn=fn) -> None:
+                threads = [threading.Thread(target=fn) for _ in range(2)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            out[f"cholesky_{name}_two_at_once_s"] = _best_of(pair) - 2 * copy
+    return out
 
 
 def main() -> None:
@@ -228,6 +252,12 @@ def main() -> None:
     print(f"floor: {n_red} reductions x {kern['reduction_s']:.3f} s + {n_chol} Choleskys x {kern['cholesky_s']:.3f} s "
           f"+ sketches and refinements {sketch_s:.1f} s = {out['floor_s']:.1f} s; "
           f"serial solves {out['serial_s']:.1f} s = {out['serial_vs_floor']:.2f}x the floor")
+    print(f"float64 Cholesky at P = {stats.n_features}, one BLAS thread: LAPACK's dpotrf "
+          f"{kern['cholesky_lapack_one_thread_s']:.3f} s alone, "
+          f"{kern['cholesky_lapack_two_at_once_s']:.3f} s for two at once; blocked (snrmoe_dask.blas.cholesky_upper) "
+          f"{kern['cholesky_blocked_one_thread_s']:.3f} s alone, "
+          f"{kern['cholesky_blocked_two_at_once_s']:.3f} s for two at once "
+          f"(= {kern['cholesky_lapack_two_at_once_s'] / kern['cholesky_blocked_two_at_once_s']:.2f}x)")
     print(f"full-rank floor (every cell with more rows than pixels): {full_red} reductions + {full_chol} Choleskys "
           f"+ {len(specs)} refinements at {per_refinement:.3f} s = {out['full_rank_floor_s']:.1f} s")
     best = min(out["serial_s"], out["threads_s"])

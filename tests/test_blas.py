@@ -240,3 +240,57 @@ def test_blas_threads_refuses_a_nested_count_while_others_share_the_outer_one():
     finally:
         done.set()
         t.join(timeout=30)
+
+
+def _spd_f(p: int, dtype, rng) -> np.ndarray:
+    x = rng.standard_normal((p + 8, p))
+    return np.asfortranarray((x.T @ x + p * np.eye(p)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-4), (np.float64, 1e-11)])
+@pytest.mark.parametrize("p, block", [(1, 4), (7, 4), (8, 4), (9, 4), (50, 16), (64, 64), (130, 64)])
+def test_blocked_cholesky_equals_numpy_and_leaves_the_other_triangle_alone(p, block, dtype, rtol):
+    from snrmoe_dask.blas import cholesky_upper
+
+    rng = np.random.default_rng(p)
+    g = _spd_f(p, dtype, rng)
+    c = g.copy(order="F")
+    c[np.tril_indices(p, -1)] = np.nan  # never read, never written
+    assert cholesky_upper(c, block=block) == 0
+    expected = np.linalg.cholesky(g.astype(np.float64)).T  # upper: g = U^T U
+    upper = np.triu_indices(p)
+    np.testing.assert_allclose(c[upper], expected[upper], rtol=rtol, atol=rtol * np.abs(expected).max())
+    assert np.isnan(c[np.tril_indices(p, -1)]).all()
+
+
+@pytest.mark.parametrize("bad_row", [0, 5, 37, 99])
+def test_blocked_cholesky_reports_the_first_minor_that_is_not_positive_definite_as_lapack_does(bad_row):
+    from scipy.linalg import lapack
+
+    from snrmoe_dask.blas import cholesky_upper
+
+    rng = np.random.default_rng(1)
+    g = _spd_f(100, np.float64, rng)
+    g[bad_row, bad_row] = -1.0  # the leading minor of order bad_row + 1 is the first that is not positive definite
+    _, info = lapack.dpotrf(g.copy(order="F"), lower=0)
+    assert info == bad_row + 1
+    assert cholesky_upper(g.copy(order="F"), block=16) == info
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocked_cholesky_without_the_capsules_uses_lapack_through_f2py(dtype, monkeypatch):
+    import snrmoe_dask.blas as blas_mod
+
+    rng = np.random.default_rng(2)
+    g = _spd_f(40, dtype, rng)
+    fast = g.copy(order="F")
+    assert blas_mod.cholesky_upper(fast, block=8) == 0
+    monkeypatch.setitem(blas_mod._POTRF, np.dtype(dtype), None)
+    slow = g.copy(order="F")
+    slow[np.tril_indices(40, -1)] = 7.0
+    assert blas_mod.cholesky_upper(slow, block=8) == 0
+    np.testing.assert_allclose(np.triu(slow), np.triu(fast), rtol=1e-4 if dtype == np.float32 else 1e-12)
+    assert (slow[np.tril_indices(40, -1)] == 7.0).all()
+    bad = g.copy(order="F")
+    bad[3, 3] = -1.0
+    assert blas_mod.cholesky_upper(bad) == 4

@@ -431,3 +431,33 @@ def test_a_full_rank_cell_is_solved_by_refinement_with_its_float32_reduction(two
     assert refined_solve(cs.gram, cs.xty, a, sp, max_steps=1) is None  # one float32-accurate step: not accepted
     np.testing.assert_allclose(_exact_solve(cs.gram, cs.xty, a), np.linalg.solve(cs.gram + a * np.eye(p), cs.xty),
                                rtol=1e-9)
+
+
+class _CountingGram:
+    """``gram @ w`` that counts its calls (one per residual of a refinement)."""
+
+    def __init__(self, gram: np.ndarray):
+        self.gram, self.calls = gram, 0
+
+    def __matmul__(self, w: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return self.gram @ w
+
+
+def test_a_refinement_that_cannot_reach_the_tolerance_stops_after_two_residuals():
+    """Without contraction (a penalty far below the float32 reduction's rounding) the refinement gives up after
+    its second residual, not after ``max_steps``; one that converges is not cut short, and its answer is the
+    same with or without the early stop (it has the same acceptance test)."""
+    from snrmoe_dask.ridge import refined_solve, spectrum
+
+    p = 512
+    cs = _float32_cell(90, p, seed=5, flush_rows=32)
+    sp = spectrum(cs, "float32")
+    mean_eig = np.trace(cs.gram) / p
+    counting = _CountingGram(cs.gram)
+    assert refined_solve(counting, cs.xty, 1e-6 * mean_eig, sp, max_steps=6) is None
+    assert counting.calls == 2
+    counting = _CountingGram(cs.gram)
+    w = refined_solve(counting, cs.xty, mean_eig, sp, max_steps=6)
+    assert w is not None and 1 <= counting.calls <= 6
+    np.testing.assert_array_equal(w, refined_solve(cs.gram, cs.xty, mean_eig, sp, max_steps=counting.calls))
