@@ -50,6 +50,15 @@ def _r2(m: dict, name: str) -> str:
     return f"{row['r2']:.3f} ± {row['r2_se']:.3f}"
 
 
+def _probe_words(probe: dict) -> str:
+    """The machine probe around the study (one-thread kernels: the hour's speed), in words."""
+    start, after = probe["start"], probe.get("after_study")
+    if after is None:
+        return f"the machine probe before it: one-thread syrk {start['syrk_s']:.2f} s, sytrd {start['sytrd_s']:.2f} s"
+    return (f"the machine probe, one-thread, before / after it: syrk {start['syrk_s']:.2f} / {after['syrk_s']:.2f} s, "
+            f"sytrd {start['sytrd_s']:.2f} / {after['sytrd_s']:.2f} s")
+
+
 def render() -> str:
     small, medium = _load("metrics_small.json"), _load("metrics_medium_100k.json")
     scale_name = _latest("scale_1000000")
@@ -75,9 +84,7 @@ def render() -> str:
               f"{scale['ours']['hierarchical']['r2']:.3f}, deploy_joint {scale['ours']['deploy_joint']['r2']:.3f}"
               + (f" (the client and workers used {scale['study_cpu_s']:.0f} CPU-seconds, "
                  f"{scale['study_cpu_utilisation']:.0%} of the {scale['machine']['cpus']} cores; "
-                 f"the machine probe before it: one-thread "
-                 f"syrk {scale['probe']['start']['syrk_s']:.2f} s, sytrd {scale['probe']['start']['sytrd_s']:.2f} s)"
-                 if "probe" in scale else "") + ". "
+                 + _probe_words(scale["probe"]) + ")" if "probe" in scale else "") + ". "
               f"Updating a model of {update['n']:,} spectra with {update['new']:,} new ones took "
               f"{update['update_s']:.0f} s against {update['refit_s']:.0f} s for a refit "
               f"({update['update_vs_refit']:.2f} ×), reading {update['update_bytes_vs_new_catalog']:.3f} × the new "

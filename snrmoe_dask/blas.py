@@ -210,9 +210,9 @@ def cholesky_upper(c: np.ndarray, block: int = CHOLESKY_BLOCK) -> int:
     LAPACK's blocked algorithm (reference ``?potrf``, upper, left-looking): per block of ``block`` rows a
     ``?syrk`` and a ``?gemm`` bring in the rows above, ``?potrf`` factors the diagonal block and ``?trsm``
     the rest of its rows. OpenBLAS replaces ``?potrf`` by its own routine, which is slower at P = 4096 on
-    this machine (0.94 against 0.68 s on one thread, 0.60 against 0.38 s on two) and serialises concurrent
-    callers: two solves at once, one BLAS thread each, factored 1.45 s per pair against 0.72 s with this
-    (``benchmarks/expert_solves.py`` prints both). Only the diagonal blocks go through ``?potrf``. The other
+    this machine (0.94 against 0.68 s on one thread, 0.60 against 0.38 s on two) and does not run two
+    calls side by side: two solves at once, one BLAS thread each, factored 1.45 s per pair against 0.72 s
+    with this (measured, not traced; ``benchmarks/expert_solves.py`` prints both). Only the diagonal blocks go through ``?potrf``. The other
     triangle is neither read nor written.
 
     Returns LAPACK's ``info``: 0, or the order of the first leading minor that is not positive definite
