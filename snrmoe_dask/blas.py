@@ -212,17 +212,19 @@ def cholesky_upper(c: np.ndarray, block: int = CHOLESKY_BLOCK) -> int:
     the rest of its rows. OpenBLAS replaces ``?potrf`` by its own routine, which is slower at P = 4096 on
     this machine (0.94 against 0.68 s on one thread, 0.60 against 0.38 s on two) and does not run two
     calls side by side: two solves at once, one BLAS thread each, factored 1.45 s per pair against 0.72 s
-    with this (measured, not traced; ``benchmarks/expert_solves.py`` prints both). Only the diagonal blocks go through ``?potrf``. The other
-    triangle is neither read nor written.
+    with this (measured, not traced; ``benchmarks/expert_solves.py`` prints both). Only the diagonal
+    blocks go through ``?potrf``. The other triangle is neither read nor written.
 
     Returns LAPACK's ``info``: 0, or the order of the first leading minor that is not positive definite
-    (``c`` is then spoiled). Without the Cython capsules, :func:`scipy.linalg.cho_factor` does the work.
+    (``c`` is then spoiled). Without the Cython capsules, SciPy's f2py ``?potrf`` does the work.
     """
     if c.ndim != 2 or c.shape[0] != c.shape[1] or not c.flags.f_contiguous or not c.flags.writeable:
         raise ValueError(f"c must be a writeable square Fortran-ordered matrix, got shape {c.shape}")
     if c.dtype not in _POTRF:
         raise ValueError(f"c must be float32 or float64, got {c.dtype}")
-    n = c.shape[0]
+    n, block = c.shape[0], int(block)
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
     if n > _INT_MAX:  # pragma: no cover - 32-bit BLAS integers
         raise ValueError(f"matrix too large for 32-bit BLAS: {c.shape}")
     syrk, gemm, trsm, potrf = (f[c.dtype] for f in (_SYRK, _GEMM, _TRSM, _POTRF))
@@ -238,7 +240,7 @@ def cholesky_upper(c: np.ndarray, block: int = CHOLESKY_BLOCK) -> int:
     def at(row: int, col: int) -> int:
         return base + (row + col * n) * item
 
-    for j in range(0, n, max(1, int(block))):
+    for j in range(0, n, block):
         jb, rest = min(block, n - j), max(n - j - block, 0)
         width, above, right = ctypes.c_int(jb), ctypes.c_int(j), ctypes.c_int(rest)
         if j:  # the diagonal block minus the rows above it

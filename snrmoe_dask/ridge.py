@@ -459,9 +459,10 @@ def refined_solve(gram: np.ndarray, b: np.ndarray, alpha: float, spec: Spectrum 
     previous = None
     for step in range(max_steps):
         r = b - gram @ w - alpha * w
-        error = float(np.linalg.norm(r)) / (scale * float(np.linalg.norm(w)) + b_norm)
-        if error <= tol:
+        residual, bound = float(np.linalg.norm(r)), scale * float(np.linalg.norm(w)) + b_norm
+        if residual <= tol * bound:  # b = 0 gives w = 0 here, accepted
             return w
+        error = residual / bound  # bound > 0: w = 0 leaves r = b
         if previous is not None:  # give up as soon as the contraction so far cannot reach tol within max_steps
             rate = error / previous
             if rate >= 1.0 or step + np.log(tol / error) / np.log(rate) > max_steps - 1:

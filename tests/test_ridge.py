@@ -461,3 +461,13 @@ def test_a_refinement_that_cannot_reach_the_tolerance_stops_after_two_residuals(
     w = refined_solve(counting, cs.xty, mean_eig, sp, max_steps=6)
     assert w is not None and 1 <= counting.calls <= 6
     np.testing.assert_array_equal(w, refined_solve(cs.gram, cs.xty, mean_eig, sp, max_steps=counting.calls))
+
+
+def test_a_refinement_of_a_zero_right_hand_side_returns_zeros():
+    """``b = 0`` (a target with no covariance with the pixels) is solved by ``w = 0`` at the first residual."""
+    from snrmoe_dask.ridge import refined_solve, spectrum
+
+    cs = _float32_cell(90, 128, seed=6, flush_rows=32)
+    sp = spectrum(cs, "float32")
+    w = refined_solve(cs.gram, np.zeros(128), float(np.trace(cs.gram)) / 128, sp)
+    assert w is not None and not w.any()
