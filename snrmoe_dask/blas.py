@@ -61,16 +61,15 @@ def _pointer(capsule, name: bytes):
     return get_pointer(capsule, name)
 
 
-def _capi(name: str, args: str):
-    """``name``'s function pointer from scipy.linalg.cython_blas (or cython_lapack), or None.
+def _capi(name: str, args: str, module: str = "cython_blas"):
+    """``name``'s function pointer from ``scipy.linalg.<module>`` (cython_blas or cython_lapack), or None.
 
     ``args`` spells the Fortran ABI, every argument by pointer: ``c`` a character, ``i`` a 32-bit integer,
     ``s`` a scalar and ``a`` an array of the routine's real type (its prefix). The pointer is returned only if
     the capsule's C signature is exactly that one.
     """
-    from_lapack = name[1:] in _LAPACK_ROUTINES
-    found = _capsule(name, "cython_lapack" if from_lapack else "cython_blas")
-    real = f"__pyx_t_5scipy_6linalg_{13 if from_lapack else 11}cython_{'lapack' if from_lapack else 'blas'}_{name[0]}"
+    found = _capsule(name, module)
+    real = f"__pyx_t_5scipy_6linalg_{len(module)}{module}_{name[0]}"  # Cython's name for the module's real type
     c_names = {"c": "char *", "i": "int *", "s": f"{real} *", "a": f"{real} *"}
     if found is None or found[1].decode() != f"void ({', '.join(c_names[k] for k in args)})":
         return None  # pragma: no cover - another ABI: the callers fall back to the f2py wrappers
@@ -79,7 +78,6 @@ def _capi(name: str, args: str):
     return ctypes.CFUNCTYPE(None, *(types[k] for k in args))(_pointer(*found))
 
 
-_LAPACK_ROUTINES = ("potrf",)
 #: uplo, trans, n, k, alpha, a, lda, beta, c, ldc
 _SYRK_ARGS = "cciisaisai"
 #: transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc
@@ -90,10 +88,11 @@ _TRSM_ARGS = "cccciisaiai"
 _POTRF_ARGS = "ciaii"
 
 
-_SYRK = {np.dtype(t): _capi(f"{p}syrk", _SYRK_ARGS) for p, t in (("s", np.float32), ("d", np.float64))}
-_GEMM = {np.dtype(t): _capi(f"{p}gemm", _GEMM_ARGS) for p, t in (("s", np.float32), ("d", np.float64))}
-_TRSM = {np.dtype(t): _capi(f"{p}trsm", _TRSM_ARGS) for p, t in (("s", np.float32), ("d", np.float64))}
-_POTRF = {np.dtype(t): _capi(f"{p}potrf", _POTRF_ARGS) for p, t in (("s", np.float32), ("d", np.float64))}
+_REALS = (("s", np.float32), ("d", np.float64))
+_SYRK = {np.dtype(t): _capi(f"{p}syrk", _SYRK_ARGS) for p, t in _REALS}
+_GEMM = {np.dtype(t): _capi(f"{p}gemm", _GEMM_ARGS) for p, t in _REALS}
+_TRSM = {np.dtype(t): _capi(f"{p}trsm", _TRSM_ARGS) for p, t in _REALS}
+_POTRF = {np.dtype(t): _capi(f"{p}potrf", _POTRF_ARGS, "cython_lapack") for p, t in _REALS}
 _F2PY = {np.dtype(np.float32): _f2py_blas.ssyrk, np.dtype(np.float64): _f2py_blas.dsyrk}
 GIL_FREE: bool = all(f is not None for f in _SYRK.values())
 """True when :func:`syrk_update` runs without holding the GIL."""
@@ -200,7 +199,7 @@ def _panel(c: np.ndarray, a: np.ndarray, beta: float, lo: int, hi: int) -> None:
                    ctypes.byref(ld), ctypes.byref(b_), c.ctypes.data + (lo * p + lo) * item, ctypes.byref(ld))
 
 
-#: rows of a block of :func:`cholesky_upper`: at P = 4096 on one BLAS thread 0.68 s with 256 or 512, 0.74 s with 128
+#: rows of a block of :func:`cholesky_upper`: P = 4096, one BLAS thread: 0.58-0.77 s with 256 or 512, 0.74 s with 128
 CHOLESKY_BLOCK = 256
 
 
@@ -209,10 +208,10 @@ def cholesky_upper(c: np.ndarray, block: int = CHOLESKY_BLOCK) -> int:
 
     LAPACK's blocked algorithm (reference ``?potrf``, upper, left-looking): per block of ``block`` rows a
     ``?syrk`` and a ``?gemm`` bring in the rows above, ``?potrf`` factors the diagonal block and ``?trsm``
-    the rest of its rows. OpenBLAS replaces ``?potrf`` by its own routine, which is slower at P = 4096 on
-    this machine (0.94 against 0.68 s on one thread, 0.60 against 0.38 s on two) and does not run two
-    calls side by side: two solves at once, one BLAS thread each, factored 1.45 s per pair against 0.72 s
-    with this (measured, not traced; ``benchmarks/expert_solves.py`` prints both). Only the diagonal
+    the rest of its rows. OpenBLAS replaces ``?potrf`` by its own routine, which is faster alone (P = 4096,
+    one BLAS thread: 0.49-0.50 s against 0.62-0.77 s) but does not run two calls side by side: two at once,
+    one BLAS thread each, took 0.96-1.03 s per pair against 0.62-0.86 s with this (measured, not traced;
+    ``benchmarks/expert_solves.py`` prints both). The solves run two at a time. Only the diagonal
     blocks go through ``?potrf``. The other triangle is neither read nor written.
 
     Returns LAPACK's ``info``: 0, or the order of the first leading minor that is not positive definite
