@@ -25,6 +25,7 @@ threads beside a busy process, 117 ms as two pieces).
 from __future__ import annotations
 
 import ctypes
+import importlib
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,6 @@ _C_TYPES = {"s": ctypes.c_float, "d": ctypes.c_double}
 def _capsule(name: str, module: str = "cython_blas"):
     """``(capsule, its C signature)`` of ``scipy.linalg.<module>``'s ``name``, or None."""
     try:
-        import importlib
         capsule = importlib.import_module(f"scipy.linalg.{module}").__pyx_capi__[name]
     except (ImportError, AttributeError, KeyError):  # pragma: no cover - depends on the SciPy build
         return None
